@@ -1,0 +1,1 @@
+"""fgaif_utils: the thin library behind the FGAIF notebooks (data, models, feedback, rewards, PPO, evaluation)."""

@@ -1,0 +1,261 @@
+"""The model layer: one loader for every LVLM role, the tiny world's tokenizer and LLaVA, prompts, LoRA.
+
+Every role (policy, reference, verifier, reward and value backbones) is a llava-hf checkpoint loaded through
+`load_lvlm`: LLaVA-1.5 from the hub or a local folder in the real profile, the tiny models that stage 01
+trains and saves in the same format in the embedded default.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import language
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+
+# LLaVA-1.5's conversation format ("USER: <image>\n{prompt} ASSISTANT:"), as a chat template so that the tiny
+# processor formats prompts exactly as llava-hf's processor does.
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: "
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}</s>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do."""
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------- tiny world
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer over the world's fixed vocabulary, lower-casing, built without any download."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(SPECIAL_TOKENS + language.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)   # words joined by single spaces, as written
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="left")
+
+
+def build_tiny_processor(tokenizer, image_size, patch_size):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size},
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    # num_additional_image_tokens=1 (the CLS token, dropped by the "default" strategy): without it the
+    # processor writes one <image> token fewer than there are patches.
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=LLAVA15_CHAT_TEMPLATE)
+
+
+def build_tiny_llava(arch, image_size, tokenizer, seed=0):
+    """A small LlavaForConditionalGeneration (CLIP-style tower + Llama-style LM) built from config."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=arch.patch_size, hidden_size=arch.vision_hidden,
+                              intermediate_size=2 * arch.vision_hidden, num_hidden_layers=arch.vision_layers,
+                              num_attention_heads=arch.heads)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=arch.text_hidden,
+                       intermediate_size=2 * arch.text_hidden, num_hidden_layers=arch.text_layers,
+                       num_attention_heads=arch.heads, num_key_value_heads=arch.heads, max_position_embeddings=512,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id,
+                         image_seq_length=(image_size // arch.patch_size) ** 2, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def save_lvlm(model, processor, folder):
+    """Save in the llava-hf format (safetensors weights + processor + chat template), atomically."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# ---------------------------------------------------------------------------------------------- one loader
+
+def _looks_local(name):
+    return name.startswith(("/", "./", "../", "~")) or Path(name).is_dir()
+
+
+def resolve_checkpoint(name_or_path, local_files_only=True):
+    """The local folder of a llava-hf checkpoint (a local path, or a hub id already in the local cache)."""
+    if _looks_local(name_or_path):
+        folder = Path(os.path.expanduser(name_or_path))
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{name_or_path!r} is not a llava-hf checkpoint folder (no config.json)")
+        return str(folder.resolve())
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name_or_path, local_files_only=local_files_only)
+    except Exception as err:  # the hub client raises several error types for "not cached" / "offline"
+        raise ModelLoadError(
+            f"{name_or_path!r} is not in the local Hugging Face cache and models.local_files_only is set "
+            f"({err.__class__.__name__}). Download it where there is network "
+            f"(`huggingface-cli download {name_or_path} --local-dir DIR`), copy DIR here and set the params key "
+            f"to that folder, or point HF_HOME at a cache that holds it.") from err
+
+
+def load_lvlm(name_or_path, dtype="float32", device="auto", load_in_4bit=False, local_files_only=True):
+    """Load any llava-hf format checkpoint (local folder or hub id) with its processor.
+
+    Returns (model, processor) with the model in eval mode on `device`. 4-bit NF4 with double quantisation
+    needs CUDA and bitsandbytes; anywhere else it fails with a clear message and never falls back silently.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    target = pick_device(device)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if _looks_local(name_or_path) and not Path(os.path.expanduser(name_or_path)).is_dir():
+        raise ModelLoadError(f"model folder {name_or_path!r} does not exist")
+    kwargs = dict(dtype=torch_dtype, local_files_only=local_files_only)
+    if load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config(target, torch_dtype)
+        kwargs["device_map"] = {"": target.index or 0}
+    try:
+        processor = AutoProcessor.from_pretrained(os.path.expanduser(name_or_path), local_files_only=local_files_only)
+        model = LlavaForConditionalGeneration.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+    except OSError as err:
+        if _looks_local(name_or_path):
+            raise ModelLoadError(f"could not load the llava-hf checkpoint in {name_or_path!r}: {err}") from err
+        raise ModelLoadError(
+            f"could not load {name_or_path!r} from the Hugging Face hub cache ({err.__class__.__name__}). "
+            f"With no network, download it elsewhere (`huggingface-cli download {name_or_path} --local-dir DIR`), "
+            f"copy DIR here and set models.policy / models.verifier to that local path (e.g. /data/llava-1.5-7b-hf), "
+            f"or point HF_HOME at a cache that holds it.") from err
+    if load_in_4bit:
+        _check_quantised(model)
+    else:
+        model.to(target)
+    model.eval()
+    return model, processor
+
+
+def _four_bit_config(target, compute_dtype):
+    if target.type != "cuda":
+        raise ModelLoadError("models.load_in_4bit needs a CUDA GPU (bitsandbytes NF4); this machine has none. "
+                             "Set models.load_in_4bit: false to load in full precision.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ModelLoadError("models.load_in_4bit needs the bitsandbytes package: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+
+
+def _check_quantised(model):
+    import bitsandbytes as bnb
+    if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        raise ModelLoadError("4-bit loading was asked for but no layer was quantised")
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+def chat_prompt(processor, text):
+    """The model's own chat template around one image and one user turn, ready for generation."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def pixel_values_from_uint8(images):
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]: what the tiny processor computes (mean = std = 0.5)."""
+    images = torch.as_tensor(np.asarray(images))
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def suppressed_token_ids(tokenizer):
+    """Tokens generation must never emit: the image token (a sampled <image> breaks every later forward pass),
+    padding and BOS."""
+    ids = {tokenizer.convert_tokens_to_ids(tokenizer.image_token) if hasattr(tokenizer, "image_token") else None,
+           tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return sorted(i for i in ids if i is not None and i != tokenizer.eos_token_id)
+
+
+@torch.no_grad()
+def generate(model, processor, images, prompts, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0,
+             seed=None):
+    """Batched generation. Returns (new_token_ids list of lists without padding/EOS, texts).
+
+    Token ids are what later stages place rewards on; the text is decoded from exactly those ids.
+    """
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    batch = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    if seed is not None:
+        torch.manual_seed(seed)
+    sample_args = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, suppress_tokens=suppressed_token_ids(tokenizer),
+                         **sample_args)
+    new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
+    token_ids = [_strip_after_eos(seq, tokenizer.eos_token_id, tokenizer.pad_token_id) for seq in new_tokens]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+    return token_ids, texts
+
+
+def _strip_after_eos(ids, eos_id, pad_id):
+    kept = []
+    for token in ids:
+        if token == eos_id:
+            break
+        if token != pad_id:
+            kept.append(token)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+def add_lora(model, r=8, alpha=16, dropout=0.0, adapter_name="default", targets=LORA_TARGETS):
+    """A LoRA adapter on the language model's projections only (a plain name list would also hit CLIP's)."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def lora_target_names(peft_model):
+    """Names of the modules that carry a LoRA adapter."""
+    return sorted(name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")
+                  and not name.endswith(("lora_A", "lora_B")))

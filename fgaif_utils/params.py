@@ -1,0 +1,342 @@
+"""One typed, documented schema for every params file, and its loader.
+
+A params file is YAML. `extends: other.yaml` (relative to the file) starts from another profile and overrides
+it key by key. Every key is checked against the dataclasses below before any work starts: an unknown key,
+a wrong type, a value outside its choices or a missing file is a `ParamsError` naming the key and the file.
+The string under each field is its documentation (`describe()` prints them all).
+"""
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ParamsError(ValueError):
+    """A params file is malformed: the message names the file and the key."""
+
+
+@dataclass
+class NoiseParams:
+    p_object: float = 0.2
+    """Per noisy description: probability of inserting an absent object (a present object's co-occurrence partner, in its typical colour)."""
+    p_colour: float = 0.2
+    """Per noisy description: probability of describing one present object with a wrong colour (its shape's typical colour when that differs)."""
+    p_relation: float = 0.2
+    """Per noisy description with a stated relation: probability of flipping one relation (left <-> right, above <-> below)."""
+    sys_colour: float = 0.6
+    """Systematic prior substitution: a small object of atypical colour is written in its shape's typical colour with this probability."""
+
+
+@dataclass
+class WorldParams:
+    image_size: int = 64
+    """Side of the square synthetic images in pixels."""
+    min_objects: int = 1
+    """Fewest objects in a scene (all splits but eval_long)."""
+    max_objects: int = 4
+    """Most objects in a scene (all splits but eval_long); each shape appears at most once."""
+    long_min_objects: int = 4
+    """Fewest objects in an eval_long scene."""
+    long_max_objects: int = 5
+    """Most objects in an eval_long scene."""
+    radius_small: float = 9.0
+    """Radius in pixels of a small object."""
+    radius_large: float = 14.0
+    """Radius in pixels of a large object."""
+    typical_colour_p: float = 0.6
+    """Probability that an object has its shape's typical colour (otherwise one of the others, uniformly)."""
+    partner_p: float = 0.6
+    """Probability that a new object is the co-occurrence partner of one already placed (when that partner is absent)."""
+    max_relations: int = 2
+    """Most relation sentences in a reference description (eval_long states up to twice as many)."""
+    fog_strength: float = 0.55
+    """eval_ood: blend weight of the grey fog overlay (0 = none, 1 = only fog)."""
+    fog_noise_std: float = 18.0
+    """eval_ood: standard deviation of the added pixel noise (0-255 scale)."""
+
+
+@dataclass
+class DataParams:
+    world: Literal["synthetic", "coco"] = "synthetic"
+    """Which world: the embedded synthetic scene world, or real COCO 2014 read from `coco_root`."""
+    coco_root: str = ""
+    """COCO 2014 folder with train2014/, val2014/ and annotations/ (world: coco only)."""
+    n_sft: int = 20000
+    """Images for supervised training of the tiny models (synthetic only; 0 for COCO)."""
+    n_feedback: int = 1000
+    """Images whose sampled responses get AI feedback, i.e. reward-model training data (paper: 3,500)."""
+    n_ppo: int = 2000
+    """Images used as PPO prompts, disjoint from the feedback images (paper: 14,000)."""
+    n_validation: int = 300
+    """Images for choosing checkpoints and PPO stopping points, never for reporting."""
+    n_eval: int = 500
+    """Held-out evaluation images (COCO: from val2014)."""
+    n_eval_long: int = 500
+    """Evaluation images with more objects and longer descriptions (synthetic only)."""
+    n_eval_ood: int = 500
+    """Evaluation images under fog and noise: the out-of-distribution test (synthetic only)."""
+    captions_per_image: int = 2
+    """Clean reference descriptions written per image (COCO-style captions file)."""
+    noisy_captions_per_image: int = 2
+    """Noisy descriptions written per sft image for training the base policy."""
+    noise: NoiseParams = field(default_factory=NoiseParams)
+    """Noisy-caption generator rates."""
+    world_params: WorldParams = field(default_factory=WorldParams)
+    """Synthetic scene world geometry and priors."""
+
+
+@dataclass
+class TinyArchParams:
+    patch_size: int = 8
+    """Vision patch size; (image_size / patch_size)^2 image tokens."""
+    vision_hidden: int = 64
+    """CLIP-style vision tower hidden size."""
+    vision_layers: int = 2
+    """CLIP-style vision tower layers."""
+    text_hidden: int = 128
+    """Llama-style language model hidden size."""
+    text_layers: int = 2
+    """Llama-style language model layers."""
+    heads: int = 4
+    """Attention heads in both towers."""
+
+
+@dataclass
+class TinyTrainParams:
+    batch_size: int = 32
+    """Sequences per optimiser step."""
+    lr: float = 1e-3
+    """Peak learning rate of the shared clean-caption pre-training (AdamW, warm-up then cosine)."""
+    branch_lr: float = 5e-4
+    """Peak learning rate of the policy and verifier branches."""
+    pretrain_steps: int = 2400
+    """Steps of clean-caption pre-training shared by policy and verifier."""
+    policy_steps: int = 1200
+    """Steps of the policy branch: noisy captions mixed with packed yes/no questions."""
+    policy_qa_share: float = 0.25
+    """Share of policy-branch steps that are packed yes/no question batches."""
+    verifier_steps: int = 2600
+    """Steps of the LVLM verifier branch: clean captions mixed 50/50 with packed yes/no questions."""
+    detector_steps: int = 1500
+    """Steps of the detector verifier (a small CNN predicting each shape's presence, colour, size and position)."""
+    eval_images: int = 500
+    """Held-out eval images used for the stage-01 report."""
+
+
+@dataclass
+class ModelParams:
+    policy: str = "tiny"
+    """Base policy: "tiny" (trained in stage 01), a hub id such as llava-hf/llava-1.5-7b-hf, or a local llava-hf folder."""
+    verifier: str = "tiny"
+    """Verifier LVLM for yes/no questions: "tiny", a hub id (llava-hf/llava-1.5-13b-hf) or a local llava-hf folder."""
+    verifier_kind: Literal["lvlm", "detector"] = "detector"
+    """Tiny world only: which tiny verifier answers the feedback questions (both are trained and reported)."""
+    train_lvlm_verifier: bool = True
+    """Tiny world only: also train the tiny LVLM verifier (about 8 minutes on 2 cores)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype when loading real models."""
+    device: str = "auto"
+    """"auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"."""
+    load_in_4bit: bool = False
+    """Load real models in 4-bit NF4 with double quantisation (bitsandbytes, CUDA only)."""
+    local_files_only: bool = True
+    """Never reach the hub: a hub id must already be in the local cache (set HF_HOME) or be a local folder."""
+    tiny: TinyArchParams = field(default_factory=TinyArchParams)
+    """Architecture of the tiny LLaVA models."""
+    tiny_train: TinyTrainParams = field(default_factory=TinyTrainParams)
+    """Training schedule of the tiny models."""
+
+
+@dataclass
+class Params:
+    run: str = "tiny"
+    """Default run name: artifacts go to outputs/<run>/<NN_stage>/."""
+    seed: int = 0
+    """Seed for every random draw: the same params on the same machine give the same artifacts."""
+    num_threads: int = 2
+    """torch CPU threads (keep at the machine's core count; two torch jobs at once oversubscribe)."""
+    description: str = ""
+    """Free text: what this profile is for."""
+    data: DataParams = field(default_factory=DataParams)
+    """Stage 00: which world, which splits."""
+    models: ModelParams = field(default_factory=ModelParams)
+    """Stage 01: base policy and verifier."""
+
+
+def _field_docs(cls):
+    """The string literal under each field of a dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+            docs[node.target.id] = following.value.value
+    return docs
+
+
+def describe(cls=Params, prefix=""):
+    """Every key with its type, default and documentation, one line each."""
+    lines = []
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{key}: {docs.get(f.name, '')}")
+            lines += describe(hints[f.name], key + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{key} ({_type_name(hints[f.name])}, default {default!r}): {docs.get(f.name, '')}")
+    return lines
+
+
+def _type_name(tp):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, key, source):
+    """Check `value` against type `tp`, returning the converted value; raise ParamsError naming key and file."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{source}: key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".", source)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, source)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ParamsError(f"{source}: key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{source}: key '{key}' must be a list, got {value!r}")
+        return [_convert(v, typing.get_args(tp)[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{source}: key '{key}' must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{source}: key '{key}' must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{source}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{source}: key '{key}' must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"schema type {tp} of '{key}' is not supported")
+
+
+def _build(cls, mapping, prefix, source):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in mapping:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ParamsError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    values = {k: _convert(v, hints[k], prefix + k, source) for k, v in mapping.items()}
+    return cls(**values)
+
+
+def _deep_merge(base, override):
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml_chain(path, _seen=()):
+    """The merged mapping of a params file and everything it extends, plus the list of files read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    if path.resolve() in _seen:
+        raise ParamsError(f"{path}: 'extends' loops back to itself")
+    try:
+        mapping = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(mapping, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of keys, got {type(mapping).__name__}")
+    files = [str(path)]
+    parent = mapping.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ParamsError(f"{path}: key 'extends' must be a file name, got {parent!r}")
+        parent_path = (path.parent / parent)
+        if not parent_path.is_file():
+            raise ParamsError(f"{path}: key 'extends' names {parent!r}, which does not exist ({parent_path})")
+        base, parent_files = read_yaml_chain(parent_path, _seen + (path.resolve(),))
+        mapping = _deep_merge(base, mapping)
+        files = parent_files + files
+    return mapping, files
+
+
+def _check_paths(params, source):
+    data = params.data
+    if data.world == "coco":
+        if not data.coco_root:
+            raise ParamsError(f"{source}: key 'data.coco_root' must name the COCO 2014 folder when data.world is 'coco'")
+        root = Path(os.path.expanduser(data.coco_root))
+        if not root.is_dir():
+            raise ParamsError(f"{source}: key 'data.coco_root' names {data.coco_root!r}, which is not a folder")
+    for key in ("policy", "verifier"):
+        value = getattr(params.models, key)
+        if value.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(value)).is_dir():
+            raise ParamsError(f"{source}: key 'models.{key}' names the local folder {value!r}, which does not exist")
+
+
+def load(path, check_paths=True):
+    """Read, merge and validate a params file; returns a `Params`.
+
+    `check_paths=False` validates keys and types only (for a profile whose data lives on another machine)."""
+    mapping, files = read_yaml_chain(path)
+    source = " <- ".join(reversed(files)) if len(files) > 1 else files[0]
+    params = _build(Params, mapping, "", source)
+    if check_paths:
+        _check_paths(params, source)
+    return params
+
+
+def to_dict(params):
+    return dataclasses.asdict(params)
+
+
+def resolve_params_path(path):
+    """A params path as given on the command line or in a notebook (relative to cwd or to the repo root)."""
+    path = Path(path)
+    if path.is_file():
+        return path.resolve()
+    for candidate in (REPO_ROOT / path, REPO_ROOT / "params" / path, REPO_ROOT / "params" / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ParamsError(f"params file not found: {path} (looked in the current folder and in {REPO_ROOT / 'params'})")

@@ -1,0 +1,185 @@
+"""Run the stage notebooks in order with papermill, skipping stages that are already up to date.
+
+    python -m fgaif_utils.pipeline params/tiny.yaml [--run NAME] [--stages 00-03] [--force]
+
+A stage is skipped when outputs/<run>/<stage>/manifest.json has the fingerprint the stage would have now
+(see fgaif_utils.stage). Otherwise its notebook runs into outputs/<run>/.<stage>.partial/ and, once its
+manifest is written, that folder replaces the final one in a single rename. A failed stage keeps its
+executed notebook as outputs/<run>/<stage>.failed.ipynb and leaves the previous final folder untouched.
+Exit status: 0 done (or stopped at a stage whose notebook is not written yet), 1 a stage failed,
+2 bad params or arguments (before any work).
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from fgaif_utils import params as P
+from fgaif_utils import stage as S
+
+
+def select_stages(spec=None):
+    """Stage specs for "00-03", "01", "00,02,05" (numbers or full names); None means all, in table order."""
+    if spec is None:
+        return list(S.STAGES)
+    names = [s.name for s in S.STAGES]
+    chosen = set()
+    for part in str(spec).split(","):
+        first, _, last = part.strip().partition("-")
+        start = names.index(S.stage_spec(first.strip()).name)
+        stop = names.index(S.stage_spec(last.strip()).name) if last else start
+        if stop < start:
+            raise S.StageError(f"--stages {spec!r}: range {part!r} runs backwards")
+        chosen.update(names[start:stop + 1])
+    return [s for s in S.STAGES if s.name in chosen]
+
+
+@contextlib.contextmanager
+def kernel_env(notebooks):
+    """Environment the kernels inherit: where notebooks and outputs are, unbuffered output."""
+    python_path = os.pathsep.join(p for p in (str(S.REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    settings = {"FGAIF_NOTEBOOKS": str(notebooks), "FGAIF_OUTPUTS": str(S.outputs_root()),
+                "PYTHONPATH": python_path, "PYTHONUNBUFFERED": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def execute(notebook, output, params_path, run, work_dir):
+    import papermill   # imported here so that `--help` and params errors stay fast
+    import zmq
+    from traitlets.config import Config
+    # CurveZMQ between runner and kernel where available: nothing travels in plain text
+    encryption = "auto" if zmq.has("curve") else "disabled"
+    encrypted = Config({"KernelManager": {"transport_encryption": encryption}})
+    papermill.execute_notebook(
+        str(notebook), str(output),
+        parameters=dict(params_path=str(params_path), run=run, work_dir=str(work_dir)),
+        kernel_name="python3", language="python", progress_bar=False, cwd=str(S.REPO_ROOT), config=encrypted)
+
+
+def failure_message(name, err):
+    from papermill.exceptions import PapermillExecutionError
+    if isinstance(err, PapermillExecutionError):
+        first_line = err.source.strip().splitlines()[0] if err.source.strip() else ""
+        return (f"stage {name} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                f"  cell [{err.exec_count}] starts: {first_line}")
+    return f"stage {name} failed: {type(err).__name__}: {err}"
+
+
+def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
+    """Run or skip one stage; returns its result dict (stage, status, wall_s, rows, error)."""
+    name = spec.name
+    t0 = time.monotonic()
+    result = {"stage": name, "status": "fail", "wall_s": 0.0, "rows": {}, "error": None}
+
+    def fail(message):
+        result.update(error=message, wall_s=round(time.monotonic() - t0, 2))
+        print(f"{name}: fail after {result['wall_s']:.1f} s", flush=True)
+        print(message, file=sys.stderr, flush=True)
+        return result
+
+    try:
+        fingerprint = S.fingerprint(params, name, run, shown_path, notebooks)
+    except S.StageError as err:
+        return fail(str(err))
+    final = S.final_dir(run, name)
+    manifest = S.read_manifest(final)
+    if not force and manifest is not None and manifest.get("fingerprint") == fingerprint:
+        result.update(status="skip", rows=manifest.get("rows", {}), wall_s=round(time.monotonic() - t0, 2))
+        print(f"{name}: skip (up to date)", flush=True)
+        return result
+
+    partial = S.partial_dir(run, name)
+    S.remove_path(partial)
+    partial.mkdir(parents=True)
+    executed = partial / f"{name}.ipynb"
+    print(f"{name}: run ... (live notebook: {executed})", flush=True)
+    try:
+        execute(notebooks / f"{name}.ipynb", executed, params_path, run, partial)
+    except Exception as err:   # a cell raised, or the kernel died or never started
+        if executed.is_file():
+            os.replace(executed, S.failed_notebook(run, name))
+            return fail(failure_message(name, err) + f"\n  executed notebook: {S.failed_notebook(run, name)}")
+        return fail(failure_message(name, err))
+    manifest = S.read_manifest(partial)
+    if manifest is None:
+        return fail(f"stage {name} failed: the notebook did not call ctx.finish() (no {S.MANIFEST} in {partial})")
+    if manifest.get("stage") != name:
+        return fail(f"stage {name} failed: its notebook opened stage {manifest.get('stage')!r}")
+    if manifest.get("fingerprint") != fingerprint:   # the manifest records what the kernel actually saw
+        print(f"{name}: note: a module or notebook changed while it ran; its manifest records what it ran with",
+              file=sys.stderr, flush=True)
+    S.promote(partial, final)
+    S.remove_path(S.failed_notebook(run, name))   # an earlier failure is history now
+    result.update(status="run", rows=manifest.get("rows", {}), wall_s=round(time.monotonic() - t0, 2))
+    print(f"{name}: run done in {result['wall_s']:.1f} s", flush=True)
+    return result
+
+
+def format_rows(rows, width=60):
+    text = ", ".join(f"{name}={n}" for name, n in rows.items())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def print_summary(results):
+    print(f"\n{'stage':<22}{'status':<9}{'wall s':>8}  rows")
+    for r in results:
+        print(f"{r['stage']:<22}{r['status']:<9}{r['wall_s']:>8.1f}  {format_rows(r['rows'])}")
+    sys.stdout.flush()
+
+
+def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=None):
+    """Run the selected stages in order; returns one result dict per stage visited.
+
+    Raises ParamsError (bad params) or StageError (bad run name or stage selection) before any work.
+    Stops at the first stage that fails or whose notebook does not exist yet.
+    """
+    path = P.resolve_params_path(params_path)
+    params = P.load(path)
+    run = S.check_run_name(run or params.run)
+    selected = select_stages(stages)
+    notebooks = Path(notebooks_dir or S.notebooks_dir()).resolve()
+    print(f"pipeline: params {path}, run '{run}', outputs {S.outputs_root() / run}", flush=True)
+    results = []
+    with kernel_env(notebooks):
+        for spec in selected:
+            if not (notebooks / f"{spec.name}.ipynb").is_file():
+                print(f"{spec.name}: not built yet (notebook {notebooks / spec.name}.ipynb missing); stopping here",
+                      flush=True)
+                results.append({"stage": spec.name, "status": "missing", "wall_s": 0.0, "rows": {}, "error": None})
+                break
+            result = run_stage(spec, params, path, str(params_path), run, force, notebooks)
+            results.append(result)
+            if result["status"] == "fail":
+                break
+    print_summary(results)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fgaif_utils.pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("params", help="params file, e.g. params/tiny.yaml")
+    parser.add_argument("--run", help="run name (default: the params file's `run`)")
+    parser.add_argument("--stages", help='which stages: "00-03", "01", "00,02,05" (default: all)')
+    parser.add_argument("--force", action="store_true", help="run the selected stages even when up to date")
+    args = parser.parse_args(argv)
+    try:
+        results = run_pipeline(args.params, run=args.run, stages=args.stages, force=args.force)
+    except (P.ParamsError, S.StageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1 if any(r["status"] == "fail" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

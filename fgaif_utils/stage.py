@@ -1,0 +1,378 @@
+"""The stage contract: where a stage writes, what its manifest records, and when it is up to date.
+
+A stage is a numbered notebook in notebooks/. It calls `open_stage(...)` first and `ctx.finish()` last,
+and writes every artifact through the context into `ctx.work_dir` (atomically: temp name, then rename).
+`finish()` writes manifest.json; the folder then becomes outputs/<run>/<stage>/ in one rename, so a final
+folder is never half written. A stage's fingerprint hashes everything its result depends on: its params
+sections, its notebook's source, the library modules it uses, and the artifacts of every earlier stage.
+The pipeline runner (`fgaif_utils.pipeline`) skips a stage whose final manifest has the same fingerprint.
+
+Environment: FGAIF_OUTPUTS overrides the outputs root (default <repo>/outputs), FGAIF_NOTEBOOKS the
+notebooks folder (default <repo>/notebooks). Nothing from the environment is ever written to a manifest.
+"""
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fgaif_utils import params as P
+
+REPO_ROOT = P.REPO_ROOT
+PACKAGE_DIR = Path(__file__).resolve().parent
+MANIFEST = "manifest.json"
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "papermill", "numpy")
+
+
+class StageError(RuntimeError):
+    """A stage cannot open or finish: the message says which stage, which run, and what to run first."""
+
+
+# ---- the stage table: edit here when a stage gains a params section or a library module -------------
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    sections: tuple   # top-level params keys the stage reads (missing ones are skipped at hash time)
+    modules: tuple    # fgaif_utils module names whose source is hashed; ("*",) = every module
+
+
+DATA_MODULES = ("language", "params", "world", "coco", "viz")
+BASE_MODULES = DATA_MODULES + ("models", "tiny_train", "scorer", "facts", "detector")
+ALL_MODULES = ("*",)
+LATER = ("seed", "num_threads", "data", "models")
+
+STAGES = [
+    StageSpec("00_data", ("seed", "data"), DATA_MODULES),
+    StageSpec("01_base_models", ("seed", "num_threads", "data", "models"), BASE_MODULES),
+    StageSpec("02_sample_responses", LATER + ("sampling",), ALL_MODULES),
+    StageSpec("03_ai_feedback", LATER + ("feedback",), ALL_MODULES),
+    StageSpec("04_reward_models", LATER + ("reward",), ALL_MODULES),
+    StageSpec("05_ppo", LATER + ("ppo",), ALL_MODULES),
+    StageSpec("06_evaluate", LATER + ("evaluate",), ALL_MODULES),
+]
+# Orchestration only: editing them never changes what a stage computes, so "*" leaves them out.
+NOT_HASHED = ("__init__", "stage", "pipeline")
+
+
+def stage_spec(name):
+    """The spec of a stage given as "01_base_models" or just "01"."""
+    for spec in STAGES:
+        if name in (spec.name, spec.name[:2]):
+            return spec
+    raise StageError(f"unknown stage {name!r}; stages are {[s.name for s in STAGES]}")
+
+
+def upstream(name):
+    """Every stage before this one, in order (each stage depends on all earlier ones)."""
+    names = [s.name for s in STAGES]
+    return names[:names.index(stage_spec(name).name)]
+
+
+# ---- locations ---------------------------------------------------------------------------------------
+
+def outputs_root():
+    return Path(os.environ.get("FGAIF_OUTPUTS") or REPO_ROOT / "outputs").resolve()
+
+
+def notebooks_dir():
+    return Path(os.environ.get("FGAIF_NOTEBOOKS") or REPO_ROOT / "notebooks").resolve()
+
+
+def check_run_name(run):
+    """A run name becomes a folder that the runner wipes parts of, so it must be a plain name."""
+    if not isinstance(run, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run):
+        raise StageError(f"run name {run!r} must be letters, digits, '_', '-' or '.', not starting with '.'")
+    return run
+
+
+def final_dir(run, stage):
+    return outputs_root() / run / stage_spec(stage).name
+
+
+def partial_dir(run, stage):
+    return outputs_root() / run / f".{stage_spec(stage).name}.partial"
+
+
+def cache_dir(run, stage):
+    return outputs_root() / run / ".cache" / stage_spec(stage).name
+
+
+def failed_notebook(run, stage):
+    return outputs_root() / run / f"{stage_spec(stage).name}.failed.ipynb"
+
+
+def read_manifest(folder):
+    """The manifest of a stage folder, or None when it has none."""
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---- hashing -----------------------------------------------------------------------------------------
+
+def canonical_json(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_text(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def notebook_source(path):
+    """The code and markdown cells of a notebook, without outputs or metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"notebook not found: {path}")
+    cells = json.loads(path.read_text())["cells"]
+    return [[c["cell_type"], "".join(c["source"])] for c in cells if c["cell_type"] in ("code", "markdown")]
+
+
+def module_sources(modules):
+    """{module name: sha256 of its source} for the listed fgaif_utils modules; "missing" for absent ones."""
+    if modules == ALL_MODULES:
+        modules = sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem not in NOT_HASHED)
+    hashes = {}
+    for name in modules:
+        path = PACKAGE_DIR / f"{name}.py"
+        hashes[name] = sha256_file(path) if path.is_file() else "missing"
+    return hashes
+
+
+def params_subset(params, stage):
+    """The params sections a stage depends on, as plain data."""
+    everything = P.to_dict(params)
+    return {key: everything[key] for key in stage_spec(stage).sections if key in everything}
+
+
+def missing_stage_error(stage, needed, run, params_path=None, params_run=None):
+    command = f"python -m fgaif_utils.pipeline {params_path or 'PARAMS.yaml'} --stages {needed[:2]}"
+    if run != params_run:
+        command += f" --run {run}"
+    return StageError(f"stage {stage_spec(stage).name} needs {needed} of run '{run}': run `{command}` first")
+
+
+def upstream_hashes(stage, run, params_path=None, params_run=None):
+    """{upstream stage: its artifacts_hash}; a clear error naming what to run when one is missing."""
+    hashes = {}
+    for name in upstream(stage):
+        manifest = read_manifest(final_dir(run, name))
+        if manifest is None:
+            raise missing_stage_error(stage, name, run, params_path, params_run)
+        hashes[name] = manifest["artifacts_hash"]
+    return hashes
+
+
+def fingerprint(params, stage, run=None, params_path=None, notebooks=None):
+    """sha256 over the stage's params sections, notebook source, module sources and upstream artifacts."""
+    spec = stage_spec(stage)
+    run = run or params.run
+    notebook = Path(notebooks or notebooks_dir()) / f"{spec.name}.ipynb"
+    parts = {
+        "params": params_subset(params, spec.name),
+        "notebook": notebook_source(notebook),
+        "modules": module_sources(spec.modules),
+        "inputs": upstream_hashes(spec.name, run, params_path, params.run),
+    }
+    return sha256_text(canonical_json(parts))
+
+
+def artifact_hashes(folder, skip=()):
+    """{relative path: sha256} of every file under `folder`, except the top-level names in `skip`."""
+    folder = Path(folder)
+    hashes = {}
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            if relative not in skip:
+                hashes[relative] = sha256_file(path)
+    return hashes
+
+
+# ---- atomic writes -----------------------------------------------------------------------------------
+
+def remove_path(path):
+    """Delete a file, link or folder if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path` (same extension); on success rename it onto `path`.
+
+    Works for files and folders (e.g. a PEFT adapter folder); on error the temporary is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
+    remove_path(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)   # os.replace cannot overwrite a non-empty folder
+        os.replace(tmp, path)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def read_jsonl(path):
+    """The records of a JSONL file; a bad line is an error naming the file and the line number."""
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number} is not valid JSON: {err}") from None
+    return records
+
+
+def promote(partial, final):
+    """Make `partial` the final folder: old final aside, partial in, old deleted (never half a folder)."""
+    partial, final = Path(partial), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    remove_path(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    remove_path(old)
+
+
+def package_versions():
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- the context a notebook holds --------------------------------------------------------------------
+
+class StageContext:
+    """One execution of one stage: its params, its folders, its artifact writers and its manifest."""
+
+    def __init__(self, stage, params_path, run=None, work_dir=None):
+        self.params_path = P.resolve_params_path(params_path)
+        self.params = P.load(self.params_path)
+        self.stage = stage_spec(stage).name
+        self.run = check_run_name(run or self.params.run)
+        self.inputs = upstream_hashes(self.stage, self.run, params_path, self.params.run)   # fails early
+        self.fingerprint = fingerprint(self.params, self.stage, self.run, params_path)
+        self.final_dir = final_dir(self.run, self.stage)
+        self.by_hand = work_dir is None
+        if self.by_hand:   # run in JupyterLab: start a fresh partial folder, promote it in finish()
+            self.work_dir = partial_dir(self.run, self.stage)
+            remove_path(self.work_dir)
+        else:              # under the runner, which wiped it and will promote it
+            self.work_dir = Path(work_dir).resolve()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = cache_dir(self.run, self.stage)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.rows = {}
+        self.started = _now()
+        self._t0 = time.monotonic()
+        self._finished = False
+
+    def __repr__(self):
+        return f"StageContext({self.stage!r}, run={self.run!r}, work_dir={str(self.work_dir)!r})"
+
+    def input_dir(self, stage):
+        """The final folder of an earlier stage of this run."""
+        name = stage_spec(stage).name
+        if name not in upstream(self.stage):
+            raise StageError(f"stage {self.stage} may only read earlier stages, not {name}")
+        folder = final_dir(self.run, name)
+        if read_manifest(folder) is None:
+            raise missing_stage_error(self.stage, name, self.run, self.params_path, self.params.run)
+        return folder
+
+    def path(self, name):
+        """Where artifact `name` (may contain folders) goes in the work folder; parent folders are created."""
+        path = self.work_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def count(self, name, n):
+        """Record a row count for the manifest."""
+        self.rows[name] = int(n)
+
+    def write_jsonl(self, name, records):
+        """Write records one JSON object per line (atomically); their number is counted under `name`."""
+        lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+        write_text(self.path(name), "".join(lines))
+        self.count(name, len(lines))
+        return self.path(name)
+
+    def write_json(self, name, obj):
+        return write_text(self.path(name), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    def savefig(self, fig, name, **kwargs):
+        """Save a matplotlib figure atomically (format from the extension; default dpi 120, tight box)."""
+        kwargs = {"dpi": 120, "bbox_inches": "tight", **kwargs}
+        with atomic_path(self.path(name)) as tmp:
+            fig.savefig(tmp, format=Path(name).suffix[1:] or "png", **kwargs)
+        return self.path(name)
+
+    def finish(self, extra=None):
+        """Write manifest.json; when run by hand, also make the work folder the final folder (see read_manifest)."""
+        if self._finished:
+            raise StageError(f"stage {self.stage}: finish() was already called")
+        artifacts = artifact_hashes(self.work_dir, skip=(MANIFEST, f"{self.stage}.ipynb"))
+        manifest = {
+            "stage": self.stage,
+            "run": self.run,
+            "params_path": str(self.params_path),
+            "params": params_subset(self.params, self.stage),
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "artifacts": artifacts,
+            "artifacts_hash": sha256_text(canonical_json(artifacts)),
+            "rows": self.rows,
+            "wall_s": round(time.monotonic() - self._t0, 3),
+            "started": self.started,
+            "finished": _now(),
+            "versions": package_versions(),
+            "extra": extra or {},
+        }
+        write_text(self.work_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        self._finished = True
+        if self.by_hand:
+            promote(self.work_dir, self.final_dir)
+            self.work_dir = self.final_dir
+        rows = ", ".join(f"{k}={v}" for k, v in self.rows.items()) or "no row counts"
+        print(f"{self.stage} finished in {manifest['wall_s']:.1f} s: {len(artifacts)} artifacts ({rows})")
+
+
+def open_stage(stage, params_path, run=None, work_dir=None):
+    """Start a stage: load and check params, prepare folders, check that earlier stages are done."""
+    return StageContext(stage, params_path, run, work_dir)

@@ -1,0 +1,410 @@
+"""The OpenAI-compatible backends against a local stub server (tests/openai_stub.py), through the real client."""
+import base64
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fgaif_utils import llm
+from fgaif_utils.facts import check_fact, extract_facts_rules
+from openai_stub import Reply, StubServer, rules_answer
+
+SECRET = "sk-test-NEVER-WRITE-ME-0123456789"
+WORLD_SUBSENTENCES = [
+    "there is a large red heart",
+    "a small blue square is to the left of a green triangle",
+    "there is no circle",
+    "i can see two yellow stars and a ring",
+    "the heart is not red",
+    "the star is above the ring",
+    "in the image , there are no hearts or stars",
+    "the picture contains a purple disc under a big orange box",
+    "it looks calm",
+    "a green triangle",
+]
+RESPONSE = " . ".join(WORLD_SUBSENTENCES) + " ."
+ITEMS = [(part, RESPONSE) for part in WORLD_SUBSENTENCES]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+
+
+@pytest.fixture
+def stub():
+    with StubServer() as server:
+        yield server
+
+
+def extractor(stub, cache_dir, **knobs):
+    knobs = {"concurrency": 4, "max_retries": 3, "timeout": 5, "backoff_base": 0.001, "progress": False, **knobs}
+    return llm.OpenAIFactExtractor(knobs.pop("model", "gpt-3.5-turbo-0125"), base_url=stub.url,
+                                   cache_dir=cache_dir, **knobs)
+
+
+def rules_facts(subsentence):
+    return [{k: v for k, v in fact.items() if k != "span"} for fact in extract_facts_rules(subsentence)]
+
+
+def cache_files(cache_dir):
+    return sorted(path for path in cache_dir.rglob("*.json"))
+
+
+# ---- parsing and validation (no server) ----
+
+def test_check_llm_fact_accepts_free_text_and_normalises():
+    assert llm.check_llm_fact({"type": "relation", "subject": " Dog ", "relation": "next  to", "object": "bench",
+                               "confidence": 0.9}) == \
+        {"type": "relation", "subject": "dog", "relation": "next to", "object": "bench"}
+    assert llm.check_llm_fact({"type": "attribute", "subject": "dog", "kind": "color", "value": "Brown"}) == \
+        {"type": "attribute", "subject": "dog", "kind": "colour", "value": "brown"}
+    assert llm.check_llm_fact({"type": "attribute", "subject": "bench", "kind": "other", "value": "wooden"})["kind"] \
+        == "other"
+    assert llm.check_llm_fact({"type": "object", "subject": "person", "negated": True})["negated"] is True
+    # Why llm.py needs its own check: facts.check_fact only knows the synthetic world's relations and kinds.
+    with pytest.raises(ValueError):
+        check_fact({"type": "relation", "subject": "dog", "relation": "next to", "object": "bench"})
+
+
+@pytest.mark.parametrize("fact, message", [
+    ({"type": "object", "subject": "dog"}, "boolean 'negated'"),
+    ({"type": "object", "subject": "dog", "negated": "false"}, "boolean 'negated'"),
+    ({"type": "object", "subject": "  ", "negated": False}, "non-empty string 'subject'"),
+    ({"type": "attribute", "subject": "dog", "kind": "shape", "value": "round"}, "'kind' in"),
+    ({"type": "attribute", "subject": "dog", "kind": "colour", "value": 3}, "non-empty string 'value'"),
+    ({"type": "relation", "subject": "dog", "relation": "on"}, "non-empty string 'object'"),
+    ({"type": "colour", "subject": "dog"}, "fact type must be one of"),
+    (["object", "dog"], "must be a JSON object"),
+])
+def test_check_llm_fact_rejects(fact, message):
+    with pytest.raises(ValueError, match=message):
+        llm.check_llm_fact(fact)
+
+
+def test_parse_facts_answer():
+    good = '{"facts": [{"type": "object", "subject": "dog", "negated": false}]}'
+    assert llm.parse_facts_answer(good) == ([{"type": "object", "subject": "dog", "negated": False}], None)
+    assert llm.parse_facts_answer("```json\n" + good + "\n```")[0] == llm.parse_facts_answer(good)[0]
+    assert llm.parse_facts_answer('{"facts": []}') == ([], None)
+    assert "not valid JSON" in llm.parse_facts_answer("{'facts': []}")[1]   # python literal, not JSON
+    assert "empty" in llm.parse_facts_answer("  ")[1]
+    assert "empty" in llm.parse_facts_answer(None)[1]
+    assert '"facts" list' in llm.parse_facts_answer("[]")[1]
+    assert "invalid fact" in llm.parse_facts_answer('{"facts": [{"type": "object"}]}')[1]
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("Yes.", "yes"), ("no, it is brown", "no"), ("NO!", "no"), ("Answer: yes", "yes"), ("The answer is no.", "no"),
+    ("yes or no", "yes"), ("either yes or no", "unknown"), ("maybe", "unknown"), ("", "unknown"),
+    (None, "unknown"), ("Definitely not", "unknown"), ("yesterday", "unknown"),
+    ("It is hard to say, yes", "unknown"),   # the sixth word is past "the first few"
+])
+def test_parse_yes_no(text, answer):
+    assert llm.parse_yes_no(text) == answer
+
+
+def test_prompt_few_shots_are_valid_and_cover_negation_relation_attributes():
+    messages = llm.fact_messages("a dog", "a dog . a cat .")
+    assert messages[0]["role"] == "system" and all(t in messages[0]["content"] for t in ("object", "attribute",
+                                                                                          "relation"))
+    roles = [message["role"] for message in messages[1:]]
+    assert roles == ["user", "assistant"] * len(llm.FEW_SHOT) + ["user"]
+    shots = [llm.parse_facts_answer(message["content"]) for message in messages[2:-1:2]]
+    assert all(problem is None for _, problem in shots)
+    all_facts = [fact for facts, _ in shots for fact in facts]
+    assert any(fact["type"] == "object" and fact["negated"] for fact in all_facts)
+    assert any(fact["type"] == "relation" for fact in all_facts)
+    assert {fact["kind"] for fact in all_facts if fact["type"] == "attribute"} == {"colour", "size", "other"}
+    assert messages[-1]["content"].endswith(f"{llm.SUBSENTENCE_LABEL} a dog")
+    assert "a dog . a cat ." in messages[-1]["content"]
+
+
+# ---- fact extraction over HTTP ----
+
+def test_healthy_extraction_matches_rules_backend(stub, tmp_path):
+    backend = extractor(stub, tmp_path)
+    results = backend.extract_many(ITEMS)
+    assert [result["facts"] for result in results] == [rules_facts(part) for part in WORLD_SUBSENTENCES]
+    assert all(r["status"] == "ok" and r["error"] is None and not r["cached"] for r in results)
+    rules = llm.make_fact_extractor("rules").extract_many(ITEMS)
+    assert [[{k: v for k, v in f.items() if k != "span"} for f in r["facts"]] for r in rules] == \
+        [r["facts"] for r in results]
+    assert len(stub.requests) == len(ITEMS) == backend.usage["calls"]
+    body = stub.requests[0]["body"]
+    assert body["model"] == "gpt-3.5-turbo-0125" and body["temperature"] == 0.0
+    assert body["response_format"] == {"type": "json_object"}
+    assert all(request["headers"]["authorization"] == f"Bearer {SECRET}" for request in stub.requests)
+    assert backend.usage["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in stub.answered) > 0
+    assert backend.usage["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in stub.answered) > 0
+    expected_cost = (backend.usage["prompt_tokens"] * 0.50 + backend.usage["completion_tokens"] * 1.50) / 1e6
+    assert backend.estimated_cost_usd() == pytest.approx(expected_cost)
+    assert extractor(stub, tmp_path, model="my-local-llm").estimated_cost_usd() is None
+
+
+def test_results_keep_input_order_under_concurrency(tmp_path):
+    # Later items answer sooner, so completion order is the reverse of input order.
+    delays = {part: 0.03 * (len(WORLD_SUBSENTENCES) - i) for i, part in enumerate(WORLD_SUBSENTENCES)}
+
+    def slow_for_early_items(body):
+        reply = rules_answer(body)
+        reply.delay = delays[body["messages"][-1]["content"].rsplit(llm.SUBSENTENCE_LABEL, 1)[1].strip()]
+        return reply
+
+    with StubServer(default=slow_for_early_items) as stub:
+        start = time.perf_counter()
+        results = extractor(stub, tmp_path, concurrency=10).extract_many(ITEMS)
+        wall = time.perf_counter() - start
+    assert [result["facts"] for result in results] == [rules_facts(part) for part in WORLD_SUBSENTENCES]
+    assert wall < sum(delays.values()) / 2   # the requests overlapped (serial would take 1.65 s)
+
+
+def test_second_run_is_served_from_cache(stub, tmp_path):
+    first = extractor(stub, tmp_path).extract_many(ITEMS)
+    assert len(cache_files(tmp_path)) == len(ITEMS)
+    n_requests = len(stub.requests)
+    again = extractor(stub, tmp_path)
+    second = again.extract_many(ITEMS)
+    assert len(stub.requests) == n_requests
+    assert [r["facts"] for r in second] == [r["facts"] for r in first]
+    assert all(r["cached"] and r["status"] == "ok" for r in second)
+    assert again.usage["calls"] == 0 and again.usage["cache_hits"] == len(ITEMS)
+    assert again.estimated_cost_usd() == 0.0
+
+
+def test_run_failing_halfway_resumes_without_repeating(tmp_path):
+    n_ok = 4
+    with StubServer(default=lambda body: Reply(status=500)) as stub:
+        stub.script.extend([rules_answer] * n_ok)
+        first = extractor(stub, tmp_path, concurrency=1, max_retries=0).extract_many(ITEMS)
+    assert [r["status"] for r in first] == ["ok"] * n_ok + ["failed"] * (len(ITEMS) - n_ok)
+    assert all("HTTP 500" in r["error"] and r["facts"] == [] for r in first[n_ok:])
+    assert len(cache_files(tmp_path)) == n_ok   # failures are not cached
+    with StubServer() as stub:
+        resumed = extractor(stub, tmp_path)
+        second = resumed.extract_many(ITEMS)
+        asked = [request["body"]["messages"][-1]["content"] for request in stub.requests]
+    assert len(asked) == len(ITEMS) - n_ok
+    assert all(any(content.endswith(part) for content in asked) for part in WORLD_SUBSENTENCES[n_ok:])
+    assert [r["cached"] for r in second] == [True] * n_ok + [False] * (len(ITEMS) - n_ok)
+    assert [r["facts"] for r in second] == [rules_facts(part) for part in WORLD_SUBSENTENCES]
+
+
+def test_run_killed_halfway_resumes_without_repeating(stub, tmp_path, monkeypatch):
+    n_done = 3
+    backend = extractor(stub, tmp_path, concurrency=1)
+    real_complete = backend._complete
+
+    def dies_after_n(messages):
+        if len(stub.requests) >= n_done:
+            raise KeyboardInterrupt
+        return real_complete(messages)
+
+    monkeypatch.setattr(backend, "_complete", dies_after_n)
+    with pytest.raises(KeyboardInterrupt):
+        backend.extract_many(ITEMS)
+    assert len(cache_files(tmp_path)) == n_done
+    assert not list(tmp_path.rglob(".tmp-*"))
+    second = extractor(stub, tmp_path).extract_many(ITEMS)
+    assert len(stub.requests) == len(ITEMS)   # n_done before the kill, the rest after it
+    assert sum(r["cached"] for r in second) == n_done
+    assert [r["facts"] for r in second] == [rules_facts(part) for part in WORLD_SUBSENTENCES]
+
+
+def test_429_then_success_is_one_retry_honouring_retry_after(stub, tmp_path):
+    stub.script.append(Reply(status=429, headers={"Retry-After": "0"}))
+    backend = extractor(stub, tmp_path, backoff_base=20.0)   # without Retry-After: 0 this would sleep >= 10 s
+    start = time.perf_counter()
+    [result] = backend.extract_many(ITEMS[:1])
+    assert time.perf_counter() - start < 5
+    assert result["status"] == "ok" and result["facts"] == rules_facts(ITEMS[0][0])
+    assert backend.usage["retries"] == 1 and backend.usage["calls"] == 2 and backend.usage["failures"] == 0
+
+
+def test_500_fails_after_max_retries(tmp_path):
+    with StubServer(default=lambda body: Reply(status=500)) as stub:
+        backend = extractor(stub, tmp_path, max_retries=2)
+        results = backend.extract_many(ITEMS[:2])
+    assert [r["status"] for r in results] == ["failed", "failed"]
+    assert all("HTTP 500 after 3 attempts" in r["error"] for r in results)
+    assert len(stub.requests) == backend.usage["calls"] == 6
+    assert backend.usage["retries"] == 4 and backend.usage["failures"] == 2
+    assert cache_files(tmp_path) == []
+
+
+def test_timeout_is_retried_then_fails(tmp_path):
+    with StubServer() as stub:
+        stub.script.append(Reply(delay=1.0))
+        backend = extractor(stub, tmp_path, timeout=0.3, max_retries=1)
+        [result] = backend.extract_many(ITEMS[:1])
+        assert result["status"] == "ok" and backend.usage["retries"] == 1 and backend.usage["calls"] == 2
+    with StubServer(default=lambda body: Reply(delay=1.0, content='{"facts": []}')) as stub:
+        backend = extractor(stub, tmp_path, timeout=0.3, max_retries=1)
+        [result] = backend.extract_many(ITEMS[1:2])
+    assert result["status"] == "failed" and "Timeout" in result["error"]
+    assert backend.usage["calls"] == 2 and backend.usage["failures"] == 1
+
+
+def test_non_retryable_error_fails_at_once_without_leaking_the_key(tmp_path):
+    with StubServer(default=lambda body: Reply(status=401, error_message=f"Incorrect API key provided: {SECRET}")) \
+            as stub:
+        backend = extractor(stub, tmp_path)
+        [result] = backend.extract_many(ITEMS[:1])
+    assert result["status"] == "failed" and "HTTP 401" in result["error"]
+    assert SECRET not in result["error"] and "***" in result["error"]
+    assert backend.usage["calls"] == 1 and backend.usage["retries"] == 0
+
+
+def test_malformed_json_is_repaired_once(stub, tmp_path):
+    stub.script.append(Reply(content="{'facts': [oops"))
+    backend = extractor(stub, tmp_path)
+    [result] = backend.extract_many(ITEMS[1:2])
+    assert result["status"] == "ok" and result["facts"] == rules_facts(ITEMS[1][0])
+    repair = stub.requests[1]["body"]["messages"]
+    assert repair[:-2] == stub.requests[0]["body"]["messages"]
+    assert repair[-2] == {"role": "assistant", "content": "{'facts': [oops"}
+    assert repair[-1]["role"] == "user" and "not valid JSON" in repair[-1]["content"]
+    assert backend.usage["calls"] == 2 and backend.usage["failures"] == 0
+
+
+def test_invalid_fact_list_is_repaired(stub, tmp_path):
+    stub.script.append(Reply(content='{"facts": [{"type": "object", "subject": "heart"}]}'))
+    [result] = extractor(stub, tmp_path).extract_many(ITEMS[:1])
+    assert result["status"] == "ok" and result["facts"] == rules_facts(ITEMS[0][0])
+    assert "boolean 'negated'" in stub.requests[1]["body"]["messages"][-1]["content"]
+
+
+def test_malformed_twice_fails_and_is_counted(stub, tmp_path):
+    stub.script.extend([Reply(content="not json"), Reply(content='{"facts": "none"}')])
+    backend = extractor(stub, tmp_path, concurrency=1)
+    results = backend.extract_many(ITEMS[:2])
+    failed = [r for r in results if r["status"] == "failed"]
+    assert len(failed) == 1 and backend.usage["failures"] == 1 and failed[0]["facts"] == []
+    assert "after one repair attempt" in failed[0]["error"] and '"facts" list' in failed[0]["error"]
+    assert len(cache_files(tmp_path)) == 1
+    assert len(stub.requests) == 3
+
+
+def test_empty_content_fails(tmp_path):
+    with StubServer(default=lambda body: Reply(content="")) as stub:
+        backend = extractor(stub, tmp_path)
+        [result] = backend.extract_many(ITEMS[:1])
+    assert result["status"] == "failed" and "empty" in result["error"]
+    assert backend.usage["calls"] == 2 and backend.usage["failures"] == 1
+
+
+def test_server_rejecting_response_format_is_remembered(tmp_path):
+    def no_json_mode(body):
+        return Reply(status=400) if "response_format" in body else rules_answer(body)
+
+    with StubServer(default=no_json_mode) as stub:
+        backend = extractor(stub, tmp_path, concurrency=1)
+        results = backend.extract_many(ITEMS[:3])
+    assert [r["facts"] for r in results] == [rules_facts(part) for part, _ in ITEMS[:3]]
+    assert ["response_format" in request["body"] for request in stub.requests] == [True, False, False, False]
+    assert backend.json_mode is False and backend.usage["retries"] == 0
+
+
+def test_other_400_fails_and_keeps_json_mode(tmp_path):
+    with StubServer(default=lambda body: Reply(status=400)) as stub:
+        backend = extractor(stub, tmp_path)
+        [result] = backend.extract_many(ITEMS[:1])
+    assert result["status"] == "failed" and "HTTP 400" in result["error"]
+    assert len(stub.requests) == 2 and backend.json_mode is True
+
+
+def test_api_key_from_environment_only(stub, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(RuntimeError, match="OPENAI_API_KEY"):
+        llm.OpenAIFactExtractor("gpt-3.5-turbo-0125", cache_dir=tmp_path)
+    extractor(stub, tmp_path).extract_many(ITEMS[:1])
+    assert stub.requests[0]["headers"]["authorization"] == "Bearer EMPTY"
+
+
+def test_key_is_never_written_to_the_cache(stub, tmp_path):
+    extractor(stub, tmp_path / "facts").extract_many(ITEMS)
+    image = np.zeros((4, 4, 3), np.uint8)
+    verifier = llm.OpenAIVisionVerifier("gpt-4o-2024-08-06", base_url=stub.url, cache_dir=tmp_path / "vision",
+                                        progress=False)
+    stub.default = lambda body: Reply(content="yes")
+    verifier.answer([image], ["is there a heart ?"])
+    files = cache_files(tmp_path)
+    assert len(files) == len(ITEMS) + 1
+    assert not any(SECRET.encode() in path.read_bytes() for path in files)
+
+
+def test_make_fact_extractor(stub, tmp_path):
+    rules = llm.make_fact_extractor("rules")
+    [result] = rules.extract_many([("there is a red heart", None)])
+    assert result == {"facts": extract_facts_rules("there is a red heart"), "status": "ok", "error": None,
+                      "cached": False}
+    assert isinstance(llm.make_fact_extractor("openai", model="m", base_url=stub.url, cache_dir=tmp_path),
+                      llm.OpenAIFactExtractor)
+    with pytest.raises(ValueError, match="unknown fact extractor backend 'gpt'"):
+        llm.make_fact_extractor("gpt")
+    with pytest.raises(ValueError, match="item 0"):
+        extractor(stub, tmp_path).extract_many([("only a sub-sentence",)])
+
+
+# ---- vision verifier ----
+
+ANSWERS = {"is there a heart ?": "Yes, there is a heart.", "is the heart red ?": "No.",
+           "is the star above the ring ?": "I cannot tell from this image."}
+
+
+def vision_answer(body):
+    text_part, image_part = body["messages"][0]["content"]
+    return Reply(content=ANSWERS[text_part["text"].removesuffix(" Answer with yes or no.")])
+
+
+def verifier(stub, cache_dir, **knobs):
+    knobs = {"concurrency": 2, "max_retries": 1, "timeout": 5, "backoff_base": 0.001, "progress": False, **knobs}
+    return llm.OpenAIVisionVerifier("gpt-4o-2024-08-06", base_url=stub.url, cache_dir=cache_dir, **knobs)
+
+
+def test_vision_answers_images_and_cache(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    questions = list(ANSWERS)
+    with StubServer(default=vision_answer) as stub:
+        first = verifier(stub, tmp_path)
+        assert first.answer([image] * 3, questions) == ["yes", "no", "unknown"]
+        assert first.usage["unknown"] == 1 and first.usage["calls"] == 3 and first.usage["failures"] == 0
+        for request in stub.requests:
+            text_part, image_part = request["body"]["messages"][0]["content"]
+            assert text_part["type"] == "text" and text_part["text"].endswith("? Answer with yes or no.")
+            assert image_part["type"] == "image_url"
+            url = image_part["image_url"]["url"]
+            assert url.startswith("data:image/png;base64,")
+            sent = np.array(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+            np.testing.assert_array_equal(sent, image)
+        second = verifier(stub, tmp_path)
+        assert second.answer([image.copy()] * 3, questions) == ["yes", "no", "unknown"]
+        assert len(stub.requests) == 3 and second.usage["cache_hits"] == 3 and second.usage["unknown"] == 1
+        other_image = image.copy()
+        other_image[0, 0] ^= 1
+        assert second.answer([other_image], questions[:1]) == ["yes"]   # a different image is a new request
+        assert len(stub.requests) == 4
+
+
+def test_vision_failure_is_unknown_and_counted(tmp_path):
+    image = np.zeros((4, 4, 3), np.uint8)
+    with StubServer(default=lambda body: Reply(status=503)) as stub:
+        backend = verifier(stub, tmp_path)
+        assert backend.answer([image], ["is there a heart ?"]) == ["unknown"]
+        assert backend.usage["failures"] == 1 and backend.usage["unknown"] == 1 and backend.usage["calls"] == 2
+        assert "HTTP 503" in backend.errors[0]
+        assert cache_files(tmp_path) == []
+        stub.default = vision_answer
+        assert verifier(stub, tmp_path).answer([image], ["is there a heart ?"]) == ["yes"]
+
+
+def test_vision_rejects_bad_input(stub, tmp_path):
+    backend = verifier(stub, tmp_path)
+    with pytest.raises(ValueError, match="image 1 must be a uint8"):
+        backend.answer([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)], ["a ?", "b ?"])
+    with pytest.raises(ValueError, match="one image per question"):
+        backend.answer([np.zeros((4, 4, 3), np.uint8)], [])

@@ -1,0 +1,206 @@
+"""The model layer: the one loader on a llava-hf checkpoint written here, prompts, LoRA targets, generation
+that never emits <image>, the tiny training loop's resume, the detector verifier and the question sets."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fgaif_utils import detector, language, models, params, tiny_train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    arch = params.TinyArchParams(vision_hidden=32, text_hidden=32, text_layers=1, vision_layers=1, heads=2)
+    tokenizer = models.build_tiny_tokenizer()
+    processor = models.build_tiny_processor(tokenizer, 32, 8)
+    model = models.build_tiny_llava(arch, 32, tokenizer, seed=0).eval()
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-llava"
+    models.save_lvlm(model, processor, folder)
+    return model, processor, folder
+
+
+def _images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_chat_prompt_is_llava15_format(tiny):
+    _, processor, _ = tiny
+    assert models.chat_prompt(processor, "Describe this image in detail.") == \
+        "USER: <image>\nDescribe this image in detail. ASSISTANT:"
+
+
+def test_loader_round_trip_gives_identical_logits(tiny):
+    model, processor, folder = tiny
+    loaded, loaded_processor = models.load_lvlm(str(folder), device="cpu")
+    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
+    prompt = models.chat_prompt(loaded_processor, "Describe this image in detail.")
+    batch = loaded_processor(images=list(_images(2)), text=[prompt] * 2, return_tensors="pt")
+    assert (batch["input_ids"] == processor.tokenizer.image_token_id).sum(1).tolist() == [16, 16]
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def _legacy_key(key):
+    """A weight name in the llava-hf/llava-1.5-7b-hf on-disk layout, whatever layout save_pretrained wrote."""
+    for new, old in (("model.language_model.", "language_model.model."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.vision_tower.", "vision_tower.")):
+        if key.startswith(new):
+            key = old + key[len(new):]
+    if key.startswith("lm_head."):
+        key = "language_model." + key
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    return key
+
+
+def test_loader_reads_the_legacy_llava_hf_layout(tiny, tmp_path):
+    """llava-hf/llava-1.5-7b-hf on disk uses language_model.model.* / vision_tower.vision_model.* keys."""
+    model, processor, folder = tiny
+    legacy = tmp_path / "legacy"
+    models.save_lvlm(model, processor, legacy)
+    weights = load_file(legacy / "model.safetensors")
+    renamed = {_legacy_key(key): value for key, value in weights.items()}
+    assert all(k.startswith(("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
+                             "multi_modal_projector.")) for k in renamed)
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    loaded, _ = models.load_lvlm(str(legacy), device="cpu")
+    batch = processor(images=list(_images(1)), text=[models.chat_prompt(processor, "is there a star in the image ?")],
+                      return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_missing_folder_and_offline_hub_id_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(models.ModelLoadError, match="does not exist"):
+        models.load_lvlm(str(tmp_path / "nowhere"))
+    with pytest.raises(models.ModelLoadError, match="local path|local folder|--local-dir"):
+        models.load_lvlm("llava-hf/llava-1.5-7b-hf")
+    with pytest.raises(models.ModelLoadError, match="--local-dir"):
+        models.resolve_checkpoint("llava-hf/llava-1.5-7b-hf")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_four_bit_without_cuda_fails_clearly_instead_of_loading_full_precision(tiny):
+    _, _, folder = tiny
+    with pytest.raises(models.ModelLoadError, match="CUDA"):
+        models.load_lvlm(str(folder), load_in_4bit=True)
+
+
+def test_lora_targets_exactly_the_language_model_projections(tiny):
+    model, _, _ = tiny
+    import copy
+    peft_model = models.add_lora(copy.deepcopy(model), r=4, alpha=8)
+    targets = models.lora_target_names(peft_model)
+    expected = sorted(name for name, module in peft_model.named_modules()
+                      if "language_model" in name and name.rsplit(".", 1)[-1] in
+                      ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    assert targets == expected and len(targets) == 7 * model.config.text_config.num_hidden_layers
+    assert not any("vision_tower" in name or "projector" in name for name in targets)
+
+
+def test_generation_never_emits_the_image_token(tiny):
+    model, processor, _ = tiny
+    import copy
+    rigged = copy.deepcopy(model)
+    image_id = processor.tokenizer.image_token_id
+    prompt = models.chat_prompt(processor, "Describe this image in detail.")
+    batch = processor(images=list(_images(4)), text=[prompt] * 4, return_tensors="pt")
+    with torch.no_grad():   # make <image> by far the most likely next token everywhere
+        hidden = rigged(**batch, output_hidden_states=True).hidden_states[-1]
+        direction = rigged.model.language_model.norm(hidden).mean((0, 1))
+        rigged.lm_head.weight[image_id] = 50 * direction / direction.norm()
+        raw = rigged.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert (raw[:, batch["input_ids"].shape[1]:] == image_id).any(), "the rig should make raw generate emit <image>"
+    for do_sample in (False, True):
+        ids, _ = models.generate(rigged, processor, _images(4), [prompt] * 4, max_new_tokens=8, do_sample=do_sample, seed=0)
+        assert all(image_id not in seq for seq in ids)
+
+
+def test_sequence_builder_matches_the_processor(tiny):
+    _, processor, _ = tiny
+    builder = tiny_train.SequenceBuilder(processor, 16)
+    prompt = models.chat_prompt(processor, language.DESCRIBE_PROMPT)
+    images = _images(1)
+    batch = processor(images=list(images), text=[prompt], return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == builder.prompt(language.DESCRIBE_PROMPT)
+    assert torch.allclose(batch["pixel_values"], models.pixel_values_from_uint8(images), atol=1e-6)
+    ids, labels = builder.caption("there is a red heart .")
+    answer = [i for i, l in zip(ids, labels) if l != tiny_train.IGNORE]
+    assert processor.tokenizer.decode(answer) == "there is a red heart . </s>"
+    ids, labels = builder.packed_qa([("is the heart red ?", "yes", "colour"), ("is there a star in the image ?", "no", "object")])
+    assert processor.tokenizer.decode([i for i, l in zip(ids, labels) if l != tiny_train.IGNORE]) == "yes </s> no </s>"
+
+
+def test_train_phase_resume_continues_the_same_trajectory(tiny, tmp_path):
+    model, processor, _ = tiny
+    import copy
+    builder = tiny_train.SequenceBuilder(processor, 16)
+    images = _images(8)
+    scenes = [{"objects": [{"shape": "heart", "colour": "red", "size": "small", "cx": 8, "cy": 8}], "relations": []}] * 8
+    make_batch = tiny_train.qa_batches(builder, images, scenes, batch_size=4, per_type=1)
+    straight = copy.deepcopy(model)
+    log_straight = tiny_train.train_phase(straight, make_batch, 6, 1e-3, 0, tmp_path / "a", "a", checkpoint_every=3)
+    interrupted = copy.deepcopy(model)
+    tiny_train.train_phase(interrupted, make_batch, 6, 1e-3, 0, tmp_path / "b", "b", checkpoint_every=3,
+                           stop_after=3)
+    resumed = copy.deepcopy(model)
+    log_resumed = tiny_train.train_phase(resumed, make_batch, 6, 1e-3, 0, tmp_path / "b", "b", checkpoint_every=3)
+    assert [x[2] for x in log_resumed] == pytest.approx([x[2] for x in log_straight], rel=1e-5)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+SCENE = {"objects": [{"shape": "heart", "colour": "red", "size": "small", "cx": 12.0, "cy": 40.0},
+                     {"shape": "star", "colour": "blue", "size": "large", "cx": 45.0, "cy": 20.0}],
+         "relations": [{"subject": "heart", "relation": "left", "object": "star"},
+                       {"subject": "star", "relation": "right", "object": "heart"}]}
+
+
+def test_qa_pairs_answers_agree_with_the_scene():
+    rng = np.random.default_rng(0)
+    counts = {"yes": 0, "no": 0}
+    for _ in range(200):
+        for question, answer, qtype in tiny_train.qa_pairs(SCENE, rng):
+            fact = detector.parse_question(question)
+            assert fact is not None and fact["type"] == {"colour": "attribute", "size": "attribute"}.get(qtype, qtype)
+            assert detector.answer_fact(fact, SCENE) == answer, question
+            counts[answer] += 1
+    assert 0.4 < counts["yes"] / (counts["yes"] + counts["no"]) < 0.6
+
+
+@pytest.mark.parametrize("fact", [
+    {"type": "object", "subject": "ring", "negated": False},
+    {"type": "attribute", "subject": "heart", "kind": "colour", "value": "purple"},
+    {"type": "attribute", "subject": "square", "kind": "size", "value": "large"},
+    {"type": "relation", "subject": "star", "relation": "below", "object": "triangle"},
+])
+def test_parse_question_inverts_question_for_fact(fact):
+    assert detector.parse_question(language.question_for_fact(fact)) == fact
+
+
+def test_detector_answers_from_its_predicted_scene():
+    assert detector.answer_fact({"type": "object", "subject": "ring", "negated": False}, SCENE) == "no"
+    assert detector.answer_fact({"type": "attribute", "subject": "heart", "kind": "colour", "value": "red"}, SCENE) == "yes"
+    assert detector.answer_fact({"type": "relation", "subject": "heart", "relation": "above", "object": "star"}, SCENE) == "no"
+    assert detector.answer_fact({"type": "relation", "subject": "star", "relation": "above", "object": "heart"}, SCENE) == "yes"
+    assert detector.answer_fact({"type": "relation", "subject": "ring", "relation": "above", "object": "heart"}, SCENE) == "no"
+
+
+def test_detector_save_load_round_trip(tmp_path):
+    model = detector.ShapeDetector(image_size=32, width=8)
+    detector.save_detector(model, tmp_path / "det")
+    loaded = detector.load_detector(tmp_path / "det")
+    pixels = models.pixel_values_from_uint8(_images(2))
+    for a, b in zip(model(pixels), loaded(pixels)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("text,expected", [("yes", "yes"), ("No.", "no"), ("yes , it is", "yes"), ("", "unknown"),
+                                           ("the heart", "unknown"), ("it is not", "no")])
+def test_parse_yes_no(text, expected):
+    assert tiny_train.parse_yes_no(text) == expected

@@ -1,0 +1,154 @@
+"""The params schema: every shipped profile validates, bad files fail with the key and the file named."""
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from fgaif_utils import params as P
+
+PROFILES = sorted(P.REPO_ROOT.glob("params/*.yaml")) + sorted(P.REPO_ROOT.glob("params/ablations/*.yaml"))
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=[p.relative_to(P.REPO_ROOT).as_posix() for p in PROFILES])
+def test_shipped_profiles_validate(path):
+    params = P.load(path, check_paths=False)   # keys and types; COCO and weights live on another machine
+    assert isinstance(params, P.Params) and params.run
+    if params.data.world == "synthetic":        # the embedded world needs nothing outside the repo
+        P.load(path)
+
+
+def write(folder, name, text):
+    path = Path(folder) / name
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_key_path_and_file(tmp_path):
+    path = write(tmp_path, "bad.yaml", "data:\n  noise:\n    p_objekt: 0.1\n")
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    message = str(err.value)
+    assert "data.noise.p_objekt" in message
+    assert str(path) in message
+    assert "data.noise.p_object" in message   # the close-match suggestion
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = write(tmp_path, "bad.yaml", "sead: 3\n")
+    with pytest.raises(P.ParamsError, match=r"unknown key 'sead'.*did you mean 'seed'"):
+        P.load(path)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("seed: three\n", "seed"),
+    ("seed: 1.5\n", "seed"),
+    ("seed: true\n", "seed"),                       # a bool is not an integer
+    ("data:\n  n_eval: '5'\n", "data.n_eval"),
+    ("data:\n  noise:\n    p_object: high\n", "data.noise.p_object"),
+    ("models:\n  load_in_4bit: 1\n", "models.load_in_4bit"),
+    ("models:\n  policy: 7\n", "models.policy"),
+    ("data: 5\n", "data"),                          # a section must be a mapping
+])
+def test_wrong_type_names_key_and_file(tmp_path, text, key):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert f"'{key}'" in str(err.value) and str(path) in str(err.value)
+
+
+def test_int_accepted_where_float_expected(tmp_path):
+    params = P.load(write(tmp_path, "ok.yaml", "data:\n  noise:\n    p_object: 1\n"))
+    assert params.data.noise.p_object == 1.0 and isinstance(params.data.noise.p_object, float)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("data:\n  world: mars\n", "data.world"),
+    ("models:\n  dtype: float64\n", "models.dtype"),
+    ("models:\n  verifier_kind: oracle\n", "models.verifier_kind"),
+])
+def test_wrong_literal_choice_lists_choices(tmp_path, text, key):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert f"'{key}' must be one of" in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_extends_target(tmp_path):
+    path = write(tmp_path, "child.yaml", "extends: nowhere.yaml\nseed: 1\n")
+    with pytest.raises(P.ParamsError, match=r"child\.yaml: key 'extends' names 'nowhere\.yaml', which does not exist"):
+        P.load(path)
+
+
+def test_extends_chain_overrides_key_by_key(tmp_path):
+    write(tmp_path, "base.yaml", "run: base\nseed: 1\ndata:\n  n_eval: 10\n  n_ppo: 20\n  noise:\n    p_object: 0.5\n")
+    write(tmp_path, "middle.yaml", "extends: base.yaml\nrun: middle\ndata:\n  n_eval: 11\n")
+    leaf = write(tmp_path, "leaf.yaml", "extends: middle.yaml\ndata:\n  noise:\n    p_colour: 0.1\n")
+    params = P.load(leaf)
+    assert params.run == "middle"                    # from middle, overriding base
+    assert params.seed == 1                          # from base
+    assert params.data.n_eval == 11                  # middle overrides base inside a section
+    assert params.data.n_ppo == 20                   # base value kept beside the override
+    assert params.data.noise.p_object == 0.5         # nested: base kept ...
+    assert params.data.noise.p_colour == 0.1         # ... next to the leaf's override
+    assert params.data.noise.p_relation == P.NoiseParams().p_relation   # default where nobody set it
+
+
+def test_error_in_extended_file_names_the_chain(tmp_path):
+    write(tmp_path, "base.yaml", "seed: x\n")
+    leaf = write(tmp_path, "leaf.yaml", "extends: base.yaml\n")
+    with pytest.raises(P.ParamsError, match=r"leaf\.yaml <- .*base\.yaml: key 'seed'"):
+        P.load(leaf)
+
+
+def test_extends_loop(tmp_path):
+    write(tmp_path, "a.yaml", "extends: b.yaml\n")
+    b = write(tmp_path, "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(P.ParamsError, match="loops back"):
+        P.load(b)
+
+
+def test_missing_local_model_folder(tmp_path):
+    missing = tmp_path / "no_such_model"
+    path = write(tmp_path, "bad.yaml", f"models:\n  verifier: {missing}\n")
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert "'models.verifier'" in str(err.value) and str(missing) in str(err.value) and str(path) in str(err.value)
+    (missing).mkdir()
+    assert P.load(path).models.verifier == str(missing)   # the same file is fine once the folder exists
+
+
+def test_missing_coco_root(tmp_path):
+    path = write(tmp_path, "bad.yaml", f"data:\n  world: coco\n  coco_root: {tmp_path / 'coco'}\n")
+    with pytest.raises(P.ParamsError, match=r"'data.coco_root'.*not a folder"):
+        P.load(path)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(P.ParamsError, match="not found"):
+        P.load(tmp_path / "absent.yaml")
+
+
+def reachable_dataclasses(cls, seen=None):
+    seen = [] if seen is None else seen
+    if cls not in seen:
+        seen.append(cls)
+        for tp in typing.get_type_hints(cls).values():
+            for candidate in (tp, *typing.get_args(tp)):
+                if dataclasses.is_dataclass(candidate):
+                    reachable_dataclasses(candidate, seen)
+    return seen
+
+
+def test_every_schema_field_is_documented():
+    classes = reachable_dataclasses(P.Params)
+    assert {P.DataParams, P.ModelParams, P.NoiseParams, P.WorldParams} <= set(classes)
+    undocumented = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
+                    if not P._field_docs(cls).get(f.name, "").strip()]
+    assert undocumented == []
+
+
+def test_describe_lists_every_leaf_key():
+    lines = P.describe()
+    assert any(line.startswith("data.noise.p_object (float, default 0.2): ") for line in lines)
+    assert any(line.startswith("models.dtype ('float32' | 'bfloat16' | 'float16', default 'float32')") for line in lines)

@@ -1,0 +1,329 @@
+"""The stage contract and the papermill runner, on throwaway notebooks in a temporary folder.
+
+Each kernel start costs a second or two, so the scenario tests walk several steps on one workspace.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pytest
+
+from fgaif_utils import params as P
+from fgaif_utils import pipeline
+from fgaif_utils import stage as S
+
+PARAMS_TEXT = "run: t\ndescription: first\ndata:\n  n_eval: 3\n"
+
+STAGE_00 = """
+ctx.write_jsonl("eval.jsonl", [{"i": i} for i in range(ctx.params.data.n_eval)])
+if os.environ.get("FGAIF_TEST_KILL"):   # die like a killed runner: half an artifact, runner gone, kernel gone
+    ctx.write_json("half.json", {})
+    os.kill(os.getppid(), signal.SIGKILL)
+    os._exit(1)
+"""
+STAGE_01 = """
+rows = stage.read_jsonl(ctx.input_dir("00") / "eval.jsonl")
+ctx.write_json("summary.json", {"n": len(rows), "dtype": ctx.params.models.dtype})
+"""
+
+
+def make_notebook(stage_name, body, outputs=None):
+    parameters = nbformat.v4.new_code_cell('params_path = "params/tiny.yaml"\nrun = None\nwork_dir = None')
+    parameters.metadata["tags"] = ["parameters"]
+    opening = nbformat.v4.new_code_cell("import os, signal\nfrom fgaif_utils import stage\n"
+                                        f'ctx = stage.open_stage("{stage_name}", params_path, run, work_dir)')
+    work = nbformat.v4.new_code_cell(body.strip())
+    if outputs:
+        work.outputs, work.execution_count = outputs, 7
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_markdown_cell(f"# {stage_name}"), parameters, opening, work,
+                      nbformat.v4.new_code_cell("ctx.finish()")]
+    return notebook
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A workspace: notebooks folder, outputs root (via FGAIF_OUTPUTS) and one params file."""
+    monkeypatch.setenv("FGAIF_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("FGAIF_NOTEBOOKS", str(tmp_path / "notebooks"))
+    monkeypatch.delenv("FGAIF_TEST_KILL", raising=False)
+    (tmp_path / "notebooks").mkdir()
+    w = SimpleNamespace(root=tmp_path, notebooks=tmp_path / "notebooks", outputs=tmp_path / "outputs",
+                        params=tmp_path / "p.yaml")
+
+    def notebook(stage_name, body, **kw):
+        nbformat.write(make_notebook(stage_name, body, **kw), w.notebooks / f"{stage_name}.ipynb")
+
+    def run(**kw):
+        results = pipeline.run_pipeline(w.params, notebooks_dir=w.notebooks, **kw)
+        return [r["status"] for r in results]
+
+    w.notebook, w.run = notebook, run
+    w.final = lambda name: w.outputs / "t" / name
+    w.manifest = lambda name: json.loads((w.final(name) / "manifest.json").read_text())
+    w.params.write_text(PARAMS_TEXT)
+    return w
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", *map(str, args)], cwd=S.REPO_ROOT,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120)
+
+
+# ---- the runner on real kernels ----------------------------------------------------------------------
+
+def test_runs_skips_and_reruns_what_changed(ws):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+
+    assert ws.run() == ["run", "run", "missing"]          # 02 has no notebook: a clean stop
+    m00, m01 = ws.manifest("00_data"), ws.manifest("01_base_models")
+    eval_file = ws.final("00_data") / "eval.jsonl"
+    assert eval_file.read_text() == '{"i": 0}\n{"i": 1}\n{"i": 2}\n'
+    assert m00["artifacts"] == {"eval.jsonl": sha256(eval_file)}   # executed notebook and manifest left out
+    assert m00["artifacts_hash"] == hashlib.sha256(
+        json.dumps(m00["artifacts"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert m00["rows"] == {"eval.jsonl": 3} and m00["params"]["data"]["n_eval"] == 3
+    assert set(m00["params"]) == {"seed", "data"} and "models" in m01["params"]
+    assert m01["inputs"] == {"00_data": m00["artifacts_hash"]}
+    assert (ws.final("00_data") / "00_data.ipynb").is_file()
+    assert not (ws.outputs / "t" / ".00_data.partial").exists()
+
+    start = time.monotonic()
+    assert ws.run() == ["skip", "skip", "missing"]
+    assert time.monotonic() - start < 5
+
+    ws.params.write_text(PARAMS_TEXT.replace("n_eval: 3", "n_eval: 5"))   # 00's section and its artifact change
+    assert ws.run(stages="00-01") == ["run", "run"]
+    assert json.loads((ws.final("01_base_models") / "summary.json").read_text()) == {"n": 5, "dtype": "float32"}
+
+    ws.notebook("00_data", STAGE_00 + "# a comment")     # 00 reruns, writes the same artifact: 01 stays
+    assert ws.run(stages="00-01") == ["run", "skip"]
+
+    ws.params.write_text(PARAMS_TEXT.replace("n_eval: 3", "n_eval: 5") + "models:\n  dtype: bfloat16\n")
+    assert ws.run(stages="00-01") == ["skip", "run"]
+
+    ws.params.write_text(ws.params.read_text().replace("first", "second"))   # no stage reads `description`
+    assert ws.run(stages="00-01") == ["skip", "skip"]
+
+    before = ws.manifest("00_data")["finished"]
+    assert ws.run(stages="01", force=True) == ["run"]
+    assert ws.manifest("00_data")["finished"] == before
+
+
+def test_failing_cell_names_stage_and_cell_and_keeps_final(ws, capsys):
+    ws.notebook("00_data", STAGE_00)
+    assert ws.run(stages="00") == ["run"]
+    final_before = {p.name: p.read_bytes() for p in ws.final("00_data").iterdir()}
+
+    ws.notebook("00_data", 'raise ValueError("boom 42")')
+    assert pipeline.main([str(ws.params), "--stages", "00-01"]) == 1
+    err = capsys.readouterr().err
+    # cells run: parameters [1], injected parameters [2], open_stage [3], the failing one [4]
+    assert "stage 00_data failed in cell 4: ValueError: boom 42" in err
+    failed = ws.outputs / "t" / "00_data.failed.ipynb"
+    assert str(failed) in err and "boom 42" in failed.read_text()
+    assert {p.name: p.read_bytes() for p in ws.final("00_data").iterdir()} == final_before
+
+    ws.notebook("00_data", STAGE_00 + "# fixed")
+    assert ws.run(stages="00") == ["run"]
+    assert not failed.exists()
+
+
+def test_notebook_without_finish_is_a_failure(ws):
+    ws.notebook("00_data", "x = 1")
+    nb = nbformat.read(ws.notebooks / "00_data.ipynb", 4)
+    nb.cells = nb.cells[:-1]                      # drop the ctx.finish() cell
+    nbformat.write(nb, ws.notebooks / "00_data.ipynb")
+    results = pipeline.run_pipeline(ws.params, notebooks_dir=ws.notebooks)
+    assert [r["status"] for r in results] == ["fail"]
+    assert "did not call ctx.finish()" in results[0]["error"]
+    assert not ws.final("00_data").exists()
+
+
+def test_killed_runner_leaves_no_final_dir_and_cli_run_completes(ws):
+    ws.notebook("00_data", STAGE_00)
+    killed = cli(ws.params, "--stages", "00", env={"FGAIF_TEST_KILL": "1"})
+    assert killed.returncode == -9, killed.stderr
+    partial = ws.outputs / "t" / ".00_data.partial"
+    assert (partial / "half.json").is_file()
+    assert not ws.final("00_data").exists()
+
+    done = cli(ws.params, "--stages", "00-02")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in ws.final("00_data").iterdir()) == ["00_data.ipynb", "eval.jsonl", "manifest.json"]
+    assert not partial.exists()
+    assert "01_base_models: not built yet" in done.stdout   # a clean stop, exit 0
+    assert "02_sample_responses" not in done.stdout          # nothing after the first missing notebook
+    summary = done.stdout[done.stdout.index("\nstage "):]
+    assert "00_data" in summary and " run " in summary and "eval.jsonl=3" in summary
+
+
+# ---- the runner before any kernel starts -------------------------------------------------------------
+
+def test_params_error_exits_2_before_any_work(ws, capsys):
+    ws.notebook("00_data", STAGE_00)
+    ws.params.write_text("data:\n  n_evl: 3\n")
+    assert pipeline.main([str(ws.params)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'data.n_evl'" in err and str(ws.params) in err
+    assert not ws.outputs.exists()
+
+
+def test_bad_stage_selection_exits_2(ws, capsys):
+    assert pipeline.main([str(ws.params), "--stages", "03-01"]) == 2
+    assert "runs backwards" in capsys.readouterr().err
+    assert pipeline.main([str(ws.params), "--stages", "9"]) == 2
+    assert not ws.outputs.exists()
+
+
+def test_missing_upstream_names_what_to_run(ws, capsys):
+    ws.notebook("01_base_models", STAGE_01)
+    assert pipeline.main([str(ws.params), "--stages", "01"]) == 1
+    assert (f"stage 01_base_models needs 00_data of run 't': run "
+            f"`python -m fgaif_utils.pipeline {ws.params} --stages 00` first") in capsys.readouterr().err
+    assert pipeline.main([str(ws.params), "--stages", "01", "--run", "other"]) == 1
+    assert "needs 00_data of run 'other'" in capsys.readouterr().err
+
+
+def test_select_stages():
+    names = lambda spec: [s.name for s in pipeline.select_stages(spec)]
+    assert names("00-03") == ["00_data", "01_base_models", "02_sample_responses", "03_ai_feedback"]
+    assert names("01") == ["01_base_models"]
+    assert names("05,00,02") == ["00_data", "02_sample_responses", "05_ppo"]
+    assert names("01_base_models-02") == ["01_base_models", "02_sample_responses"]
+    assert names(None) == [s.name for s in S.STAGES]
+    with pytest.raises(S.StageError):
+        pipeline.select_stages("07")
+
+
+# ---- the stage contract without the runner -----------------------------------------------------------
+
+def test_open_stage_by_hand_promotes_on_finish(ws, monkeypatch):
+    monkeypatch.setenv("FGAIF_SECRET_FOR_TEST", "sk-do-not-write-me")
+    ws.notebook("00_data", STAGE_00)
+    stale = ws.outputs / "t" / ".00_data.partial" / "stale.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an interrupted attempt")
+    cached = ws.outputs / "t" / ".cache" / "00_data" / "item.json"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("{}")
+
+    ctx = S.open_stage("00", ws.params)
+    assert (ctx.stage, ctx.run) == ("00_data", "t")
+    assert ctx.work_dir == ws.outputs / "t" / ".00_data.partial" and not stale.exists()
+    assert ctx.cache_dir == cached.parent and cached.is_file()   # the cache survives a new attempt
+    ctx.write_jsonl("a.jsonl", [{"x": 1}, {"x": "é"}])
+    ctx.write_json("sub/b.json", {"y": 2})
+    ctx.count("images", 12)
+    ctx.finish(extra={"note": "hi"})
+
+    final = ws.final("00_data")
+    assert ctx.work_dir == final and not (ws.outputs / "t" / ".00_data.partial").exists()
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["artifacts"] == {"a.jsonl": sha256(final / "a.jsonl"), "sub/b.json": sha256(final / "sub/b.json")}
+    assert manifest["rows"] == {"a.jsonl": 2, "images": 12}
+    assert manifest["extra"] == {"note": "hi"}
+    assert manifest["fingerprint"] == S.fingerprint(P.load(ws.params), "00_data", notebooks=ws.notebooks)
+    assert manifest["versions"]["python"] and "numpy" in manifest["versions"]
+    assert "sk-do-not-write-me" not in (final / "manifest.json").read_text()
+    assert S.read_jsonl(final / "a.jsonl") == [{"x": 1}, {"x": "é"}]
+    with pytest.raises(S.StageError, match="already called"):
+        ctx.finish()
+
+    ctx = S.open_stage("00_data", ws.params)          # a second attempt replaces the final folder whole
+    ctx.write_json("only.json", [])
+    ctx.finish()
+    assert sorted(p.name for p in final.iterdir()) == ["manifest.json", "only.json"]
+
+
+def test_fingerprint_follows_source_params_and_upstream(ws):
+    ws.notebook("00_data", STAGE_00)
+    params = P.load(ws.params)
+    base = S.fingerprint(params, "00_data")
+
+    ws.notebook("00_data", STAGE_00, outputs=[nbformat.v4.new_output("stream", name="stdout", text="noise\n")])
+    assert S.fingerprint(params, "00_data") == base                     # outputs are not source
+    ws.notebook("00_data", STAGE_00 + "\n# edited")
+    assert S.fingerprint(params, "00_data") != base
+    ws.notebook("00_data", STAGE_00)
+
+    ws.params.write_text(PARAMS_TEXT + "models:\n  dtype: float16\nnum_threads: 1\n")
+    assert S.fingerprint(P.load(ws.params), "00_data") == base          # 00 reads neither models nor threads
+    ws.params.write_text(PARAMS_TEXT + "seed: 1\n")
+    assert S.fingerprint(P.load(ws.params), "00_data") != base
+
+    ws.notebook("01_base_models", STAGE_01)
+    with pytest.raises(S.StageError, match="needs 00_data of run 't'"):
+        S.fingerprint(params, "01_base_models")
+    fingerprints = []
+    for artifacts_hash in ("aaa", "bbb"):
+        S.write_text(ws.final("00_data") / "manifest.json", json.dumps({"artifacts_hash": artifacts_hash}))
+        fingerprints.append(S.fingerprint(params, "01_base_models"))
+    assert fingerprints[0] != fingerprints[1]                            # upstream artifacts feed downstream
+
+
+def test_input_dir_only_reads_finished_earlier_stages(ws):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+    with pytest.raises(S.StageError, match="needs 00_data"):
+        S.open_stage("01_base_models", ws.params)
+    S.open_stage("00_data", ws.params).finish()
+    ctx = S.open_stage("01_base_models", ws.params)
+    assert ctx.input_dir("00") == ws.final("00_data")
+    with pytest.raises(S.StageError, match="only read earlier stages"):
+        ctx.input_dir("02")
+
+
+def test_atomic_path_keeps_old_file_on_error(tmp_path):
+    target = tmp_path / "a.json"
+    S.write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with S.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    with S.atomic_path(tmp_path / "folder") as tmp:   # folders too (adapter directories)
+        tmp.mkdir()
+        (tmp / "w.bin").write_bytes(b"1")
+    assert (tmp_path / "folder" / "w.bin").read_bytes() == b"1"
+
+
+def test_savefig_is_atomic_png(ws):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ws.notebook("00_data", STAGE_00)
+    ctx = S.open_stage("00_data", ws.params)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = ctx.savefig(fig, "plots/line.png")
+    plt.close(fig)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["line.png"]
+
+
+def test_run_name_must_be_a_plain_folder_name(ws):
+    for bad in ("../up", "a/b", ".hidden", ""):
+        with pytest.raises(S.StageError, match="run name"):
+            S.check_run_name(bad)
+    assert S.check_run_name("tiny-2.b_c") == "tiny-2.b_c"
+
+
+def test_hashing_many_small_files_is_fast(tmp_path):
+    for i in range(3000):
+        (tmp_path / f"{i:05d}.png").write_bytes(os.urandom(600))
+    start = time.monotonic()
+    hashes = S.artifact_hashes(tmp_path)
+    assert len(hashes) == 3000 and time.monotonic() - start < 3
+    assert hashes["00042.png"] == sha256(tmp_path / "00042.png")
