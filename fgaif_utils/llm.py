@@ -204,7 +204,11 @@ class DiskCache:
 
 
 class ChatBackend:
-    """What both backends share: client, cache, retries, usage counters, the thread pool."""
+    """What both backends share: client, cache, retries, usage counters, the thread pool.
+
+    usage: prompt_tokens / completion_tokens (as the server reports them), calls (HTTP requests sent, retries and
+    repair requests included), cache_hits, failures (records that came back failed), retries (backoff retries).
+    """
 
     def __init__(self, model, base_url=None, cache_dir=None, concurrency=8, max_retries=5, timeout=60,
                  temperature=0.0, backoff_base=1.0, max_backoff=60.0, progress=True):

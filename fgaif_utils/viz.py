@@ -3,8 +3,11 @@
 Data stage: `scene_grid` (images with their scene graphs and a reference description) and `world_stats_figure`
 (what the synthetic world contains, and the noise it injected, measured against the requested rates).
 """
+import html
 import math
 import textwrap
+
+import numpy as np
 
 from matplotlib.figure import Figure
 
@@ -96,5 +99,111 @@ def world_stats_figure(stats):
     else:
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no sft split: no noisy captions", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- stage 01
+
+def _fmt(value, digits=3):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def learning_curves(logs, window=50):
+    """Loss per training phase (moving average over `window` steps), one line per batch kind."""
+    fig = Figure(figsize=(4.2 * len(logs), 3.2))
+    axes = fig.subplots(1, len(logs), squeeze=False)
+    for ax, (phase, log) in zip(axes[0], logs.items()):
+        kinds = sorted({kind for _, kind, _ in log})
+        for kind in kinds:
+            steps = np.array([s for s, k, _ in log if k == kind])
+            losses = np.array([v for _, k, v in log if k == kind])
+            if len(losses) >= window:
+                smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+                ax.plot(steps[window - 1:], smooth, label=kind)
+            elif len(losses):
+                ax.plot(steps, losses, label=kind)
+        ax.set_title(phase)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+PROFILE_COLUMNS = [("object", "object_error_rate"), ("CHAIR_i", "chair_i"), ("CHAIR_s", "chair_s"),
+                   ("attribute", "attribute_error_rate"), ("colour", "colour_error_rate"),
+                   ("size", "size_error_rate"), ("relation", "relation_error_rate"), ("coverage", "coverage"),
+                   ("sentences", "mean_sentences")]
+
+
+def profile_table(profiles):
+    """Markdown table of hallucination profiles: {row name: scorer.aggregate(...)}."""
+    header = "| | " + " | ".join(name for name, _ in PROFILE_COLUMNS) + " | n claims (obj / att / rel) |"
+    lines = [header, "|" + "---|" * (len(PROFILE_COLUMNS) + 2)]
+    for name, agg in profiles.items():
+        cells = [_fmt(agg.get(key), 2 if key == "mean_sentences" else 3) for _, key in PROFILE_COLUMNS]
+        counts = f"{agg['n_object_judged']} / {agg['n_attribute_judged']} / {agg['n_relation_judged']}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {counts} |")
+    return "\n".join(lines)
+
+
+def profile_figure(profiles):
+    """Bar plot: per-type hallucination rate and coverage, one group per profile."""
+    keys = [("object", "object_error_rate"), ("colour", "colour_error_rate"), ("size", "size_error_rate"),
+            ("relation", "relation_error_rate"), ("coverage", "coverage")]
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(profiles))
+    for i, (name, agg) in enumerate(profiles.items()):
+        values = [agg.get(key) or 0.0 for _, key in keys]
+        ax.bar(np.arange(len(keys)) + i * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + width * (len(profiles) - 1) / 2)
+    ax.set_xticklabels([name for name, _ in keys])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("rate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def examples_html(rows):
+    """rows: [(scene, text, score)] -> HTML: each description with its facts coloured (scorer.highlight_html)
+    beside the true objects. Everything from the model is escaped."""
+    from . import scorer
+    parts = ["<div style='font-family:sans-serif;font-size:13px'>"]
+    for scene, text, score in rows:
+        truth = ", ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in scene["objects"])
+        parts.append(f"<p><b>image {int(scene['image_id'])}</b> — truth: {html.escape(truth)}<br>"
+                     f"{scorer.highlight_html(text, score['facts'])}</p>")
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def accuracy_table(accuracy):
+    """Markdown: yes/no accuracy per question type for each judge ({judge: tiny_train.accuracy_by_type(...)})."""
+    types = ["object", "colour", "size", "relation", "all"]
+    lines = ["| judge | " + " | ".join(types) + " | yes-ratio (object) |", "|" + "---|" * (len(types) + 2)]
+    for judge, table in accuracy.items():
+        cells = [_fmt(table[t]["accuracy"]) if t in table else "–" for t in types]
+        yes = _fmt(table["object"]["yes_ratio"]) if "object" in table else "–"
+        lines.append(f"| {judge} | " + " | ".join(cells) + f" | {yes} |")
+    return "\n".join(lines)
+
+
+def accuracy_figure(accuracy):
+    types = ["object", "colour", "size", "relation"]
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(accuracy))
+    for i, (judge, table) in enumerate(accuracy.items()):
+        ax.bar(np.arange(len(types)) + i * width, [table.get(t, {}).get("accuracy", 0.0) for t in types], width,
+               label=judge)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(np.arange(len(types)) + width * (len(accuracy) - 1) / 2)
+    ax.set_xticklabels(types)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("yes/no accuracy")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -61,7 +61,8 @@ def _object_count(rng, world_params, long):
               else (world_params.min_objects, world_params.max_objects))
     key = "long_max_objects" if long else "max_objects"
     if not 1 <= lo <= hi <= len(SHAPES):
-        raise ValueError(f"world params: object counts {lo}..{hi} ('{key}') must satisfy 1 <= min <= max <= {len(SHAPES)}")
+        raise ValueError(f"world params: object counts {lo}..{hi} ('{key}') must satisfy "
+                         f"1 <= min <= max <= {len(SHAPES)}")
     if long:
         return rng.randint(lo, hi)
     # the fewest count once, every larger count twice: {1, 2, 2, 3, 3, 4, 4} for 1..4

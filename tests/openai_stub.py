@@ -21,6 +21,10 @@ from fgaif_utils import llm
 from fgaif_utils.facts import extract_facts_rules
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128   # the default listen backlog (5) drops connections under concurrency: 1 s SYN retries
+
+
 @dataclass
 class Reply:
     status: int = 200
@@ -65,8 +69,9 @@ class StubServer:
         self.requests = []
         self.answered = []               # {"status", "content", "usage"} sent back, in order
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        daemon=True)   # a short poll keeps shutdown() fast
 
     @property
     def url(self):

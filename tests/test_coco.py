@@ -30,11 +30,13 @@ def _write_source(root, source, ids, annotated):
                                   "category_id": CATEGORIES[k]["id"], "bbox": [k, 1.5, 2.0, 3.0 + k],
                                   "area": 6.0, "iscrowd": 0, "segmentation": [[k, 1.5, k + 2, 1.5, k + 2, 4.5]]})
         for k in range(2):
-            captions.append({"id": image_id * 10 + k, "image_id": image_id, "caption": f"a photo {image_id} number {k} . "})
+            captions.append({"id": image_id * 10 + k, "image_id": image_id,
+                             "caption": f"a photo {image_id} number {k} . "})
     (root / "annotations").mkdir(exist_ok=True)
     (root / "annotations" / f"instances_{source}.json").write_text(
         json.dumps({"images": images, "annotations": instances, "categories": CATEGORIES}))
-    (root / "annotations" / f"captions_{source}.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    (root / "annotations" / f"captions_{source}.json").write_text(
+        json.dumps({"images": images, "annotations": captions}))
 
 
 @pytest.fixture

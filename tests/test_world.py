@@ -82,7 +82,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
     assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.partial"))
     # a different seed gives a different world (so the comparison above can fail)
     assert (tmp_path / "a" / "scenes_sft.jsonl").read_bytes() != (tmp_path / "c" / "scenes_sft.jsonl").read_bytes()
 
