@@ -86,16 +86,26 @@ def size_lookup():
 
 
 def question_for_fact(fact):
-    """The yes/no question that checks one atomic fact (see fgaif_utils.facts for the fact format)."""
+    """The yes/no question that checks one atomic fact (see fgaif_utils.facts for the fact format).
+
+    Facts about the world's shapes get the world's spelling ("is the heart left of the star ?"); free-text facts
+    from an LLM about real images get plain English ("Is the dog next to the bench?")."""
+    subject, other = fact["subject"], fact.get("object")
+    in_world = subject in SHAPES and (other is None or other in SHAPES)
     if fact["type"] == "object":
-        return QUESTION_TEMPLATES["object"].format(shape=fact["subject"])
+        return (QUESTION_TEMPLATES["object"].format(shape=subject) if in_world
+                else f"Is there a {subject} in the image?")
     if fact["type"] == "attribute":
-        if fact["kind"] == "colour":
-            return QUESTION_TEMPLATES["colour"].format(shape=fact["subject"], colour=fact["value"])
-        return QUESTION_TEMPLATES["size"].format(shape=fact["subject"], size=fact["value"])
+        if in_world and fact["kind"] == "colour":
+            return QUESTION_TEMPLATES["colour"].format(shape=subject, colour=fact["value"])
+        if in_world and fact["kind"] == "size":
+            return QUESTION_TEMPLATES["size"].format(shape=subject, size=fact["value"])
+        return f"Is the {subject} {fact['value']}?"
     if fact["type"] == "relation":
-        return QUESTION_TEMPLATES["relation"].format(shape=fact["subject"], other=fact["object"],
-                                                     relation=RELATION_PHRASES[fact["relation"]][0])
+        if in_world and fact["relation"] in RELATION_PHRASES:
+            return QUESTION_TEMPLATES["relation"].format(shape=subject, other=other,
+                                                         relation=RELATION_PHRASES[fact["relation"]][0])
+        return f"Is the {subject} {fact['relation']} the {other}?"
     raise ValueError(f"unknown fact type {fact['type']!r} in {fact}")
 
 

@@ -232,7 +232,7 @@ def generate(model, processor, images, prompts, max_new_tokens=64, do_sample=Fal
                          **sample_args)
     new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
     token_ids = [_strip_after_eos(seq, tokenizer.eos_token_id, tokenizer.pad_token_id) for seq in new_tokens]
-    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]   # spans index into exactly this
     return token_ids, texts
 
 

@@ -138,8 +138,6 @@ class ModelParams:
     """Base policy: "tiny" (trained in stage 01), a hub id such as llava-hf/llava-1.5-7b-hf, or a local llava-hf folder."""
     verifier: str = "tiny"
     """Verifier LVLM for yes/no questions: "tiny", a hub id (llava-hf/llava-1.5-13b-hf) or a local llava-hf folder."""
-    verifier_kind: Literal["lvlm", "detector"] = "detector"
-    """Tiny world only: which tiny verifier answers the feedback questions (both are trained and reported)."""
     train_lvlm_verifier: bool = True
     """Tiny world only: also train the tiny LVLM verifier (about 8 minutes on 2 cores)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -157,6 +155,52 @@ class ModelParams:
 
 
 @dataclass
+class SamplingParams:
+    samples_per_image: int = 4
+    """K: responses sampled per feedback image."""
+    n_images: int = 0
+    """Feedback images to sample for (0 = every image of the feedback split)."""
+    prompt: str = "Describe this image in detail."
+    """The instruction (LLaVA-1.5's detailed-description prompt), wrapped in the model's chat template."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    max_new_tokens: int = 64
+    """Longest response in tokens."""
+    batch_size: int = 64
+    """Prompts per generate call."""
+
+
+@dataclass
+class FeedbackParams:
+    extractor: Literal["rules", "openai"] = "rules"
+    """Atomic-fact extraction: "rules" (offline, the synthetic world's grammar) or "openai" (an OpenAI-compatible LLM)."""
+    llm_model: str = "gpt-3.5-turbo-0125"
+    """LLM for fact extraction (paper: gpt-3.5-turbo-0125; alternative gpt-4o-2024-08-06)."""
+    llm_base_url: str = ""
+    """OpenAI-compatible endpoint (vLLM, Ollama, LM Studio); "" = the OpenAI API. The key comes from OPENAI_API_KEY only."""
+    concurrency: int = 8
+    """Parallel LLM / vision requests."""
+    max_retries: int = 5
+    """Retries (exponential backoff) on 429, 5xx, timeouts and connection errors."""
+    timeout_s: float = 60.0
+    """Seconds before one request counts as timed out."""
+    verifier: Literal["detector", "hf", "openai-vision"] = "detector"
+    """Who answers the yes/no questions: the tiny detector verifier, an HF LVLM (models.verifier; "tiny" = stage 01's LVLM verifier), or an OpenAI-compatible vision endpoint."""
+    vision_model: str = "gpt-4o-2024-08-06"
+    """Model name for the openai-vision verifier."""
+    vision_base_url: str = ""
+    """Endpoint for the openai-vision verifier (e.g. vLLM serving LLaVA-1.5); "" = the OpenAI API."""
+    question_suffix: str = ""
+    """Appended to every verifier question (LLaVA-1.5 short answers: " Answer the question using a single word or phrase.")."""
+    verifier_batch_size: int = 128
+    """Questions per verifier forward pass (hf backend)."""
+    report_records: int = 150
+    """Responses shown in labels_report.html (metrics always use all)."""
+
+
+@dataclass
 class Params:
     run: str = "tiny"
     """Default run name: artifacts go to outputs/<run>/<NN_stage>/."""
@@ -170,6 +214,10 @@ class Params:
     """Stage 00: which world, which splits."""
     models: ModelParams = field(default_factory=ModelParams)
     """Stage 01: base policy and verifier."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    """Stage 02: sampling responses for AI feedback."""
+    feedback: FeedbackParams = field(default_factory=FeedbackParams)
+    """Stage 03: atomic facts, verification, fine-grained labels."""
 
 
 def _field_docs(cls):

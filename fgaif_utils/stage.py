@@ -52,7 +52,7 @@ LATER = ("seed", "num_threads", "data", "models")
 STAGES = [
     StageSpec("00_data", ("seed", "data"), DATA_MODULES),
     StageSpec("01_base_models", ("seed", "num_threads", "data", "models"), BASE_MODULES),
-    StageSpec("02_sample_responses", LATER + ("sampling",), ALL_MODULES),
+    StageSpec("02_sample_responses", LATER + ("sampling",), BASE_MODULES + ("segment", "feedback")),
     StageSpec("03_ai_feedback", LATER + ("feedback",), ALL_MODULES),
     StageSpec("04_reward_models", LATER + ("reward",), ALL_MODULES),
     StageSpec("05_ppo", LATER + ("ppo",), ALL_MODULES),

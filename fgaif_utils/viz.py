@@ -207,3 +207,46 @@ def accuracy_figure(accuracy):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- stages 02-03
+
+def length_histograms(lengths, n_subsentences):
+    """Histograms of response length (tokens) and sub-sentences per response."""
+    fig = Figure(figsize=(8, 2.8))
+    left, right = fig.subplots(1, 2)
+    left.hist(lengths, bins=30)
+    left.set_xlabel("tokens per response")
+    right.hist(n_subsentences, bins=np.arange(0, max(n_subsentences, default=0) + 2) - 0.5)
+    right.set_xlabel("sub-sentences per response")
+    fig.tight_layout()
+    return fig
+
+
+def subsentence_html(records, tokenizer):
+    """Responses with a bar after each sub-sentence and its closing token (from the sampled ids) in brackets."""
+    parts = ["<div style='font-family:monospace;font-size:12px'>"]
+    for record in records:
+        pieces, cursor = [], 0
+        for sub in record["subsentences"]:
+            start, end = sub["span"]
+            token = tokenizer.convert_ids_to_tokens(record["token_ids"][sub["last_token"]])
+            pieces.append(html.escape(record["text"][cursor:end]))
+            pieces.append(f"<b style='color:#c33'> | [{html.escape(str(token))}@{int(sub['last_token'])}]</b>")
+            cursor = end
+        pieces.append(html.escape(record["text"][cursor:]))
+        parts.append(f"<p>{html.escape(str(record['response_id']))}: {''.join(pieces)}</p>")
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def agreement_table(agreement, fact_agreement):
+    """Markdown: AI labels vs ground truth per type (report.label_agreement / report.fact_agreement)."""
+    lines = ["| type | sub-sentences (both apply) | accuracy | majority baseline | halluc. precision | halluc. recall "
+             "| halluc. F1 | fact verdict accuracy | unknown answers |", "|" + "---|" * 9]
+    for fact_type, entry in agreement.items():
+        facts = fact_agreement.get(fact_type, {})
+        lines.append(f"| {fact_type} | {entry['n']} | {_fmt(entry['accuracy'])} | {_fmt(entry['majority_accuracy'])} | "
+                     f"{_fmt(entry['precision'])} | {_fmt(entry['recall'])} | {_fmt(entry['f1'])} | "
+                     f"{_fmt(facts.get('accuracy'))} | {_fmt(facts.get('unknown_share'))} |")
+    return "\n".join(lines)

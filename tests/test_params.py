@@ -65,7 +65,7 @@ def test_int_accepted_where_float_expected(tmp_path):
 @pytest.mark.parametrize("text, key", [
     ("data:\n  world: mars\n", "data.world"),
     ("models:\n  dtype: float64\n", "models.dtype"),
-    ("models:\n  verifier_kind: oracle\n", "models.verifier_kind"),
+    ("feedback:\n  verifier: oracle\n", "feedback.verifier"),
 ])
 def test_wrong_literal_choice_lists_choices(tmp_path, text, key):
     path = write(tmp_path, "bad.yaml", text)

@@ -1,0 +1,262 @@
+"""FGAIF step 1, AI feedback: sample responses, split them into sub-sentences, extract typed atomic facts,
+ask the verifier one yes/no question per fact, and aggregate the answers into fine-grained labels.
+
+Labels per sub-sentence and type (object existence, attribute, relation): 1 = hallucination (a fact of that
+type judged false), 0 = no hallucination (facts of that type exist, all judged true), -1 = not applicable.
+Reward positions come from the sampled token ids themselves (`last_token`), never from re-tokenised text.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import language, models, scorer, segment, tiny_train
+
+FACT_TYPES = ["object", "attribute", "relation"]
+
+
+# ---------------------------------------------------------------------------------------------- 02: sampling
+
+def sample_responses(policy, processor, scenes, load_images, sampling, seed, cache_dir):
+    """K sampled responses per image, with their token ids and sub-sentences (span + closing token).
+
+    Works in batches of images; each finished batch is cached in `cache_dir` (keyed by batch index and seeded
+    by it), so an interrupted run resumes with the same samples. Returns one record per response.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    k = sampling.samples_per_image
+    images_per_batch = max(1, sampling.batch_size // k)
+    prompt = models.chat_prompt(processor, sampling.prompt)
+    decode = _decoder(processor.tokenizer)
+    records = []
+    batches = range(0, len(scenes), images_per_batch)
+    for batch_index, start in enumerate(tqdm(batches, desc="sampling", mininterval=2.0)):
+        cached = cache_dir / f"batch_{batch_index:05d}.jsonl"
+        if cached.exists():
+            records += [json.loads(line) for line in cached.read_text().splitlines()]
+            continue
+        chunk = scenes[start:start + images_per_batch]
+        images = load_images(chunk)
+        repeated = [image for image in images for _ in range(k)]
+        token_ids, texts = models.generate(policy, processor, repeated, [prompt] * len(repeated),
+                                           max_new_tokens=sampling.max_new_tokens, do_sample=True,
+                                           temperature=sampling.temperature, top_p=sampling.top_p,
+                                           seed=seed * 100_003 + batch_index)
+        batch_records = []
+        for i, (ids, text) in enumerate(zip(token_ids, texts)):
+            scene = chunk[i // k]
+            batch_records.append(response_record(scene, i % k, ids, text, decode))
+        _write_jsonl_atomic(cached, batch_records)
+        records += batch_records
+    return records
+
+
+def _decoder(tokenizer):
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def response_record(scene, sample_index, token_ids, text, decode):
+    """One sampled response with its sub-sentences and the index of the token that closes each."""
+    aligned = segment.align_subsentences(token_ids, decode) if token_ids else []
+    return {
+        "response_id": f"{scene['image_id']}-{sample_index}",
+        "image_id": scene["image_id"],
+        "file_name": scene["file_name"],
+        "sample_index": sample_index,
+        "text": text,
+        "token_ids": list(token_ids),
+        "subsentences": [{"text": text[a["span"][0]:a["span"][1]], "span": list(a["span"]),
+                          "last_token": a["last_token"]} for a in aligned],
+    }
+
+
+def _write_jsonl_atomic(path, records):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- 03: facts
+
+def extract_all_facts(records, extractor):
+    """Atomic facts of every sub-sentence: list (per record) of lists (per sub-sentence) of extraction
+    results {"facts", "status", "error"}; the whole response is passed as context (as the paper does)."""
+    items = [(sub["text"], record["text"]) for record in records for sub in record["subsentences"]]
+    results = extractor.extract_many(items) if items else []
+    nested, position = [], 0
+    for record in records:
+        n = len(record["subsentences"])
+        nested.append(results[position:position + n])
+        position += n
+    return nested
+
+
+def fact_rows(records, extraction, question_suffix=""):
+    """One row per fact: ids, the fact, and the yes/no question that checks it."""
+    rows = []
+    for record, per_sub in zip(records, extraction):
+        for sub_index, result in enumerate(per_sub):
+            for fact_index, fact in enumerate(result["facts"]):
+                rows.append({"fact_id": f"{record['response_id']}-{sub_index}-{fact_index}",
+                             "response_id": record["response_id"], "image_id": record["image_id"],
+                             "subsentence": sub_index, "fact": fact,
+                             "question": language.question_for_fact(fact) + question_suffix})
+    return rows
+
+
+def verdict_from_answer(fact, answer):
+    """True = the fact holds, False = hallucinated, None = unknown. A negated existence claim ("there is no
+    ring") holds when the verifier says there is none."""
+    if answer not in ("yes", "no"):
+        return None
+    holds = answer == "yes"
+    return (not holds) if fact.get("negated") else holds
+
+
+# ---------------------------------------------------------------------------------------------- 03: verify
+
+class AnswerCache:
+    """Verifier answers on disk, one JSON line per (verifier, image, question); appended per batch, so a killed
+    run loses at most the batch in flight."""
+
+    def __init__(self, path, verifier_id):
+        self.path = Path(path)
+        self.verifier_id = verifier_id
+        self.answers = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue          # a line cut by a kill: that answer is asked again
+                self.answers[entry["key"]] = entry["answer"]
+
+    def key(self, image_id, question):
+        raw = json.dumps([self.verifier_id, image_id, question])
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def get(self, image_id, question):
+        return self.answers.get(self.key(image_id, question))
+
+    def add(self, entries):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            for image_id, question, answer in entries:
+                key = self.key(image_id, question)
+                self.answers[key] = answer
+                handle.write(json.dumps({"key": key, "answer": answer}) + "\n")
+
+
+class HFVerifier:
+    """An LVLM loaded through models.load_lvlm, answering one question per prompt, greedily."""
+
+    def __init__(self, model, processor, batch_size=128):
+        self.model, self.processor, self.batch_size = model, processor, batch_size
+
+    def answer(self, images, questions):
+        return tiny_train.answer_questions(self.model, self.processor, images, questions, batch_size=self.batch_size,
+                                           desc="verifier")
+
+
+def verify_facts(rows, verifier, load_image, cache, batch_size=512):
+    """Fill row["answer"] and row["verdict"] for every fact row, asking only what the cache lacks."""
+    todo = [row for row in rows if cache.get(row["image_id"], row["question"]) is None]
+    for start in tqdm(range(0, len(todo), batch_size), desc="verifying", mininterval=2.0):
+        batch = todo[start:start + batch_size]
+        images = [load_image(row["image_id"]) for row in batch]
+        if len({image.shape for image in images}) == 1:
+            images = np.stack(images)
+        answers = verifier.answer(images, [row["question"] for row in batch])
+        cache.add([(row["image_id"], row["question"], answer) for row, answer in zip(batch, answers)])
+    for row in rows:
+        row["answer"] = cache.get(row["image_id"], row["question"])
+        row["verdict"] = verdict_from_answer(row["fact"], row["answer"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- 03: labels
+
+def label_records(records, rows, scenes_by_id=None):
+    """fg_labels records: each sub-sentence with its AI labels [obj, att, rel], its closing token and its fact
+    ids; with scene graphs (synthetic world) also the ground-truth labels of the same facts."""
+    rows_by_sub = {}
+    for row in rows:
+        rows_by_sub.setdefault((row["response_id"], row["subsentence"]), []).append(row)
+    labelled = []
+    for record in records:
+        scene = scenes_by_id.get(record["image_id"]) if scenes_by_id else None
+        subsentences = []
+        for index, sub in enumerate(record["subsentences"]):
+            sub_rows = rows_by_sub.get((record["response_id"], index), [])
+            ai = {t: [r["verdict"] for r in sub_rows if r["fact"]["type"] == t] for t in FACT_TYPES}
+            entry = dict(sub, labels=scorer.aggregate_labels(ai), fact_ids=[r["fact_id"] for r in sub_rows],
+                         gt_labels=None)
+            if scene is not None:
+                truth = {t: [r["truth"] for r in sub_rows if r["fact"]["type"] == t] for t in FACT_TYPES}
+                entry["gt_labels"] = scorer.aggregate_labels(truth)
+            subsentences.append(entry)
+        labelled.append(dict(record, subsentences=subsentences))
+    return labelled
+
+
+def add_ground_truth(rows, scenes_by_id):
+    """Synthetic world: every fact row gets `truth` (True / False / None = not judgeable) from the scene graph."""
+    for row in rows:
+        scene = scenes_by_id[row["image_id"]]
+        row["truth"] = scorer.judge_fact(row["fact"], scene)
+    return rows
+
+
+def label_summary(labelled, rows, extraction):
+    """Counts for the manifest and the notebook."""
+    subs = [s for r in labelled for s in r["subsentences"]]
+    results = [res for per in extraction for res in per]
+    answers = [row["answer"] for row in rows]
+    summary = {
+        "responses": len(labelled), "subsentences": len(subs), "facts": len(rows),
+        "extraction_failed": sum(res["status"] != "ok" for res in results),
+        "answers": {a: answers.count(a) for a in ("yes", "no", "unknown")},
+        "labels": {t: {str(v): sum(s["labels"][i] == v for s in subs) for v in (-1, 0, 1)}
+                   for i, t in enumerate(FACT_TYPES)},
+        "mean_subsentences": len(subs) / max(1, len(labelled)),
+    }
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+def make_extractor(feedback_params, cache_dir):
+    """The fact extractor the params ask for ("rules" offline, or an OpenAI-compatible LLM)."""
+    from . import llm
+    if feedback_params.extractor == "rules":
+        return llm.make_fact_extractor("rules")
+    return llm.make_fact_extractor("openai", model=feedback_params.llm_model,
+                                   base_url=feedback_params.llm_base_url or None, cache_dir=cache_dir,
+                                   concurrency=feedback_params.concurrency, max_retries=feedback_params.max_retries,
+                                   timeout=feedback_params.timeout_s)
+
+
+def make_verifier(params, models_dir, cache_dir, models_hash):
+    """(verifier, verifier_id): the yes/no judge the params ask for, and an id that keys its answer cache."""
+    from . import detector, llm
+    choice = params.feedback.verifier
+    if choice == "detector":
+        if params.data.world != "synthetic":
+            raise ValueError("feedback.verifier 'detector' exists only in the synthetic world; use 'hf' or 'openai-vision'")
+        return detector.DetectorVerifier(detector.load_detector(Path(models_dir) / "verifier_detector")), \
+            ["detector", models_hash]
+    if choice == "hf":
+        m = params.models
+        path = str(Path(models_dir) / "verifier_lvlm") if m.verifier == "tiny" else \
+            models.resolve_checkpoint(m.verifier, m.local_files_only)
+        model, processor = models.load_lvlm(path, dtype=m.dtype, device=m.device, load_in_4bit=m.load_in_4bit,
+                                            local_files_only=m.local_files_only)
+        return HFVerifier(model, processor, params.feedback.verifier_batch_size), ["hf", path, models_hash]
+    f = params.feedback
+    return llm.OpenAIVisionVerifier(f.vision_model, base_url=f.vision_base_url or None, cache_dir=cache_dir,
+                                    concurrency=f.concurrency, max_retries=f.max_retries, timeout=f.timeout_s), \
+        ["openai-vision", f.vision_model, f.vision_base_url]

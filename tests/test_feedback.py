@@ -1,0 +1,143 @@
+"""AI feedback (stages 02-03): sub-sentence closing tokens from sampled ids, verdicts, label aggregation on
+hand-built facts, the verifier answer cache and its resume, and sampling that resumes with the same samples."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fgaif_utils import feedback, language, models, params, segment
+
+torch.set_num_threads(1)
+
+SCENE = {"image_id": 7, "file_name": "images/feedback/7.png",
+         "objects": [{"shape": "heart", "colour": "red", "size": "small", "cx": 12.0, "cy": 40.0},
+                     {"shape": "star", "colour": "blue", "size": "large", "cx": 45.0, "cy": 20.0}],
+         "relations": [{"subject": "heart", "relation": "left", "object": "star"}]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return models.build_tiny_tokenizer()
+
+
+def test_response_record_closing_tokens_come_from_the_sampled_ids(tokenizer):
+    text = "there is a small red heart , a large blue star and a ring . the heart is left of the star ."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
+    record = feedback.response_record(SCENE, 0, ids, decode(ids), decode)
+    words = text.split()
+    # sub-sentences: "there is ... heart ," | "a large blue star and a ring ." | "the heart is left of the star ."
+    assert [s["text"] for s in record["subsentences"]] == [
+        "there is a small red heart ,", "a large blue star and a ring .", "the heart is left of the star ."]
+    assert [s["last_token"] for s in record["subsentences"]] == [6, 14, 22]
+    assert [words[s["last_token"]] for s in record["subsentences"]] == [",", ".", "."]
+    assert record["response_id"] == "7-0" and record["token_ids"] == ids
+
+
+def test_closing_token_with_eos_and_padding_after_the_text(tokenizer):
+    ids = tokenizer("there is a red heart .", add_special_tokens=False).input_ids
+    ids = ids + [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
+    assert segment.subsentence_end_positions(ids, decode) == [5]
+
+
+@pytest.mark.parametrize("fact,answer,verdict", [
+    ({"type": "object", "subject": "ring", "negated": False}, "yes", True),
+    ({"type": "object", "subject": "ring", "negated": False}, "no", False),
+    ({"type": "object", "subject": "ring", "negated": True}, "no", True),     # "there is no ring", none there
+    ({"type": "object", "subject": "ring", "negated": True}, "yes", False),
+    ({"type": "attribute", "subject": "heart", "kind": "colour", "value": "red"}, "unknown", None),
+])
+def test_verdict_from_answer(fact, answer, verdict):
+    assert feedback.verdict_from_answer(fact, answer) is verdict
+
+
+def _row(fact_id, sub, fact, verdict, truth):
+    return {"fact_id": fact_id, "response_id": "7-0", "image_id": 7, "subsentence": sub, "fact": fact,
+            "verdict": verdict, "truth": truth}
+
+
+def test_label_aggregation_on_two_facts_per_type():
+    record = {"response_id": "7-0", "image_id": 7, "text": "x", "token_ids": [1, 2],
+              "subsentences": [{"text": "a", "span": [0, 1], "last_token": 0}, {"text": "b", "span": [1, 2], "last_token": 1}]}
+    heart = {"type": "object", "subject": "heart", "negated": False}
+    ring = {"type": "object", "subject": "ring", "negated": False}
+    red = {"type": "attribute", "subject": "heart", "kind": "colour", "value": "red"}
+    left = {"type": "relation", "subject": "heart", "relation": "left", "object": "star"}
+    rows = [_row("a", 0, heart, True, True), _row("b", 0, ring, False, False),     # one of two objects false -> 1
+            _row("c", 0, red, True, True),                                            # attribute true -> 0
+            _row("d", 1, heart, True, True), _row("e", 1, left, None, True)]          # relation unknown -> -1
+    [labelled] = feedback.label_records([record], rows, {7: SCENE})
+    assert [s["labels"] for s in labelled["subsentences"]] == [[1, 0, -1], [0, -1, -1]]
+    assert [s["gt_labels"] for s in labelled["subsentences"]] == [[1, 0, -1], [0, -1, 0]]
+    assert labelled["subsentences"][0]["fact_ids"] == ["a", "b", "c"]
+    assert labelled["subsentences"][1]["last_token"] == 1
+
+
+def test_fact_rows_ask_one_question_per_fact():
+    record = {"response_id": "7-0", "image_id": 7, "text": "there is a red ring .",
+              "subsentences": [{"text": "there is a red ring .", "span": [0, 21], "last_token": 5}]}
+    extraction = [[{"facts": [{"type": "object", "subject": "ring", "negated": False},
+                              {"type": "attribute", "subject": "ring", "kind": "colour", "value": "red"}],
+                    "status": "ok", "error": None}]]
+    rows = feedback.fact_rows([record], extraction, " answer briefly.")
+    assert [r["question"] for r in rows] == ["is there a ring in the image ? answer briefly.",
+                                            "is the ring red ? answer briefly."]
+    assert [r["fact_id"] for r in rows] == ["7-0-0-0", "7-0-0-1"]
+
+
+def test_question_for_free_text_facts():
+    assert language.question_for_fact({"type": "relation", "subject": "dog", "relation": "next to",
+                                       "object": "bench"}) == "Is the dog next to the bench?"
+    assert language.question_for_fact({"type": "attribute", "subject": "bench", "kind": "other",
+                                       "value": "wooden"}) == "Is the bench wooden?"
+
+
+class CountingVerifier:
+    def __init__(self):
+        self.asked = []
+
+    def answer(self, images, questions):
+        self.asked += list(questions)
+        return ["yes" if "heart" in q else "no" for q in questions]
+
+
+def test_verifier_cache_resumes_without_asking_again(tmp_path):
+    facts = [{"type": "object", "subject": s, "negated": False} for s in ("heart", "ring", "star")]
+    rows = [{"fact_id": str(i), "response_id": "7-0", "image_id": 7, "subsentence": 0, "fact": f,
+             "question": language.question_for_fact(f)} for i, f in enumerate(facts)]
+    load_image = lambda image_id: np.zeros((8, 8, 3), np.uint8)
+    first = CountingVerifier()
+    feedback.verify_facts(rows[:2], first, load_image, feedback.AnswerCache(tmp_path / "a.jsonl", ["v1"]))
+    with open(tmp_path / "a.jsonl", "a") as handle:
+        handle.write('{"key": "cut-by-a-ki')                       # a line a kill cut short
+    second = CountingVerifier()
+    out = feedback.verify_facts(rows, second, load_image, feedback.AnswerCache(tmp_path / "a.jsonl", ["v1"]))
+    assert first.asked == [rows[0]["question"], rows[1]["question"]]
+    assert second.asked == [rows[2]["question"]]
+    assert [r["verdict"] for r in out] == [True, False, False]
+    third = CountingVerifier()                                       # another verifier: nothing reused
+    feedback.verify_facts(rows, third, load_image, feedback.AnswerCache(tmp_path / "a.jsonl", ["v2"]))
+    assert len(third.asked) == 3
+
+
+def test_sampling_resumes_with_identical_samples(tokenizer, tmp_path):
+    arch = params.TinyArchParams(vision_hidden=32, text_hidden=32, text_layers=1, vision_layers=1, heads=2)
+    processor = models.build_tiny_processor(tokenizer, 32, 8)
+    model = models.build_tiny_llava(arch, 32, tokenizer, seed=0).eval()
+    scenes = [dict(SCENE, image_id=i) for i in range(5)]
+    images = lambda chunk: [np.full((32, 32, 3), 10 * s["image_id"], np.uint8) for s in chunk]
+    sampling = params.SamplingParams(samples_per_image=2, max_new_tokens=12, batch_size=4)
+    straight = feedback.sample_responses(model, processor, scenes, images, sampling, 0, tmp_path / "a")
+    assert len(straight) == 10 and [r["response_id"] for r in straight[:3]] == ["0-0", "0-1", "1-0"]
+    (tmp_path / "a" / "batch_00001.jsonl").unlink()                # as if killed before batch 1 was written
+    resumed = feedback.sample_responses(model, processor, scenes, images, sampling, 0, tmp_path / "a")
+    assert resumed == straight
+    image_id = processor.tokenizer.image_token_id
+    for record in straight:
+        assert image_id not in record["token_ids"]
+        decode = lambda t: processor.tokenizer.decode(t, skip_special_tokens=True)
+        assert record["text"] == decode(record["token_ids"])
+        for sub in record["subsentences"]:
+            assert record["text"][sub["span"][0]:sub["span"][1]] == sub["text"]
