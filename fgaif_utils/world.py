@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from fgaif_utils.stage import read_jsonl
+
 from fgaif_utils.language import (COLOURS, EXISTENCE_LEADS, OPENERS, OPPOSITE, PARTNER, RELATION_PHRASES,
                                   RELATIONS, SHAPE_WORDS, SHAPES, SIZE_WORDS, SIZES, TYPICAL_COLOUR,
                                   stated_relation)
@@ -539,15 +541,7 @@ def load_scenes(data_dir, split):
     if not path.is_file():
         found = sorted(p.name for p in Path(data_dir).glob("scenes_*.jsonl")) if Path(data_dir).is_dir() else []
         raise FileNotFoundError(f"scenes file {path} not found (scenes files in {data_dir}: {found or 'none'})")
-    scenes = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    scenes.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {line_no}: not valid JSON ({err})") from None
-    return scenes
+    return read_jsonl(path)
 
 
 def load_image(data_dir, scene):

@@ -410,7 +410,7 @@ def test_load_errors_name_the_file(built, tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(Path(out) / "images/eval/missing.png"))):
         world.load_image(out, scene)
     (tmp_path / "scenes_bad.jsonl").write_text('{"image_id": 1}\n{oops\n')
-    with pytest.raises(ValueError, match=r"scenes_bad.jsonl, line 2"):
+    with pytest.raises(ValueError, match=r"scenes_bad.jsonl: line 2"):
         world.load_scenes(tmp_path, "bad")
     with pytest.raises(ValueError, match="unknown split"):
         world.build_synthetic_world(DataParams(**SMALL), 0, tmp_path, splits=["test"], progress=False)
