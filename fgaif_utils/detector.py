@@ -85,7 +85,7 @@ def detector_loss(outputs, targets, image_size):
 
 def train_detector(images, scenes, steps, batch_size=64, lr=2e-3, seed=0, image_size=64, desc="detector"):
     """Train on uint8 images (N, H, W, 3) and their scene graphs. Returns (model, loss log)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     from . import models
 
     torch.manual_seed(seed)

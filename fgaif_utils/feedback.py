@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
 from . import language, models, scorer, segment, tiny_train
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import openai
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
 from fgaif_utils import facts as facts_lib
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
 from . import language, models
 

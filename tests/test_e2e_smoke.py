@@ -70,3 +70,22 @@ def test_base_models_stage_artifacts_load_through_the_real_loader(smoke_run):
     assert set(profile["policy"]) == {"greedy", "sampled"}
     assert {"base policy", "LVLM verifier", "detector verifier"} <= set(profile["qa_accuracy"])
     assert profile["policy"]["greedy"]["n_descriptions"] == params.load(REPO / "params" / "smoke.yaml").models.tiny_train.eval_images
+
+
+def test_a_notebook_runs_by_itself_from_the_notebooks_folder(tmp_path):
+    """As in JupyterLab: kernel started in notebooks/, default work_dir (None), only params_path changed."""
+    import os
+    import papermill
+    env_before = os.environ.get("FGAIF_OUTPUTS")
+    os.environ["FGAIF_OUTPUTS"] = str(tmp_path)
+    try:
+        papermill.execute_notebook(str(REPO / "notebooks" / "00_data.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"params_path": "params/smoke.yaml", "run": "by-hand"},
+                                   kernel_name="python3", progress_bar=False, cwd=str(REPO / "notebooks"))
+    finally:
+        if env_before is None:
+            os.environ.pop("FGAIF_OUTPUTS")
+        else:
+            os.environ["FGAIF_OUTPUTS"] = env_before
+    manifest = json.loads((tmp_path / "by-hand" / "00_data" / "manifest.json").read_text())
+    assert manifest["run"] == "by-hand" and not (tmp_path / "by-hand" / ".00_data.partial").exists()
