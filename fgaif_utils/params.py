@@ -139,7 +139,7 @@ class ModelParams:
     verifier: str = "tiny"
     """Verifier LVLM for yes/no questions: "tiny", a hub id (llava-hf/llava-1.5-13b-hf) or a local llava-hf folder."""
     train_lvlm_verifier: bool = True
-    """Tiny world only: also train the tiny LVLM verifier (about 8 minutes on 2 cores)."""
+    """Tiny world only: also train the tiny LVLM verifier (about 13 minutes on 2 cores; the detector is the default judge)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype when loading real models."""
     device: str = "auto"
