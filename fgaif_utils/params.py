@@ -201,6 +201,40 @@ class FeedbackParams:
 
 
 @dataclass
+class RewardParams:
+    backbone: str = "verifier_lvlm"
+    """Reward-model backbone: "pretrained", "policy" or "verifier_lvlm" (a stage-01 model of the tiny world), a hub id (paper: llava-hf/llava-1.5-13b-hf, larger than the policy) or a local llava-hf folder. It must share the policy's tokenizer."""
+    lora_r: int = 64
+    """LoRA rank of each reward model's adapter on the language model (paper: 64)."""
+    lora_alpha: int = 16
+    """LoRA alpha (paper: 16)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA inputs."""
+    train_projector: bool = False
+    """Also train a per-type copy of the multi-modal projector (costs one projector per type in memory). The paper trains LoRA only."""
+    lr: float = 2e-5
+    """Adam learning rate, constant (paper: 2e-5)."""
+    batch_size: int = 4
+    """Responses per optimiser step (paper: 4)."""
+    epochs: int = 100
+    """Most epochs per reward model (paper: up to 100, with early stopping)."""
+    patience: int = 3
+    """Early stopping: epochs without a better dev macro-F1 (against the AI labels) before training stops."""
+    dev_fraction: float = 0.1
+    """Share of the feedback images whose responses form the dev split (early stopping)."""
+    test_fraction: float = 0.2
+    """Share of the feedback images whose responses are held out for the reported metrics."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less GPU memory, slower)."""
+    eval_batch_size: int = 32
+    """Responses per forward pass when scoring (times 3 in the mixed-adapter pass)."""
+    checkpoint_every: int = 500
+    """Steps between training checkpoints in the stage cache (there is also one at every epoch end)."""
+    report_records: int = 40
+    """Scored held-out responses shown in scored_examples.html."""
+
+
+@dataclass
 class Params:
     run: str = "tiny"
     """Default run name: artifacts go to outputs/<run>/<NN_stage>/."""
@@ -218,6 +252,8 @@ class Params:
     """Stage 02: sampling responses for AI feedback."""
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     """Stage 03: atomic facts, verification, fine-grained labels."""
+    reward: RewardParams = field(default_factory=RewardParams)
+    """Stage 04: the three fine-grained reward models (object, attribute, relation) on one shared backbone."""
 
 
 def _field_docs(cls):

@@ -1,0 +1,533 @@
+"""FGAIF step 2: three fine-grained reward models (object, attribute, relation) on one shared LVLM backbone.
+
+A reward model reads the LVLM's last hidden state at an end marker (the tokenizer's EOS, as the FGAIF authors
+did) inserted after the token that closes each sub-sentence, and a linear head maps it to 3 classes: 0 n/a,
+1 correct, 2 hallucinated (the AI labels -1 / 0 / 1 shifted by one). Each type has its own LoRA adapter
+(language model only) and its own head; the three are named adapters ("object", "attribute", "relation") of
+ONE peft model, so the frozen backbone is held once and scoring all three costs one model's memory plus three
+small adapters. peft's mixed-batch forward (`adapter_names=`) computes the three types in one call.
+
+Sequences are built from the sampled token ids, never by re-tokenising text: the chat prompt with the image
+tokens expanded as the processor expands them, then the response with an EOS after each sub-sentence's last
+token. Batches are right-padded and get no attention mask: under causal attention no real token can see a pad
+to its right, so the mask changes nothing that is read, and on CPU the masked SDPA backward is ~8x slower.
+"""
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import models
+
+FACT_TYPES = ["object", "attribute", "relation"]
+CLASS_NAMES = ["n/a", "correct", "hallucinated"]
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------- sequences
+
+def prompt_ids(processor, prompt_text):
+    """Token ids of the chat prompt around one image, image tokens expanded exactly as the processor does."""
+    size = getattr(processor.image_processor, "crop_size", None) or {}
+    dummy = np.zeros((size.get("height", 336), size.get("width", 336), 3), dtype=np.uint8)
+    batch = processor(images=[dummy], text=[models.chat_prompt(processor, prompt_text)], return_tensors="pt")
+    return batch["input_ids"][0].tolist()
+
+
+def marked_sequence(prompt, token_ids, last_tokens, eos_id, where="response"):
+    """(input_ids, marker positions): prompt + the response with `eos_id` inserted after each closing token.
+
+    The response is cut after the last marker: under causal attention later tokens change nothing read."""
+    if list(last_tokens) != sorted(set(last_tokens)) or (last_tokens and not 0 <= last_tokens[0]) or \
+            (last_tokens and last_tokens[-1] >= len(token_ids)):
+        raise ValueError(f"{where}: sub-sentence last_token values {list(last_tokens)} must be increasing indices "
+                         f"into its {len(token_ids)} token ids")
+    ids, positions, cut = list(prompt), [], 0
+    for last in last_tokens:
+        ids += token_ids[cut:last + 1]
+        positions.append(len(ids))
+        ids.append(eos_id)
+        cut = last + 1
+    return ids, positions
+
+
+def examples_from_records(records, prompt, eos_id, vocab_size=None):
+    """One training/eval example per fg_labels record that has sub-sentences: ids, marker positions, AI labels
+    shifted to classes (K, 3) and ground-truth labels (K, 3) in {-1, 0, 1} or None."""
+    examples = []
+    for record in records:
+        where = f"fg_labels record {record.get('response_id')!r}"
+        for key in ("token_ids", "subsentences", "image_id"):
+            if key not in record:
+                raise ValueError(f"{where}: no {key!r}")
+        subs = record["subsentences"]
+        if not subs:
+            continue
+        if vocab_size is not None and max(record["token_ids"]) >= vocab_size:
+            raise ValueError(f"{where}: token id {max(record['token_ids'])} is outside the backbone's vocabulary "
+                             f"({vocab_size}); the reward backbone must share the policy's tokenizer")
+        ids, positions = marked_sequence(prompt, record["token_ids"], [s["last_token"] for s in subs], eos_id, where)
+        for k, sub in enumerate(subs):
+            if len(sub.get("labels") or []) != 3 or any(v not in (-1, 0, 1) for v in sub["labels"]):
+                raise ValueError(f"{where}, sub-sentence {k}: labels must be 3 values in (-1, 0, 1), got {sub.get('labels')!r}")
+        has_truth = all(sub.get("gt_labels") is not None for sub in subs)
+        examples.append({"response_id": record.get("response_id"), "image_id": record["image_id"], "ids": ids,
+                         "positions": positions, "classes": [[v + 1 for v in sub["labels"]] for sub in subs],
+                         "gt": [list(sub["gt_labels"]) for sub in subs] if has_truth else None})
+    return examples
+
+
+def collate(examples, pad_id, type_index=None):
+    """Right-padded input_ids (B, L); marker positions (B, K) with -1 in empty slots; with `type_index`, token
+    labels (B, L): the class of that type at each marker, IGNORE everywhere else."""
+    width = max(len(e["ids"]) for e in examples)
+    slots = max(len(e["positions"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    positions = torch.full((len(examples), slots), -1, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, :len(e["ids"])] = torch.tensor(e["ids"])
+        positions[row, :len(e["positions"])] = torch.tensor(e["positions"])
+        if type_index is not None:
+            labels[row, e["positions"]] = torch.tensor([c[type_index] for c in e["classes"]])
+    batch = {"input_ids": input_ids, "positions": positions}
+    if type_index is not None:
+        batch["labels"] = labels
+    return batch
+
+
+def pixel_values(processor, images):
+    """(B, 3, H, W) float pixel values of uint8 (H, W, 3) images, as the backbone's processor computes them."""
+    return processor.image_processor(images=[np.asarray(i) for i in images], return_tensors="pt")["pixel_values"]
+
+
+class PixelCache:
+    """pixels(image_ids) -> (B, 3, H, W): processor pixel values per image id, computed once when `keep` (the
+    small synthetic world), else recomputed per call (COCO at 336 px would not fit in memory)."""
+
+    def __init__(self, processor, load_image, keep=True):
+        self.processor, self.load_image, self.keep, self.cache = processor, load_image, keep, {}
+
+    def __call__(self, image_ids):
+        missing = [i for i in dict.fromkeys(image_ids) if i not in self.cache]
+        if missing:
+            fresh = pixel_values(self.processor, [self.load_image(i) for i in missing])
+            if not self.keep:
+                fresh_by_id = dict(zip(missing, fresh))
+                return torch.stack([fresh_by_id[i] for i in image_ids])
+            self.cache.update(zip(missing, fresh))
+        return torch.stack([self.cache[i] for i in image_ids])
+
+
+def token_loss(logits, labels):
+    """Token-level cross-entropy, mean over the positions whose label is not IGNORE. logits (B, L, C), labels (B, L)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+TINY_BACKBONES = ("pretrained", "policy", "verifier_lvlm")
+
+
+def backbone_path(backbone, models_dir, local_files_only=True):
+    """The folder of the reward backbone: a stage-01 model of the tiny world by name, else a hub id in the local
+    cache or a local llava-hf folder (models.resolve_checkpoint)."""
+    if backbone in TINY_BACKBONES:
+        folder = Path(models_dir) / backbone
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"reward.backbone {backbone!r}: stage 01 wrote no model {folder}")
+        return str(folder)
+    return models.resolve_checkpoint(backbone, local_files_only)
+
+
+class TokenRewardModel(torch.nn.Module):
+    """A llava-hf LVLM's language-model hidden states and a linear head: logits for every token (B, L, C).
+
+    AutoModelForTokenClassification does not accept LLaVA, so this wraps LlavaForConditionalGeneration and reads
+    the last hidden state of its `.model` (the lm_head is never used). The head runs in float32."""
+
+    def __init__(self, lvlm, num_labels=3):
+        super().__init__()
+        self.lvlm = lvlm
+        self.score = torch.nn.Linear(lvlm.config.text_config.hidden_size, num_labels, device=lvlm.device)
+
+    def forward(self, input_ids, pixel_values, attention_mask=None):
+        hidden = self.lvlm.model(input_ids=input_ids, pixel_values=pixel_values.to(self.lvlm.dtype),
+                                 attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.score(hidden.float())
+
+
+def lora_config(r, alpha, dropout=0.0, extra_trainable=()):
+    """LoRA on the language model's projections (models.LORA_TARGETS) + the head, trained and saved per adapter.
+    `extra_trainable` names more modules to train and save per adapter (e.g. "multi_modal_projector")."""
+    from peft import LoraConfig
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=models.LORA_TARGETS,
+                      modules_to_save=["score", *extra_trainable])
+
+
+def param_bytes(module):
+    """Bytes held by a module's parameters (each shared tensor counted once)."""
+    seen = {}
+    for p in module.parameters():
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+class RewardModels:
+    """One frozen backbone, one peft adapter + head per fact type, and the sequence layout they all read."""
+
+    def __init__(self, peft_model, processor, prompt_text, types=FACT_TYPES):
+        self.model, self.processor, self.types = peft_model, processor, list(types)
+        self.prompt = prompt_ids(processor, prompt_text)
+        self.eos = processor.tokenizer.eos_token_id
+        pad = processor.tokenizer.pad_token_id
+        self.pad = self.eos if pad is None else pad
+        self.model.eval()
+
+    @classmethod
+    def create(cls, lvlm, processor, prompt_text, r, alpha, dropout=0.0, types=FACT_TYPES, seed=0,
+               extra_trainable=()):
+        """Fresh adapters and heads (seeded) on a backbone loaded with models.load_lvlm."""
+        from peft import get_peft_model
+        torch.manual_seed(seed)
+        config = lora_config(r, alpha, dropout, extra_trainable)
+        model = get_peft_model(TokenRewardModel(lvlm), config, adapter_name=types[0])
+        for name in types[1:]:
+            model.add_adapter(name, lora_config(r, alpha, dropout, extra_trainable))
+        for name in types:   # a different head per type, from a seed of its own
+            torch.manual_seed(seed * 1000 + types.index(name))
+            head = model.base_model.model.score.modules_to_save[name]
+            head.reset_parameters()
+        return cls(model, processor, prompt_text, types)
+
+    @classmethod
+    def load(cls, lvlm, processor, prompt_text, folder, types=FACT_TYPES):
+        """The adapters that `save` wrote into folder/<type>/, on one backbone."""
+        from peft import PeftModel
+        folder = Path(folder)
+        for name in types:
+            if not (folder / name / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"no reward-model adapter {name!r} in {folder} (expected {folder / name})")
+        model = PeftModel.from_pretrained(TokenRewardModel(lvlm), folder / types[0], adapter_name=types[0])
+        for name in types[1:]:
+            model.load_adapter(folder / name, adapter_name=name)
+        return cls(model, processor, prompt_text, types)
+
+    def save(self, folder):
+        """Each adapter (LoRA weights + head) as a peft folder folder/<type>/."""
+        self.model.save_pretrained(str(folder), selected_adapters=self.types)
+
+    def examples(self, records):
+        return examples_from_records(records, self.prompt, self.eos, len(self.processor.tokenizer))
+
+    def logits(self, fact_type, input_ids, pixel_values):
+        """(B, L, 3) logits of one type's reward model."""
+        self.model.set_adapter(fact_type)
+        return self.model(input_ids=input_ids.to(self.device), pixel_values=pixel_values.to(self.device))
+
+    @property
+    def device(self):
+        return self.model.base_model.model.lvlm.device
+
+    @torch.no_grad()
+    def class_probs(self, batch, pixel_values, mixed=True, types=None):
+        """(B, K, T, 3) class probabilities at the markers of a collated batch for `types` (default all; empty
+        slots hold anything).
+
+        mixed=True runs the adapters in one forward over the batch repeated once per type (peft's
+        `adapter_names=`); mixed=False switches adapters and runs one forward per type."""
+        self.model.eval()
+        types = list(types or self.types)
+        input_ids, positions = batch["input_ids"].to(self.device), batch["positions"].clamp(min=0).to(self.device)
+        n = len(input_ids)
+        if mixed and len(types) > 1:
+            names = [name for name in types for _ in range(n)]
+            logits = self.model(input_ids=input_ids.repeat(len(types), 1),
+                                pixel_values=pixel_values.to(self.device).repeat(len(types), 1, 1, 1),
+                                adapter_names=names)
+            per_type = logits.view(len(types), n, *logits.shape[1:])
+        else:
+            per_type = torch.stack([self.logits(name, input_ids, pixel_values) for name in types])
+        index = positions[None, :, :, None].expand(len(types), -1, -1, per_type.shape[-1])
+        picked = per_type.gather(2, index)                      # (T, B, K, 3)
+        return picked.softmax(-1).permute(1, 2, 0, 3).cpu()     # (B, K, T, 3)
+
+    def score(self, images, token_ids, end_positions, batch_size=32, mixed=True):
+        """The scoring API for PPO: for each response (uint8 image, sampled token ids, index of the token closing
+        each sub-sentence) a dict with "labels" (K, 3) ints in {-1, 0, 1} (types in self.types order) and
+        "probs" (K, 3, 3) float32: per sub-sentence and type, probabilities of n/a / correct / hallucinated."""
+        if not len(images) == len(token_ids) == len(end_positions):
+            raise ValueError(f"score: {len(images)} images, {len(token_ids)} token id lists and "
+                             f"{len(end_positions)} end-position lists must be as many")
+        results = [None] * len(token_ids)
+        todo = []
+        for i, (ids, ends) in enumerate(zip(token_ids, end_positions)):
+            if len(ends) == 0:
+                results[i] = {"labels": np.zeros((0, len(self.types)), np.int64),
+                              "probs": np.zeros((0, len(self.types), 3), np.float32)}
+            else:
+                seq, pos = marked_sequence(self.prompt, list(ids), list(ends), self.eos, f"response {i}")
+                todo.append((i, {"ids": seq, "positions": pos}))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch = collate([e for _, e in chunk], self.pad)
+            probs = self.class_probs(batch, pixel_values(self.processor, [images[i] for i, _ in chunk]), mixed)
+            for row, (i, e) in enumerate(chunk):
+                p = probs[row, :len(e["positions"])].numpy().astype(np.float32)
+                results[i] = {"labels": p.argmax(-1) - 1, "probs": p}
+        return results
+
+    def predict(self, examples, pixels, batch_size=64, mixed=True, types=None):
+        """(N, T) predicted labels in {-1, 0, 1} and (N, T, 3) probabilities over all sub-sentences of `examples`
+        in order, for `types` (default all); pixels(image_ids) gives their pixel values."""
+        probs = []
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            p = self.class_probs(collate(chunk, self.pad), pixels([e["image_id"] for e in chunk]), mixed, types)
+            for row, e in enumerate(chunk):
+                probs.append(p[row, :len(e["positions"])])
+        probs = torch.cat(probs).numpy() if probs else np.zeros((0, len(types or self.types), 3), np.float32)
+        return probs.argmax(-1) - 1, probs
+
+
+# ---------------------------------------------------------------------------------------------- value model
+
+def value_model(lvlm, object_dir, seed=0, adapter_name="value"):
+    """The PPO value model as the paper starts it: the backbone + the object reward model's LoRA weights (as a
+    trainable adapter) + a fresh scalar head (seeded). Returns the peft model; its forward gives (B, L, 1)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    object_dir = Path(object_dir)
+    config = LoraConfig.from_pretrained(str(object_dir))
+    config.inference_mode = False
+    torch.manual_seed(seed)
+    model = get_peft_model(TokenRewardModel(lvlm, num_labels=1), config, adapter_name=adapter_name)
+    saved = load_file(str(object_dir / "adapter_model.safetensors"))
+    lora = {k: v for k, v in saved.items() if ".lora_" in k}
+    if not lora:
+        raise ValueError(f"{object_dir}: no LoRA weights in adapter_model.safetensors")
+    own = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    with torch.no_grad():
+        for key, value in lora.items():
+            name = key.replace(".weight", f".{adapter_name}.weight")
+            if name not in own:
+                raise ValueError(f"{object_dir}: LoRA weight {key} has no place in the value model")
+            own[name].copy_(value)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- data split
+
+def split_by_image(records, dev_fraction, test_fraction, seed):
+    """{"train", "dev", "test"}: the records, every image's responses in exactly one split (seeded shuffle)."""
+    image_ids = sorted({r["image_id"] for r in records})
+    order = [image_ids[i] for i in np.random.default_rng(seed).permutation(len(image_ids))]
+    n_test = max(1, round(test_fraction * len(order))) if test_fraction > 0 else 0
+    n_dev = max(1, round(dev_fraction * len(order))) if dev_fraction > 0 else 0
+    if n_test + n_dev >= len(order):
+        raise ValueError(f"{len(order)} images cannot be split into train / dev {dev_fraction} / test {test_fraction}")
+    split_of = {i: "test" for i in order[:n_test]}
+    split_of.update({i: "dev" for i in order[n_test:n_test + n_dev]})
+    splits = {"train": [], "dev": [], "test": []}
+    for record in records:
+        splits[split_of.get(record["image_id"], "train")].append(record)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def label_metrics(predicted, reference):
+    """Metrics of labels in {-1, 0, 1} against a reference: confusion (3x3, rows = reference, cols = predicted,
+    order -1, 0, 1), accuracy and macro-F1 (over the classes present in either) over all sub-sentences; and over
+    the sub-sentences where the reference makes a judgement (!= -1; a predicted n/a there is a miss):
+    `applicable_accuracy` and precision / recall / F1 of the hallucination class (1). Leaving out reference-n/a
+    rows matters against the ground truth: a claim about an absent object has no true attribute or relation
+    (truth n/a) while the AI labels, and so the reward models, call it hallucinated. Undefined values are None."""
+    predicted, reference = np.asarray(predicted, dtype=int), np.asarray(reference, dtype=int)
+    confusion = np.zeros((3, 3), dtype=int)
+    np.add.at(confusion, (reference + 1, predicted + 1), 1)
+    f1s = []
+    for c in range(3):
+        tp, fp, fn = confusion[c, c], confusion[:, c].sum() - confusion[c, c], confusion[c, :].sum() - confusion[c, c]
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    tp, fp, fn = confusion[2, 2], confusion[1, 2], confusion[2, :2].sum()
+    n, n_applicable = int(confusion.sum()), int(confusion[1:].sum())
+    ratio = lambda a, b: float(a / b) if b else None
+    return {"n": n, "accuracy": ratio(np.trace(confusion), n), "macro_f1": float(np.mean(f1s)) if f1s else None,
+            "n_applicable": n_applicable, "n_hallucinated": int(confusion[2].sum()),
+            "applicable_accuracy": ratio(confusion[1, 1] + confusion[2, 2], n_applicable),
+            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn),
+            "confusion": confusion.tolist()}
+
+
+def majority_baseline(train_labels, reference):
+    """What a majority-class guesser scores: n/a exactly where the reference is n/a (it is told which
+    sub-sentences make a claim of the type), elsewhere the class most frequent among the applicable training
+    labels. Returns its predictions."""
+    applicable = [v for v in train_labels if v != -1]
+    majority = max((0, 1), key=applicable.count) if applicable else 0
+    return [-1 if v == -1 else majority for v in reference]
+
+
+def evaluate(predicted, examples, train_examples, types=FACT_TYPES):
+    """Per type: metrics of the predictions and of the majority baseline against the AI labels ("ai") and, where
+    every example has them, the ground truth ("gt"). `predicted` (N, 3) is in the order of the examples'
+    sub-sentences."""
+    ai = np.array([c for e in examples for c in e["classes"]]) - 1
+    gt = np.array([g for e in examples for g in e["gt"]]) if examples and all(e["gt"] for e in examples) else None
+    train_ai = np.array([c for e in train_examples for c in e["classes"]]) - 1
+    result = {}
+    for t, name in enumerate(types):
+        entry = {}
+        for source, reference in (("ai", ai), ("gt", gt)):
+            if reference is None:
+                continue
+            entry[source] = label_metrics(predicted[:, t], reference[:, t])
+            entry[f"baseline_{source}"] = label_metrics(majority_baseline(list(train_ai[:, t]), reference[:, t]),
+                                                        reference[:, t])
+        result[name] = entry
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def enable_gradient_checkpointing(lvlm):
+    """Activation recomputation on the backbone (the name transformers 5.17 has; 5.24 calls it deprecated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        lvlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _adapter_params(model, name):
+    return {n: p for n, p in model.named_parameters() if f".{name}." in n and ("lora_" in n or "modules_to_save" in n)}
+
+
+def _save_state(folder, params, best, optimizer, state):
+    from safetensors.torch import save_file
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, folder / "adapter.safetensors.tmp")
+    os.replace(folder / "adapter.safetensors.tmp", folder / "adapter.safetensors")
+    if best is not None:
+        save_file(best, folder / "best.safetensors.tmp")
+        os.replace(folder / "best.safetensors.tmp", folder / "best.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
+    os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
+    state = dict(state, torch_rng=torch.get_rng_state().tolist())
+    (folder / "state.json.tmp").write_text(json.dumps(state))
+    os.replace(folder / "state.json.tmp", folder / "state.json")
+
+
+def _load_state(folder, params, optimizer):
+    from safetensors.torch import load_file
+    state = json.loads((folder / "state.json").read_text())
+    weights = load_file(folder / "adapter.safetensors")
+    best = load_file(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+    return state, best
+
+
+def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_size, epochs, patience, seed,
+               checkpoint_dir, checkpoint_every=500, grad_clip=1.0, eval_batch_size=64, stop_after=None):
+    """Train one type's adapter and head with Adam on token-level cross-entropy at the markers; after every
+    epoch score macro-F1 on the dev examples against their AI labels, keep the best weights, stop after
+    `patience` epochs without improvement (or `epochs`), and end with the best weights loaded.
+
+    Checkpoints (adapter weights, best weights, optimizer, torch RNG, logs) go into `checkpoint_dir` at every
+    epoch end and every `checkpoint_every` steps; a call finds them and continues the same trajectory (batch
+    order comes from (seed, epoch)), or, when training had finished, just loads the result. `stop_after` ends
+    after that many steps with a checkpoint (simulates an interruption). Returns the history dict: "loss"
+    [[step, loss]], "dev" [{"epoch", "step", "macro_f1", "accuracy"}], "best_epoch", "stopped_early", "done"."""
+    model, type_index = rm.model, rm.types.index(fact_type)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    model.set_adapter(fact_type)
+    params = _adapter_params(model, fact_type)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    state = {"step": 0, "loss": [], "dev": [], "best_f1": -1.0, "best_epoch": None, "bad_epochs": 0,
+             "stopped_early": False, "done": False}
+    best = None
+    torch.manual_seed(seed)
+    if (checkpoint_dir / "state.json").is_file():
+        state, best = _load_state(checkpoint_dir, params, optimizer)
+    steps_per_epoch = math.ceil(len(train_examples) / batch_size)
+    bar = tqdm(total=epochs * steps_per_epoch, initial=state["step"], desc=f"reward model: {fact_type}",
+               mininterval=2.0, disable=state["done"])
+    while not state["done"]:
+        epoch, offset = divmod(state["step"], steps_per_epoch)
+        if epoch >= epochs:
+            state["done"] = True
+            break
+        order = np.random.default_rng([seed, epoch]).permutation(len(train_examples))
+        model.train()
+        for start in range(offset * batch_size, len(order), batch_size):
+            chunk = [train_examples[i] for i in order[start:start + batch_size]]
+            batch = collate(chunk, rm.pad, type_index)
+            logits = model(input_ids=batch["input_ids"].to(rm.device),
+                           pixel_values=pixels([e["image_id"] for e in chunk]).to(rm.device))
+            loss = token_loss(logits, batch["labels"].to(rm.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            state["loss"].append([state["step"], loss.item()])
+            bar.update(1)
+            if state["step"] % steps_per_epoch == 0:
+                best = _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, state, best,
+                                  epoch, epochs, patience)
+                bar.set_postfix(dev_macro_f1=f"{state['dev'][-1]['macro_f1']:.3f}")
+                _save_state(checkpoint_dir, params, best, optimizer, state)
+                model.train()
+                if state["done"]:
+                    break
+            elif state["step"] % checkpoint_every == 0:
+                _save_state(checkpoint_dir, params, best, optimizer, state)
+            if stop_after is not None and state["step"] >= stop_after:
+                _save_state(checkpoint_dir, params, best, optimizer, state)
+                bar.close()
+                model.eval()
+                return _history(state)
+    bar.close()
+    _save_state(checkpoint_dir, params, best, optimizer, state)
+    if best is not None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(best[n].to(p.device))
+    for p in params.values():
+        p.requires_grad_(False)
+    model.eval()
+    return _history(state)
+
+
+def _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, state, best, epoch, epochs, patience):
+    """Dev macro-F1 against the AI labels; keep the best weights; decide whether training is done."""
+    predicted, _ = rm.predict(dev_examples, pixels, eval_batch_size, types=[fact_type])
+    reference = np.array([c[rm.types.index(fact_type)] for e in dev_examples for c in e["classes"]]) - 1
+    metrics = label_metrics(predicted[:, 0], reference)
+    f1 = metrics["macro_f1"] or 0.0
+    state["dev"].append({"epoch": epoch + 1, "step": state["step"], "macro_f1": f1, "accuracy": metrics["accuracy"]})
+    if f1 > state["best_f1"]:
+        state.update(best_f1=f1, best_epoch=epoch + 1, bad_epochs=0)
+        best = {n: p.detach().cpu().clone() for n, p in params.items()}
+    else:
+        state["bad_epochs"] += 1
+    if state["bad_epochs"] >= patience:
+        state.update(done=True, stopped_early=True)
+    elif epoch + 1 >= epochs:
+        state["done"] = True
+    return best
+
+
+def _history(state):
+    return {key: state[key] for key in ("loss", "dev", "best_epoch", "best_f1", "stopped_early", "done", "step")}

@@ -1,0 +1,182 @@
+"""The teaching view of stage 04: reward-model learning curves, per-type metrics against the AI labels and the
+ground truth, confusion matrices, and scored responses as a self-contained HTML page.
+
+`evaluation` is what reward.evaluate returns: {type: {"ai", "baseline_ai", "gt", "baseline_gt"}} with each entry
+a reward.label_metrics dict ("gt" entries only in the synthetic world). Labels are -1 n/a, 0 correct,
+1 hallucinated. Every string in the HTML that comes from a model or a record is escaped.
+"""
+import base64
+import html
+import io
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.image import imsave
+
+LABELS = (-1, 0, 1)
+LABEL_NAMES = {-1: "n/a", 0: "correct", 1: "halluc."}
+SOURCE_NAMES = {"ai": "AI labels", "gt": "ground truth"}
+TYPE_LETTERS = {"object": "O", "attribute": "A", "relation": "R"}
+
+
+def _fmt(value, digits=3):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def learning_curves(histories, window=20):
+    """Per type: training loss (moving average) against steps, and dev macro-F1 after each epoch (right axis),
+    the kept (best) epoch marked."""
+    fig = Figure(figsize=(4.3 * len(histories), 3.2))
+    axes = fig.subplots(1, len(histories), squeeze=False)[0]
+    for ax, (fact_type, history) in zip(axes, histories.items()):
+        steps = np.array([s for s, _ in history["loss"]])
+        losses = np.array([v for _, v in history["loss"]])
+        if len(losses) >= window:
+            ax.plot(steps[window - 1:], np.convolve(losses, np.ones(window) / window, mode="valid"), label="train loss")
+        elif len(losses):
+            ax.plot(steps, losses, label="train loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy")
+        right = ax.twinx()
+        right.plot([d["step"] for d in history["dev"]], [d["macro_f1"] for d in history["dev"]], "o-", color="tab:orange",
+                   markersize=3, label="dev macro-F1")
+        best = [d for d in history["dev"] if d["epoch"] == history["best_epoch"]]
+        if best:
+            right.axvline(best[0]["step"], color="grey", linestyle=":", linewidth=1)
+        right.set_ylim(0, 1)
+        right.set_ylabel("dev macro-F1 (AI labels)")
+        stop = "early stop" if history["stopped_early"] else "all epochs"
+        ax.set_title(f"{fact_type}: best epoch {history['best_epoch']} ({stop})", fontsize=9)
+        lines = ax.get_legend_handles_labels()
+        more = right.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="center right")
+    fig.tight_layout()
+    return fig
+
+
+def metrics_table(evaluation):
+    """Markdown: per type and reference (AI labels, ground truth), the reward model's accuracy and macro-F1 over
+    all held-out sub-sentences, and over those the reference judges (not n/a) the accuracy and the
+    hallucination-class precision / recall / F1, beside the majority baseline's."""
+    lines = ["| type | against | sub-sentences (judged / halluc.) | accuracy | macro-F1 | accuracy where judged "
+             "| halluc. precision | halluc. recall | halluc. F1 | baseline: accuracy where judged "
+             "| baseline: halluc. F1 |", "|" + "---|" * 11]
+    for fact_type, entry in evaluation.items():
+        for source in ("ai", "gt"):
+            if source not in entry:
+                continue
+            m, b = entry[source], entry[f"baseline_{source}"]
+            lines.append(f"| {fact_type} | {SOURCE_NAMES[source]} | {m['n']} ({m['n_applicable']} / {m['n_hallucinated']}) "
+                         f"| {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['applicable_accuracy'])} "
+                         f"| {_fmt(m['precision'])} | {_fmt(m['recall'])} | **{_fmt(m['f1'])}** "
+                         f"| {_fmt(b['applicable_accuracy'])} | {_fmt(b['f1'])} |")
+    return "\n".join(lines)
+
+
+def metrics_figure(evaluation):
+    """Bars per type: macro-F1 and hallucination precision / recall / F1, one panel per reference; the majority
+    baseline's hallucination F1 as a black tick."""
+    sources = [s for s in ("ai", "gt") if all(s in e for e in evaluation.values())]
+    keys = [("macro_f1", "macro-F1"), ("precision", "halluc. precision"), ("recall", "halluc. recall"),
+            ("f1", "halluc. F1")]
+    fig = Figure(figsize=(5.5 * len(sources), 3.3))
+    axes = fig.subplots(1, len(sources), squeeze=False)[0]
+    types = list(evaluation)
+    width = 0.8 / len(keys)
+    xs = np.arange(len(types))
+    for ax, source in zip(axes, sources):
+        for j, (key, name) in enumerate(keys):
+            ax.bar(xs + (j + 0.5) * width - 0.4, [evaluation[t][source][key] or 0.0 for t in types], width, label=name)
+        f1_x = xs + (len(keys) - 0.5) * width - 0.4
+        ax.scatter(f1_x, [evaluation[t][f"baseline_{source}"]["f1"] or 0.0 for t in types], marker="_", s=300,
+                   color="black", label="majority baseline F1", zorder=3)
+        ax.set_xticks(xs, types)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"held-out, against {SOURCE_NAMES[source]}", fontsize=10)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(evaluation):
+    """3x3 confusion matrices (rows: reference, columns: reward model), one per type and reference."""
+    sources = [s for s in ("ai", "gt") if all(s in e for e in evaluation.values())]
+    fig = Figure(figsize=(3.6 * len(evaluation), 3.4 * len(sources)))
+    axes = fig.subplots(len(sources), len(evaluation), squeeze=False)
+    names = [LABEL_NAMES[v] for v in LABELS]
+    for row, source in enumerate(sources):
+        for ax, (fact_type, entry) in zip(axes[row], evaluation.items()):
+            counts = np.array(entry[source]["confusion"])
+            ax.imshow(counts, cmap="Blues")
+            for i in range(3):
+                for j in range(3):
+                    dark = counts[i, j] > counts.max() / 2
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", color="white" if dark else "black")
+            ax.set_xticks(range(3), names)
+            ax.set_yticks(range(3), names)
+            ax.set_xlabel("reward model")
+            ax.set_ylabel(SOURCE_NAMES[source])
+            ax.set_title(f"{fact_type} vs {SOURCE_NAMES[source]}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+
+CSS = """
+body { font-family: sans-serif; font-size: 14px; margin: 20px; color: #222; }
+.response { border: 1px solid #ccc; border-radius: 6px; padding: 10px; margin: 12px 0; display: flex; gap: 14px; }
+.response img { width: 128px; height: auto; image-rendering: pixelated; flex: none; align-self: flex-start; }
+.meta { color: #666; font-size: 12px; margin-bottom: 6px; }
+.sub { margin: 4px 0 8px; }
+.ss { padding: 1px 3px; border-radius: 3px; }
+.ss.halluc { background: #f8c4c4; } .ss.correct { background: #c8ecc8; } .ss.na { background: #e4e4e4; }
+.badge { font-size: 11px; font-family: monospace; border-radius: 3px; padding: 0 4px; margin-left: 3px;
+         border: 1px solid #999; }
+.badge.l1 { background: #f8c4c4; } .badge.l0 { background: #c8ecc8; } .badge.l-1 { background: #eee; color: #888; }
+.badge.wrong { border: 2px solid #c00; font-weight: bold; }
+"""
+
+
+def _image_html(image):
+    if image is None:
+        return ""
+    buffer = io.BytesIO()
+    imsave(buffer, np.asarray(image, dtype=np.uint8), format="png")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode("ascii")}" alt="image">'
+
+
+def _badge(fact_type, predicted, prob, ai, gt):
+    """One type's reward-model class and p(halluc.), with the AI label and the truth; a red border when the
+    prediction misses the truth (or the AI label where there is no truth)."""
+    reference = ai if gt is None else gt
+    text = f"{TYPE_LETTERS.get(fact_type, fact_type)} {LABEL_NAMES[predicted]} p={prob:.2f} · AI {LABEL_NAMES[ai]}"
+    if gt is not None:
+        text += f" · truth {LABEL_NAMES[gt]}"
+    wrong = " wrong" if predicted != reference else ""
+    return f'<span class="badge l{predicted}{wrong}" title="{html.escape(fact_type)}">{html.escape(text)}</span>'
+
+
+def scored_examples_html(records, scores, types, image_loader=None, title="Reward models", max_records=40):
+    """Held-out responses scored by the reward models: each sub-sentence coloured by the predicted classes
+    (red: a predicted hallucination of some type, green: checked and correct, grey: nothing to check) with, per
+    type, the predicted class, p(hallucinated), the AI label and the truth. scores: RewardModels.score output,
+    parallel to records; image_loader(record) -> uint8 (H, W, 3) or None."""
+    parts = []
+    for record, score in list(zip(records, scores))[:max_records]:
+        subs = []
+        for k, sub in enumerate(record["subsentences"]):
+            predicted = [int(v) for v in score["labels"][k]]
+            css = "halluc" if 1 in predicted else "correct" if 0 in predicted else "na"
+            gt = sub.get("gt_labels")
+            badges = "".join(_badge(t, predicted[i], float(score["probs"][k, i, 2]), sub["labels"][i],
+                                    None if gt is None else gt[i]) for i, t in enumerate(types))
+            subs.append(f'<div class="sub"><span class="ss {css}">{html.escape(sub["text"])}</span>{badges}</div>')
+        meta = f"response {record['response_id']} · image {record['image_id']}"
+        image = _image_html(image_loader(record)) if image_loader else ""
+        parts.append(f'<div class="response">{image}<div><div class="meta">{html.escape(meta)}</div>'
+                     f'{"".join(subs)}</div></div>')
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
+            f"<p>Badges: type letter, the reward model's class and p(hallucinated), the AI label, the truth. "
+            f"A red border marks a prediction that misses the truth.</p>\n{''.join(parts)}\n</body></html>\n")

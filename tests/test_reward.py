@@ -1,0 +1,278 @@
+"""The reward models: where the end markers and labels land, what the loss reads, three adapters on one base
+against three separate models, save / load / resume, the scoring API, the value-model start, split and metrics."""
+import numpy as np
+import pytest
+import torch
+
+from fgaif_utils import models, params, reward
+
+torch.set_num_threads(1)
+PROMPT = "Describe this image in detail."
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    arch = params.TinyArchParams(vision_hidden=32, text_hidden=32, text_layers=1, vision_layers=1, heads=2)
+    tokenizer = models.build_tiny_tokenizer()
+    processor = models.build_tiny_processor(tokenizer, 32, 8)
+    model = models.build_tiny_llava(arch, 32, tokenizer, seed=0)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-llava"
+    models.save_lvlm(model, processor, folder)
+    return processor, folder
+
+
+def _backbone(folder):
+    return models.load_lvlm(str(folder), device="cpu")
+
+
+def _images(n, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _records(processor, n, seed=0):
+    """fg_labels-like records: random responses of real words, sub-sentences closed by '.', random labels."""
+    rng = np.random.default_rng(seed)
+    words = processor.tokenizer("there is a red heart . the star is left of the ring . a small blue square",
+                                add_special_tokens=False).input_ids
+    period = words[5]
+    records = []
+    for i in range(n):
+        ids = [int(w) for w in rng.choice(words, size=int(rng.integers(6, 14)))]
+        ids[-1] = period
+        ends = [k for k, t in enumerate(ids) if t == period]
+        subs = [{"last_token": k, "labels": [int(v) for v in rng.integers(-1, 2, 3)],
+                 "gt_labels": [int(v) for v in rng.integers(-1, 2, 3)]} for k in ends]
+        records.append({"response_id": f"r{i}", "image_id": i % 4, "token_ids": ids, "subsentences": subs})
+    return records
+
+
+def _randomise(rm, seed):
+    """LoRA B starts at zero (an adapter is a no-op): give every adapter weight a distinct random value."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in rm.model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def test_end_markers_and_labels_land_after_the_spliced_image_tokens(tiny):
+    processor, folder = tiny
+    tok = processor.tokenizer
+    prompt = reward.prompt_ids(processor, PROMPT)
+    # <s> USER : <image> x16 describe this image in detail . ASSISTANT :  = 1 + 2 + 16 + 6 + 2 tokens
+    assert len(prompt) == 27 and prompt[3:19] == [tok.image_token_id] * 16
+    response = tok("there is a red heart . there is a star .", add_special_tokens=False).input_ids
+    assert len(response) == 11
+    record = {"response_id": "x", "image_id": 0, "token_ids": response,
+              "subsentences": [{"last_token": 5, "labels": [0, -1, -1], "gt_labels": None},
+                               {"last_token": 10, "labels": [1, 0, -1], "gt_labels": None}]}
+    [example] = reward.examples_from_records([record], prompt, tok.eos_token_id)
+    # by hand: '.' #1 is response token 5 -> 27 + 5 = 32, marker at 33; '.' #2 is token 10 -> 27 + 10 + 1 = 38,
+    # marker at 39
+    assert example["positions"] == [33, 39]
+    assert len(example["ids"]) == 40
+    assert [i for k, i in enumerate(example["ids"]) if k not in (33, 39)] == prompt + response
+    assert example["ids"][33] == example["ids"][39] == tok.eos_token_id
+    # the processor, given the same text with written-out markers, yields the same ids
+    text = models.chat_prompt(processor, PROMPT) + " there is a red heart . </s> there is a star . </s>"
+    assert processor(images=list(_images(1)), text=[text], return_tensors="pt")["input_ids"][0].tolist() == example["ids"]
+    for type_index, expected in enumerate([(1, 2), (0, 1), (0, 0)]):
+        labels = reward.collate([example], tok.pad_token_id, type_index)["labels"][0]
+        assert torch.nonzero(labels != reward.IGNORE).flatten().tolist() == [33, 39]
+        assert (labels[33].item(), labels[39].item()) == expected
+    # the model's per-token outputs line up with input_ids (image features replace the 16 tokens in place)
+    lvlm, _ = _backbone(folder)
+    rm = reward.RewardModels.create(lvlm, processor, PROMPT, r=2, alpha=4, types=["object"])
+    batch = reward.collate([example], tok.pad_token_id)
+    logits = rm.logits("object", batch["input_ids"], reward.pixel_values(processor, _images(1)))
+    assert logits.shape == (1, 40, 3)
+    probs = rm.class_probs(batch, reward.pixel_values(processor, _images(1)))
+    assert torch.allclose(probs[0, :, 0], logits[0, [33, 39]].softmax(-1), atol=1e-6)
+
+
+def test_marker_positions_are_checked():
+    with pytest.raises(ValueError, match="record 'bad'"):
+        reward.examples_from_records([{"response_id": "bad", "image_id": 0, "token_ids": [7, 8, 9],
+                                       "subsentences": [{"last_token": 3, "labels": [0, 0, 0]}]}], [1, 2], 3)
+    with pytest.raises(ValueError, match="increasing"):
+        reward.marked_sequence([1], [7, 8, 9], [2, 1], 3)
+
+
+def test_ignored_positions_never_contribute_to_the_loss():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 3, generator=gen)
+    labels = torch.full((2, 7), reward.IGNORE)
+    labels[0, 2], labels[1, 5], labels[1, 6] = 1, 2, 0
+    loss = reward.token_loss(logits, labels)
+    by_hand = -(logits[0, 2].log_softmax(-1)[1] + logits[1, 5].log_softmax(-1)[2] + logits[1, 6].log_softmax(-1)[0]) / 3
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    changed = logits.clone()
+    changed[labels == reward.IGNORE] = 100 * torch.randn(int((labels == reward.IGNORE).sum()), 3, generator=gen)
+    assert reward.token_loss(changed, labels).item() == pytest.approx(loss.item(), rel=1e-6)
+    changed[1, 5] += torch.tensor([5.0, 0.0, -5.0])
+    assert reward.token_loss(changed, labels).item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_loss_gradient_reaches_only_the_marked_tokens(tiny):
+    processor, folder = tiny
+    lvlm, _ = _backbone(folder)
+    rm = reward.RewardModels.create(lvlm, processor, PROMPT, r=2, alpha=4, types=["object"])
+    examples = rm.examples(_records(processor, 3))
+    batch = reward.collate(examples, rm.pad, 0)
+    hidden = []
+    handle = rm.model.base_model.model.score.register_forward_hook(lambda m, i, o: hidden.append(i[0]))
+    logits = rm.logits("object", batch["input_ids"], reward.pixel_values(processor, _images(3)))
+    handle.remove()
+    hidden[0].retain_grad()
+    reward.token_loss(logits, batch["labels"]).backward()
+    touched = hidden[0].grad.abs().sum(-1) > 0
+    assert torch.equal(touched, batch["labels"] != reward.IGNORE)
+
+
+def test_three_adapters_on_one_base_match_three_separately_loaded_models(tiny, tmp_path):
+    processor, folder = tiny
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8)
+    _randomise(rm, seed=1)
+    rm.save(tmp_path / "rm")
+    assert sorted(p.name for p in (tmp_path / "rm").iterdir() if p.is_dir()) == sorted(reward.FACT_TYPES)
+    combined = reward.RewardModels.load(_backbone(folder)[0], processor, PROMPT, tmp_path / "rm")
+    examples = combined.examples(_records(processor, 5))
+    batch = reward.collate(examples, combined.pad)
+    pixels = reward.pixel_values(processor, _images(5))
+    outputs = {}
+    for fact_type in reward.FACT_TYPES:
+        alone = reward.RewardModels.load(_backbone(folder)[0], processor, PROMPT, tmp_path / "rm", types=[fact_type])
+        with torch.no_grad():
+            expected = alone.logits(fact_type, batch["input_ids"], pixels)
+            outputs[fact_type] = combined.logits(fact_type, batch["input_ids"], pixels)
+            before_save = rm.logits(fact_type, batch["input_ids"], pixels)
+        assert torch.allclose(outputs[fact_type], expected, atol=1e-5), fact_type
+        assert torch.allclose(before_save, expected, atol=1e-5), fact_type
+    assert not torch.allclose(outputs["object"], outputs["attribute"], atol=1e-3)
+    mixed = combined.class_probs(batch, pixels, mixed=True)
+    switched = combined.class_probs(batch, pixels, mixed=False)
+    assert torch.allclose(mixed, switched, atol=1e-5)
+    # one backbone's parameters, plus the three adapters' own
+    base_bytes = reward.param_bytes(_backbone(folder)[0])
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in combined.model.named_parameters()
+                        if "lora_" in n or "modules_to_save" in n or "original_module" in n)
+    assert reward.param_bytes(combined.model) == base_bytes + adapter_bytes
+
+
+def _train(processor, folder, checkpoints, stop_after=None):
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"])
+    records = _records(processor, 8)
+    train, dev = rm.examples(records[:6]), rm.examples(records[6:])
+    images = _images(4)
+    pixels = lambda ids: reward.pixel_values(processor, [images[i] for i in ids])
+    history = reward.train_type(rm, "relation", train, dev, pixels, lr=1e-2, batch_size=2, epochs=3, patience=5,
+                                seed=0, checkpoint_dir=checkpoints, checkpoint_every=2, stop_after=stop_after)
+    return rm, history
+
+
+def test_a_resumed_training_run_continues_the_same_trajectory(tiny, tmp_path):
+    processor, folder = tiny
+    straight, log_straight = _train(processor, folder, tmp_path / "a")
+    _, partial = _train(processor, folder, tmp_path / "b", stop_after=4)
+    assert partial["step"] == 4 and not partial["done"]
+    resumed, log_resumed = _train(processor, folder, tmp_path / "b")
+    assert log_straight["done"] and log_straight["step"] == 9
+    assert [x[1] for x in log_resumed["loss"]] == pytest.approx([x[1] for x in log_straight["loss"]], rel=1e-5)
+    assert log_resumed["dev"] == log_straight["dev"] and log_resumed["best_epoch"] == log_straight["best_epoch"]
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    # training moved the relation adapter only, and a finished run is loaded, not retrained
+    untouched = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"])
+    changed = {n for (n, a), (_, b) in zip(straight.model.named_parameters(), untouched.model.named_parameters())
+               if not torch.equal(a, b)}
+    assert changed and all(".relation." in n for n in changed)
+    again, log_again = _train(processor, folder, tmp_path / "a")
+    assert log_again["loss"] == log_straight["loss"]
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_save_and_load_round_trip_after_training(tiny, tmp_path):
+    processor, folder = tiny
+    trained, _ = _train(processor, folder, tmp_path / "ck")
+    trained.save(tmp_path / "rm")
+    loaded = reward.RewardModels.load(_backbone(folder)[0], processor, PROMPT, tmp_path / "rm", types=["object", "relation"])
+    records = _records(processor, 4, seed=3)
+    images = _images(4, seed=3)
+    ids = [r["token_ids"] for r in records]
+    ends = [[s["last_token"] for s in r["subsentences"]] for r in records]
+    for a, b in zip(trained.score(images, ids, ends), loaded.score(images, ids, ends)):
+        assert np.allclose(a["probs"], b["probs"], atol=1e-6)
+
+
+def test_scoring_api_is_batched_and_consistent(tiny, tmp_path):
+    processor, folder = tiny
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8)
+    _randomise(rm, seed=2)
+    records = _records(processor, 5, seed=1)
+    images = _images(5, seed=1)
+    ids = [r["token_ids"] for r in records] + [[5, 6, 7]]
+    ends = [[s["last_token"] for s in r["subsentences"]] for r in records] + [[]]
+    images = np.concatenate([images, _images(1, seed=9)])
+    one_by_one = rm.score(images, ids, ends, batch_size=1)
+    batched = rm.score(images, ids, ends, batch_size=4)           # padding to the right changes nothing
+    switched = rm.score(images, ids, ends, batch_size=4, mixed=False)
+    for a, b, c, e in zip(one_by_one, batched, switched, ends):
+        assert a["probs"].shape == (len(e), 3, 3) and a["labels"].shape == (len(e), 3)
+        assert np.allclose(a["probs"], b["probs"], atol=1e-5) and np.allclose(b["probs"], c["probs"], atol=1e-5)
+        assert np.allclose(a["probs"].sum(-1), 1, atol=1e-5)
+        assert np.array_equal(a["labels"], a["probs"].argmax(-1) - 1)
+        assert set(np.unique(a["labels"])) <= {-1, 0, 1}
+    with pytest.raises(ValueError, match="as many"):
+        rm.score(images[:2], ids, ends)
+
+
+def test_value_model_starts_from_the_object_adapter(tiny, tmp_path):
+    processor, folder = tiny
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8)
+    _randomise(rm, seed=3)
+    rm.save(tmp_path / "rm")
+    value = reward.value_model(_backbone(folder)[0], tmp_path / "rm" / "object", seed=0)
+    objects = {n.replace(".object.", "."): p for n, p in rm.model.named_parameters() if ".object." in n and "lora_" in n}
+    values = {n.replace(".value.", "."): p for n, p in value.named_parameters() if ".value." in n and "lora_" in n}
+    assert objects.keys() == values.keys() and objects
+    assert all(torch.equal(objects[n], values[n]) for n in objects)
+    head = value.base_model.model.score.modules_to_save["value"]
+    assert head.weight.shape == (1, 32)
+    trainable = [n for n, p in value.named_parameters() if p.requires_grad]
+    assert trainable and all(".value." in n for n in trainable) and any("score" in n for n in trainable)
+    batch = reward.collate(rm.examples(_records(processor, 2)), rm.pad)
+    out = value(input_ids=batch["input_ids"], pixel_values=reward.pixel_values(processor, _images(2)))
+    assert out.shape == (*batch["input_ids"].shape, 1)
+
+
+def test_split_by_image_is_disjoint_complete_and_seeded():
+    records = [{"image_id": i // 3, "response_id": f"{i}"} for i in range(60)]
+    splits = reward.split_by_image(records, 0.1, 0.2, seed=0)
+    images = {name: {r["image_id"] for r in rs} for name, rs in splits.items()}
+    assert (len(images["train"]), len(images["dev"]), len(images["test"])) == (14, 2, 4)
+    assert not (images["train"] & images["dev"] or images["train"] & images["test"] or images["dev"] & images["test"])
+    assert sorted(r["response_id"] for rs in splits.values() for r in rs) == sorted(r["response_id"] for r in records)
+    assert splits == reward.split_by_image(records, 0.1, 0.2, seed=0)
+    assert splits != reward.split_by_image(records, 0.1, 0.2, seed=1)
+
+
+def test_label_metrics_by_hand():
+    reference = [-1, -1, 0, 0, 0, 1, 1, 1]
+    predicted = [-1, 1, 0, 1, 0, 1, 0, 1]
+    m = reward.label_metrics(predicted, reference)
+    assert m["confusion"] == [[1, 0, 1], [0, 2, 1], [0, 1, 2]]
+    assert m["accuracy"] == pytest.approx(5 / 8) and m["n"] == 8 and m["n_applicable"] == 6
+    # per-class F1 over all: n/a 2*1/(2+0+1) = 2/3, correct 2*2/(4+1+1) = 2/3, hallucinated 2*2/(4+2+1) = 4/7
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 4 / 7) / 3)
+    # hallucination class where the reference judges: the halluc. guess on a reference-n/a row is left out
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["applicable_accuracy"] == pytest.approx(4 / 6)
+    assert reward.label_metrics([-1, 0], [-1, 0])["f1"] is None
+    # a predicted n/a where the reference says hallucinated is a miss
+    assert reward.label_metrics([-1, 1], [1, 1])["recall"] == pytest.approx(1 / 2)
+
+
+def test_majority_baseline_knows_applicability_and_guesses_the_training_majority():
+    assert reward.majority_baseline([1, 1, 0, -1, -1, -1], [-1, 0, 1]) == [-1, 1, 1]
+    assert reward.majority_baseline([0, 0, 1], [1, -1]) == [0, -1]
