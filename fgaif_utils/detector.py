@@ -175,7 +175,15 @@ class DetectorVerifier:
         self.model = model
 
     def answer(self, images, questions):
-        predicted = predict_scenes(self.model, images)
+        # Many questions share an image: run the detector once per distinct image.
+        row_of_image, distinct = {}, []
+        for image in images:
+            key = np.ascontiguousarray(image).tobytes()
+            if key not in row_of_image:
+                row_of_image[key] = len(distinct)
+                distinct.append(image)
+        scenes = predict_scenes(self.model, np.stack(distinct)) if distinct else []
+        predicted = [scenes[row_of_image[np.ascontiguousarray(image).tobytes()]] for image in images]
         answers = []
         for scene, question in zip(predicted, questions):
             fact = parse_question(question)

@@ -5,13 +5,12 @@ ground truth, confusion matrices, and scored responses as a self-contained HTML 
 a reward.label_metrics dict ("gt" entries only in the synthetic world). Labels are -1 n/a, 0 correct,
 1 hallucinated. Every string in the HTML that comes from a model or a record is escaped.
 """
-import base64
 import html
-import io
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.image import imsave
+
+from fgaif_utils import report
 
 LABELS = (-1, 0, 1)
 LABEL_NAMES = {-1: "n/a", 0: "correct", 1: "halluc."}
@@ -123,27 +122,8 @@ def confusion_figure(evaluation):
 
 # ---------------------------------------------------------------------------------------------- HTML
 
-CSS = """
-body { font-family: sans-serif; font-size: 14px; margin: 20px; color: #222; }
-.response { border: 1px solid #ccc; border-radius: 6px; padding: 10px; margin: 12px 0; display: flex; gap: 14px; }
-.response img { width: 128px; height: auto; image-rendering: pixelated; flex: none; align-self: flex-start; }
-.meta { color: #666; font-size: 12px; margin-bottom: 6px; }
-.sub { margin: 4px 0 8px; }
-.ss { padding: 1px 3px; border-radius: 3px; }
-.ss.halluc { background: #f8c4c4; } .ss.correct { background: #c8ecc8; } .ss.na { background: #e4e4e4; }
-.badge { font-size: 11px; font-family: monospace; border-radius: 3px; padding: 0 4px; margin-left: 3px;
-         border: 1px solid #999; }
-.badge.l1 { background: #f8c4c4; } .badge.l0 { background: #c8ecc8; } .badge.l-1 { background: #eee; color: #888; }
-.badge.wrong { border: 2px solid #c00; font-weight: bold; }
-"""
-
-
-def _image_html(image):
-    if image is None:
-        return ""
-    buffer = io.BytesIO()
-    imsave(buffer, np.asarray(image, dtype=np.uint8), format="png")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode("ascii")}" alt="image">'
+# The labels report's page style, plus a mark for a reward-model class that misses the reference label.
+CSS = report.CSS + ".badge.wrong { border: 2px solid #c00; font-weight: bold; }\n"
 
 
 def _badge(fact_type, predicted, prob, ai, gt):
@@ -173,7 +153,7 @@ def scored_examples_html(records, scores, types, image_loader=None, title="Rewar
                                     None if gt is None else gt[i]) for i, t in enumerate(types))
             subs.append(f'<div class="sub"><span class="ss {css}">{html.escape(sub["text"])}</span>{badges}</div>')
         meta = f"response {record['response_id']} · image {record['image_id']}"
-        image = _image_html(image_loader(record)) if image_loader else ""
+        image = report._image_html(record, image_loader)
         parts.append(f'<div class="response">{image}<div><div class="meta">{html.escape(meta)}</div>'
                      f'{"".join(subs)}</div></div>')
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
