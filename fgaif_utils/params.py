@@ -202,7 +202,7 @@ class FeedbackParams:
 
 @dataclass
 class RewardParams:
-    backbone: str = "verifier_lvlm"
+    backbone: str = "pretrained"
     """Reward-model backbone: "pretrained", "policy" or "verifier_lvlm" (a stage-01 model of the tiny world), a hub id (paper: llava-hf/llava-1.5-13b-hf, larger than the policy) or a local llava-hf folder. It must share the policy's tokenizer."""
     lora_r: int = 64
     """LoRA rank of each reward model's adapter on the language model (paper: 64)."""
@@ -210,8 +210,6 @@ class RewardParams:
     """LoRA alpha (paper: 16)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA inputs."""
-    train_projector: bool = False
-    """Also train a per-type copy of the multi-modal projector (costs one projector per type in memory). The paper trains LoRA only."""
     lr: float = 2e-5
     """Adam learning rate, constant (paper: 2e-5)."""
     batch_size: int = 4
@@ -232,6 +230,122 @@ class RewardParams:
     """Steps between training checkpoints in the stage cache (there is also one at every epoch end)."""
     report_records: int = 40
     """Scored held-out responses shown in scored_examples.html."""
+    holistic: bool = False
+    """Ablation: train ONE reward model on "any hallucination" labels (1 if any type is hallucinated) instead of the three; PPO then uses it alone."""
+
+
+@dataclass
+class RewardWeights:
+    object: float = 1.0
+    """Weight of the object-existence reward model (0 switches it off: the no-object ablation)."""
+    attribute: float = 1.0
+    """Weight of the attribute reward model."""
+    relation: float = 1.0
+    """Weight of the relation reward model."""
+
+
+@dataclass
+class PpoParams:
+    steps: int = 100
+    """PPO iterations (each: one rollout batch, scoring, then `epochs` passes of minibatch updates)."""
+    rollout_batch: int = 256
+    """Responses sampled per iteration (paper: 256)."""
+    samples_per_image: int = 1
+    """Responses per prompt image within a rollout batch."""
+    minibatch_size: int = 64
+    """Responses per gradient step."""
+    epochs: int = 2
+    """PPO epochs over each rollout batch (paper: 2)."""
+    lr: float = 1e-7
+    """Adam learning rate of the policy adapter and the value model (paper: 1e-7)."""
+    value_lr: float = 0.0
+    """Learning rate of the value model; 0 = the same as `lr`."""
+    lora_r: int = 64
+    """LoRA rank of the policy adapter (language model only)."""
+    lora_alpha: int = 16
+    """LoRA alpha of the policy adapter."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (paper: 1.0)."""
+    top_p: float = 1.0
+    """Rollout nucleus threshold (paper: 1.0)."""
+    max_new_tokens: int = 64
+    """Longest rollout response in tokens."""
+    beta: float = 0.1
+    """KL coefficient: every response token gets -beta * (log pi - log pi_ref) (paper: 0.1)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip: float = 0.2
+    """PPO ratio clip (paper: 0.2)."""
+    value_clip: float = 0.2
+    """Clip of the value prediction around its rollout value."""
+    vf_coef: float = 0.5
+    """Weight of the value loss when the policy and value losses are summed."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip per model."""
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    """Per-type weights of the fine-grained rewards (+1 correct, -1 hallucinated, 0 n/a, times the weight)."""
+    sparse: bool = False
+    """Ablation: put the same total fine-grained reward on the response's last token only (the paper's sparse baseline)."""
+    reward_scale: float = 1.0
+    """Multiply the fine-grained rewards by this before adding the KL term."""
+    whiten_rewards: bool = False
+    """Whiten the fine-grained rewards over the rollout batch (shift and scale) before the KL term."""
+    claim_bonus: float = 0.0
+    """Counterweight against saying less (off in the paper profile): reward added on each sub-sentence the reward models judge correct for some type and hallucinated for none."""
+    kl_budget: float = 0.0
+    """Stop when the mean per-token KL to the reference exceeds this (nats); 0 = no budget."""
+    value_init: Literal["object_reward", "policy"] = "object_reward"
+    """Value model start: the object reward model's adapter on the reward backbone (paper), or the policy backbone with a fresh adapter."""
+    validate_every: int = 10
+    """Iterations between ground-truth/reward checks on the validation split (checkpoint choice, never the eval split)."""
+    validation_images: int = 200
+    """Validation images per check."""
+    checkpoint_every: int = 10
+    """Iterations between resumable checkpoints (adapter, value model, optimisers, RNG)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less GPU memory, slower)."""
+    launcher: Literal["none", "torchrun", "accelerate"] = "none"
+    """Run the training function in the notebook's kernel ("none") or as a multi-process job."""
+    nproc: int = 1
+    """Processes (GPUs) for torchrun / accelerate."""
+    deepspeed_config: str = ""
+    """DeepSpeed ZeRO config for `accelerate launch` (a json file), "" = plain DDP."""
+    report_images: int = 12
+    """Eval-split images shown described before and after PPO."""
+
+
+@dataclass
+class EvaluateParams:
+    n_images: int = 500
+    """Images per evaluation split (eval, eval_long, eval_ood; COCO: val2014) for descriptions and POPE."""
+    max_new_tokens: int = 64
+    """Longest description in tokens (greedy)."""
+    batch_size: int = 100
+    """Images per generate call."""
+    pope_objects: int = 3
+    """POPE: present and absent objects asked about per image (3 + 3 in Li et al. 2023)."""
+    pope_suffix: str = ""
+    """Appended to every POPE question (LLaVA-1.5 eval: " Answer the question using a single word or phrase.")."""
+    pope_files: str = ""
+    """A folder of official POPE question files (coco_pope_{random,popular,adversarial}.json); "" = build them here."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (over images) for the confidence intervals and paired tests."""
+    confidence: float = 0.95
+    """Confidence level of the intervals."""
+    compare_runs: list[str] = field(default_factory=list)
+    """Other runs whose PPO policies are evaluated beside this one (the ablations), on the same images."""
+    judge_model: str = "gpt-4-0613"
+    """Judge for MMHal-Bench and LLaVA-Bench (any OpenAI-compatible model; the key only from OPENAI_API_KEY)."""
+    judge_base_url: str = ""
+    """OpenAI-compatible endpoint of the judge; "" = the OpenAI API."""
+    mmhal_path: str = ""
+    """MMHal-Bench folder (response_template.json + images), supplied by the user; "" = skip."""
+    llava_bench_path: str = ""
+    """LLaVA-Bench in-the-wild folder (questions.jsonl, context.jsonl, answers_gpt4.jsonl, images/); "" = skip."""
+    report_images: int = 12
+    """Images shown side by side for every policy."""
 
 
 @dataclass
@@ -254,6 +368,14 @@ class Params:
     """Stage 03: atomic facts, verification, fine-grained labels."""
     reward: RewardParams = field(default_factory=RewardParams)
     """Stage 04: the three fine-grained reward models (object, attribute, relation) on one shared backbone."""
+    ppo: PpoParams = field(default_factory=PpoParams)
+    """Stage 05: PPO with fine-grained rewards."""
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    """Stage 06: POPE, CHAIR, the synthetic world's exact metrics, GPT-judged benchmarks, comparison."""
+    reuse_run: str = ""
+    """Read the stages in `reuse_stages` from this run's outputs instead of running them here (an ablation reuses the base run's data, models, feedback and reward models)."""
+    reuse_stages: list[str] = field(default_factory=list)
+    """Stage names (e.g. 00_data ... 04_reward_models) taken from `reuse_run`."""
 
 
 def _field_docs(cls):
@@ -393,10 +515,10 @@ def _check_paths(params, source):
         root = Path(os.path.expanduser(data.coco_root))
         if not root.is_dir():
             raise ParamsError(f"{source}: key 'data.coco_root' names {data.coco_root!r}, which is not a folder")
-    for key in ("policy", "verifier"):
-        value = getattr(params.models, key)
+    for key, value in (("models.policy", params.models.policy), ("models.verifier", params.models.verifier),
+                       ("reward.backbone", params.reward.backbone)):
         if value.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(value)).is_dir():
-            raise ParamsError(f"{source}: key 'models.{key}' names the local folder {value!r}, which does not exist")
+            raise ParamsError(f"{source}: key '{key}' names the local folder {value!r}, which does not exist")
 
 
 def load(path, check_paths=True):

@@ -88,6 +88,16 @@ def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
         print(message, file=sys.stderr, flush=True)
         return result
 
+    if name in S.reused_stages(params):
+        source = S.final_dir(params.reuse_run, name)
+        manifest = S.read_manifest(source)
+        if manifest is None:
+            return fail(f"stage {name} is reused from run '{params.reuse_run}' (params key 'reuse_run'), which has "
+                        f"not run it: run `python -m fgaif_utils.pipeline PARAMS.yaml --run {params.reuse_run} "
+                        f"--stages {name[:2]}` first")
+        result.update(status="reused", rows=manifest.get("rows", {}), wall_s=round(time.monotonic() - t0, 2))
+        print(f"{name}: reused from run '{params.reuse_run}'", flush=True)
+        return result
     try:
         fingerprint = S.fingerprint(params, name, run, shown_path, notebooks)
     except S.StageError as err:
@@ -147,6 +157,8 @@ def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=
     path = P.resolve_params_path(params_path)
     params = P.load(path)
     run = S.check_run_name(run or params.run)
+    if run in {params.reuse_run} and S.reused_stages(params):
+        raise S.StageError(f"run '{run}' cannot reuse stages from itself (params key 'reuse_run')")
     selected = select_stages(stages)
     notebooks = Path(notebooks_dir or S.notebooks_dir()).resolve()
     print(f"pipeline: params {path}, run '{run}', outputs {S.outputs_root() / run}", flush=True)

@@ -56,7 +56,31 @@ def marked_sequence(prompt, token_ids, last_tokens, eos_id, where="response"):
     return ids, positions
 
 
-def examples_from_records(records, prompt, eos_id, vocab_size=None):
+def holistic_label(labels):
+    """One "any hallucination" label from per-type labels: 1 if any type is hallucinated, 0 if some type is
+    judged and none hallucinated, -1 if none applies (the holistic ablation's single reward model)."""
+    if labels is None:
+        return None
+    return 1 if 1 in labels else 0 if 0 in labels else -1
+
+
+def holistic_records(records):
+    """Copies of fg_labels records whose sub-sentences carry one holistic label (and ground truth) instead of three."""
+    out = []
+    for record in records:
+        subs = [{**sub, "labels": [holistic_label(sub["labels"])],
+                 "gt_labels": None if sub.get("gt_labels") is None else [holistic_label(sub["gt_labels"])]}
+                for sub in record["subsentences"]]
+        out.append({**record, "subsentences": subs})
+    return out
+
+
+def label_index(fact_type):
+    """Where a type's label sits in a record's labels: FACT_TYPES order, or 0 for the holistic ablation's one label."""
+    return FACT_TYPES.index(fact_type) if fact_type in FACT_TYPES else 0
+
+
+def examples_from_records(records, prompt, eos_id, vocab_size=None, n_types=3):
     """One training/eval example per fg_labels record that has sub-sentences: ids, marker positions, AI labels
     shifted to classes (K, 3) and ground-truth labels (K, 3) in {-1, 0, 1} or None."""
     examples = []
@@ -73,8 +97,9 @@ def examples_from_records(records, prompt, eos_id, vocab_size=None):
                              f"({vocab_size}); the reward backbone must share the policy's tokenizer")
         ids, positions = marked_sequence(prompt, record["token_ids"], [s["last_token"] for s in subs], eos_id, where)
         for k, sub in enumerate(subs):
-            if len(sub.get("labels") or []) != 3 or any(v not in (-1, 0, 1) for v in sub["labels"]):
-                raise ValueError(f"{where}, sub-sentence {k}: labels must be 3 values in (-1, 0, 1), got {sub.get('labels')!r}")
+            if len(sub.get("labels") or []) != n_types or any(v not in (-1, 0, 1) for v in sub["labels"]):
+                raise ValueError(f"{where}, sub-sentence {k}: labels must be {n_types} values in (-1, 0, 1), "
+                                 f"got {sub.get('labels')!r}")
         has_truth = all(sub.get("gt_labels") is not None for sub in subs)
         examples.append({"response_id": record.get("response_id"), "image_id": record["image_id"], "ids": ids,
                          "positions": positions, "classes": [[v + 1 for v in sub["labels"]] for sub in subs],
@@ -162,12 +187,11 @@ class TokenRewardModel(torch.nn.Module):
         return self.score(hidden.float())
 
 
-def lora_config(r, alpha, dropout=0.0, extra_trainable=()):
-    """LoRA on the language model's projections (models.LORA_TARGETS) + the head, trained and saved per adapter.
-    `extra_trainable` names more modules to train and save per adapter (e.g. "multi_modal_projector")."""
+def lora_config(r, alpha, dropout=0.0):
+    """LoRA on the language model's projections (models.LORA_TARGETS); the head is trained and saved per adapter."""
     from peft import LoraConfig
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=models.LORA_TARGETS,
-                      modules_to_save=["score", *extra_trainable])
+                      modules_to_save=["score"])
 
 
 def param_bytes(module):
@@ -190,15 +214,13 @@ class RewardModels:
         self.model.eval()
 
     @classmethod
-    def create(cls, lvlm, processor, prompt_text, r, alpha, dropout=0.0, types=FACT_TYPES, seed=0,
-               extra_trainable=()):
+    def create(cls, lvlm, processor, prompt_text, r, alpha, dropout=0.0, types=FACT_TYPES, seed=0):
         """Fresh adapters and heads (seeded) on a backbone loaded with models.load_lvlm."""
         from peft import get_peft_model
         torch.manual_seed(seed)
-        config = lora_config(r, alpha, dropout, extra_trainable)
-        model = get_peft_model(TokenRewardModel(lvlm), config, adapter_name=types[0])
+        model = get_peft_model(TokenRewardModel(lvlm), lora_config(r, alpha, dropout), adapter_name=types[0])
         for name in types[1:]:
-            model.add_adapter(name, lora_config(r, alpha, dropout, extra_trainable))
+            model.add_adapter(name, lora_config(r, alpha, dropout))
         for name in types:   # a different head per type, from a seed of its own
             torch.manual_seed(seed * 1000 + types.index(name))
             head = model.base_model.model.score.modules_to_save[name]
@@ -223,7 +245,8 @@ class RewardModels:
         self.model.save_pretrained(str(folder), selected_adapters=self.types)
 
     def examples(self, records):
-        return examples_from_records(records, self.prompt, self.eos, len(self.processor.tokenizer))
+        n_labels = 1 if self.types == ["holistic"] else len(FACT_TYPES)
+        return examples_from_records(records, self.prompt, self.eos, len(self.processor.tokenizer), n_labels)
 
     def logits(self, fact_type, input_ids, pixel_values):
         """(B, L, 3) logits of one type's reward model."""
@@ -366,31 +389,33 @@ def label_metrics(predicted, reference):
             "confusion": confusion.tolist()}
 
 
-def majority_baseline(train_labels, reference):
-    """What a majority-class guesser scores: n/a exactly where the reference is n/a (it is told which
-    sub-sentences make a claim of the type), elsewhere the class most frequent among the applicable training
-    labels. Returns its predictions."""
-    applicable = [v for v in train_labels if v != -1]
-    majority = max((0, 1), key=applicable.count) if applicable else 0
-    return [-1 if v == -1 else majority for v in reference]
+def constant_baselines(reference):
+    """The best a constant guess can do on the sub-sentences the reference judges (labels 0 / 1): the accuracy of
+    always guessing the reference's own majority class, and the hallucination F1 of always guessing
+    hallucinated (the highest F1 any constant guess gets: recall 1, precision = the hallucination share)."""
+    judged = [v for v in reference if v != -1]
+    halluc = sum(v == 1 for v in judged)
+    majority = 1 if 2 * halluc > len(judged) else 0
+    return {"n_applicable": len(judged), "majority_class": majority,
+            "majority_accuracy": max(halluc, len(judged) - halluc) / len(judged) if judged else None,
+            "always_hallucinated_f1": 2 * halluc / (halluc + len(judged)) if halluc else None}
 
 
-def evaluate(predicted, examples, train_examples, types=FACT_TYPES):
-    """Per type: metrics of the predictions and of the majority baseline against the AI labels ("ai") and, where
-    every example has them, the ground truth ("gt"). `predicted` (N, 3) is in the order of the examples'
-    sub-sentences."""
+def evaluate(predicted, examples, types=FACT_TYPES):
+    """Per type: label_metrics of the predictions and the constant baselines against the AI labels ("ai",
+    "baseline_ai") and, where every example has them, the ground truth ("gt", "baseline_gt"). `predicted` (N, T)
+    is in the order of the examples' sub-sentences, its columns in the order of `types`."""
     ai = np.array([c for e in examples for c in e["classes"]]) - 1
     gt = np.array([g for e in examples for g in e["gt"]]) if examples and all(e["gt"] for e in examples) else None
-    train_ai = np.array([c for e in train_examples for c in e["classes"]]) - 1
     result = {}
     for t, name in enumerate(types):
         entry = {}
         for source, reference in (("ai", ai), ("gt", gt)):
             if reference is None:
                 continue
-            entry[source] = label_metrics(predicted[:, t], reference[:, t])
-            entry[f"baseline_{source}"] = label_metrics(majority_baseline(list(train_ai[:, t]), reference[:, t]),
-                                                        reference[:, t])
+            column = reference[:, label_index(name)]
+            entry[source] = label_metrics(predicted[:, t], column)
+            entry[f"baseline_{source}"] = constant_baselines(list(column))
         result[name] = entry
     return result
 
@@ -446,7 +471,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     order comes from (seed, epoch)), or, when training had finished, just loads the result. `stop_after` ends
     after that many steps with a checkpoint (simulates an interruption). Returns the history dict: "loss"
     [[step, loss]], "dev" [{"epoch", "step", "macro_f1", "accuracy"}], "best_epoch", "stopped_early", "done"."""
-    model, type_index = rm.model, rm.types.index(fact_type)
+    model, type_index = rm.model, label_index(fact_type)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     model.set_adapter(fact_type)
@@ -513,7 +538,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
 def _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, state, best, epoch, epochs, patience):
     """Dev macro-F1 against the AI labels; keep the best weights; decide whether training is done."""
     predicted, _ = rm.predict(dev_examples, pixels, eval_batch_size, types=[fact_type])
-    reference = np.array([c[rm.types.index(fact_type)] for e in dev_examples for c in e["classes"]]) - 1
+    reference = np.array([c[label_index(fact_type)] for e in dev_examples for c in e["classes"]]) - 1
     metrics = label_metrics(predicted[:, 0], reference)
     f1 = metrics["macro_f1"] or 0.0
     state["dev"].append({"epoch": epoch + 1, "step": state["step"], "macro_f1": f1, "accuracy": metrics["accuracy"]})

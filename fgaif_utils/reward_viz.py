@@ -1,8 +1,8 @@
 """The teaching view of stage 04: reward-model learning curves, per-type metrics against the AI labels and the
 ground truth, confusion matrices, and scored responses as a self-contained HTML page.
 
-`evaluation` is what reward.evaluate returns: {type: {"ai", "baseline_ai", "gt", "baseline_gt"}} with each entry
-a reward.label_metrics dict ("gt" entries only in the synthetic world). Labels are -1 n/a, 0 correct,
+`evaluation` is what reward.evaluate returns: {type: {"ai", "baseline_ai", "gt", "baseline_gt"}}: reward.label_metrics
+and reward.constant_baselines dicts ("gt" entries only in the synthetic world). Labels are -1 n/a, 0 correct,
 1 hallucinated. Every string in the HTML that comes from a model or a record is escaped.
 """
 import html
@@ -56,10 +56,11 @@ def learning_curves(histories, window=20):
 def metrics_table(evaluation):
     """Markdown: per type and reference (AI labels, ground truth), the reward model's accuracy and macro-F1 over
     all held-out sub-sentences, and over those the reference judges (not n/a) the accuracy and the
-    hallucination-class precision / recall / F1, beside the majority baseline's."""
+    hallucination-class precision / recall / F1, beside the constant baselines' (majority-class accuracy,
+    always-hallucinated F1)."""
     lines = ["| type | against | sub-sentences (judged / halluc.) | accuracy | macro-F1 | accuracy where judged "
-             "| halluc. precision | halluc. recall | halluc. F1 | baseline: accuracy where judged "
-             "| baseline: halluc. F1 |", "|" + "---|" * 11]
+             "| halluc. precision | halluc. recall | halluc. F1 | majority-class accuracy "
+             "| always-halluc. F1 |", "|" + "---|" * 11]
     for fact_type, entry in evaluation.items():
         for source in ("ai", "gt"):
             if source not in entry:
@@ -68,13 +69,13 @@ def metrics_table(evaluation):
             lines.append(f"| {fact_type} | {SOURCE_NAMES[source]} | {m['n']} ({m['n_applicable']} / {m['n_hallucinated']}) "
                          f"| {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['applicable_accuracy'])} "
                          f"| {_fmt(m['precision'])} | {_fmt(m['recall'])} | **{_fmt(m['f1'])}** "
-                         f"| {_fmt(b['applicable_accuracy'])} | {_fmt(b['f1'])} |")
+                         f"| {_fmt(b['majority_accuracy'])} | {_fmt(b['always_hallucinated_f1'])} |")
     return "\n".join(lines)
 
 
 def metrics_figure(evaluation):
-    """Bars per type: macro-F1 and hallucination precision / recall / F1, one panel per reference; the majority
-    baseline's hallucination F1 as a black tick."""
+    """Bars per type: macro-F1 and hallucination precision / recall / F1, one panel per reference; the best
+    constant guess's hallucination F1 (always hallucinated) as a black tick."""
     sources = [s for s in ("ai", "gt") if all(s in e for e in evaluation.values())]
     keys = [("macro_f1", "macro-F1"), ("precision", "halluc. precision"), ("recall", "halluc. recall"),
             ("f1", "halluc. F1")]
@@ -87,8 +88,8 @@ def metrics_figure(evaluation):
         for j, (key, name) in enumerate(keys):
             ax.bar(xs + (j + 0.5) * width - 0.4, [evaluation[t][source][key] or 0.0 for t in types], width, label=name)
         f1_x = xs + (len(keys) - 0.5) * width - 0.4
-        ax.scatter(f1_x, [evaluation[t][f"baseline_{source}"]["f1"] or 0.0 for t in types], marker="_", s=300,
-                   color="black", label="majority baseline F1", zorder=3)
+        ax.scatter(f1_x, [evaluation[t][f"baseline_{source}"]["always_hallucinated_f1"] or 0.0 for t in types],
+                   marker="_", s=300, color="black", label="always-halluc. F1", zorder=3)
         ax.set_xticks(xs, types)
         ax.set_ylim(0, 1)
         ax.set_title(f"held-out, against {SOURCE_NAMES[source]}", fontsize=10)

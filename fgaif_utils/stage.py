@@ -46,17 +46,23 @@ class StageSpec:
 
 DATA_MODULES = ("language", "params", "world", "coco", "viz")
 BASE_MODULES = DATA_MODULES + ("models", "tiny_train", "scorer", "facts", "detector")
+SAMPLE_MODULES = BASE_MODULES + ("segment", "feedback")
+FEEDBACK_MODULES = SAMPLE_MODULES + ("llm", "report")
+REWARD_MODULES = FEEDBACK_MODULES + ("reward", "reward_viz")
+PPO_MODULES = REWARD_MODULES + ("ppo", "rollout", "launch")
+EVALUATE_MODULES = PPO_MODULES + ("evaluate",)
 ALL_MODULES = ("*",)
 LATER = ("seed", "num_threads", "data", "models")
 
+# Explicit module lists (not "*"): a new module for a later stage must not invalidate the earlier ones.
 STAGES = [
     StageSpec("00_data", ("seed", "data"), DATA_MODULES),
     StageSpec("01_base_models", ("seed", "num_threads", "data", "models"), BASE_MODULES),
-    StageSpec("02_sample_responses", LATER + ("sampling",), BASE_MODULES + ("segment", "feedback")),
-    StageSpec("03_ai_feedback", LATER + ("feedback",), ALL_MODULES),
-    StageSpec("04_reward_models", LATER + ("reward",), ALL_MODULES),
-    StageSpec("05_ppo", LATER + ("ppo",), ALL_MODULES),
-    StageSpec("06_evaluate", LATER + ("evaluate",), ALL_MODULES),
+    StageSpec("02_sample_responses", LATER + ("sampling",), SAMPLE_MODULES),
+    StageSpec("03_ai_feedback", LATER + ("feedback",), FEEDBACK_MODULES),
+    StageSpec("04_reward_models", LATER + ("reward",), REWARD_MODULES),
+    StageSpec("05_ppo", LATER + ("reward", "ppo"), PPO_MODULES),
+    StageSpec("06_evaluate", LATER + ("reward", "ppo", "evaluate"), EVALUATE_MODULES),
 ]
 # Orchestration only: editing them never changes what a stage computes, so "*" leaves them out.
 NOT_HASHED = ("__init__", "stage", "pipeline")
@@ -95,6 +101,23 @@ def check_run_name(run):
 
 def final_dir(run, stage):
     return outputs_root() / run / stage_spec(stage).name
+
+
+def reused_stages(params):
+    """The stage names a run of `params` reads from `params.reuse_run` instead of running them itself."""
+    if not params.reuse_stages:
+        return set()
+    if not params.reuse_run:
+        raise StageError("params key 'reuse_stages' is set but 'reuse_run' names no run to read them from")
+    check_run_name(params.reuse_run)
+    return {stage_spec(s).name for s in params.reuse_stages}
+
+
+def run_of(stage, run, params=None):
+    """The run whose outputs hold `stage` for `run`: params.reuse_run for the reused stages, else `run`."""
+    if params is not None and stage_spec(stage).name in reused_stages(params):
+        return params.reuse_run
+    return run
 
 
 def partial_dir(run, stage):
@@ -163,13 +186,14 @@ def missing_stage_error(stage, needed, run, params_path=None, params_run=None):
     return StageError(f"stage {stage_spec(stage).name} needs {needed} of run '{run}': run `{command}` first")
 
 
-def upstream_hashes(stage, run, params_path=None, params_run=None):
+def upstream_hashes(stage, run, params_path=None, params_run=None, params=None):
     """{upstream stage: its artifacts_hash}; a clear error naming what to run when one is missing."""
     hashes = {}
     for name in upstream(stage):
-        manifest = read_manifest(final_dir(run, name))
+        source = run_of(name, run, params)
+        manifest = read_manifest(final_dir(source, name))
         if manifest is None:
-            raise missing_stage_error(stage, name, run, params_path, params_run)
+            raise missing_stage_error(stage, name, source, params_path, params_run)
         hashes[name] = manifest["artifacts_hash"]
     return hashes
 
@@ -183,7 +207,7 @@ def fingerprint(params, stage, run=None, params_path=None, notebooks=None):
         "params": params_subset(params, spec.name),
         "notebook": notebook_source(notebook),
         "modules": module_sources(spec.modules),
-        "inputs": upstream_hashes(spec.name, run, params_path, params.run),
+        "inputs": upstream_hashes(spec.name, run, params_path, params.run, params),
     }
     return sha256_text(canonical_json(parts))
 
@@ -286,7 +310,7 @@ class StageContext:
         self.params = P.load(self.params_path)
         self.stage = stage_spec(stage).name
         self.run = check_run_name(run or self.params.run)
-        self.inputs = upstream_hashes(self.stage, self.run, params_path, self.params.run)   # fails early
+        self.inputs = upstream_hashes(self.stage, self.run, params_path, self.params.run, self.params)   # fails early
         self.fingerprint = fingerprint(self.params, self.stage, self.run, params_path)
         self.final_dir = final_dir(self.run, self.stage)
         self.by_hand = work_dir is None
@@ -311,9 +335,10 @@ class StageContext:
         name = stage_spec(stage).name
         if name not in upstream(self.stage):
             raise StageError(f"stage {self.stage} may only read earlier stages, not {name}")
-        folder = final_dir(self.run, name)
+        source = run_of(name, self.run, self.params)
+        folder = final_dir(source, name)
         if read_manifest(folder) is None:
-            raise missing_stage_error(self.stage, name, self.run, self.params_path, self.params.run)
+            raise missing_stage_error(self.stage, name, source, self.params_path, self.params.run)
         return folder
 
     def path(self, name):

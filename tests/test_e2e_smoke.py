@@ -89,3 +89,48 @@ def test_a_notebook_runs_by_itself_from_the_notebooks_folder(tmp_path):
             os.environ["FGAIF_OUTPUTS"] = env_before
     manifest = json.loads((tmp_path / "by-hand" / "00_data" / "manifest.json").read_text())
     assert manifest["run"] == "by-hand" and not (tmp_path / "by-hand" / ".00_data.partial").exists()
+
+
+def _overlay(tmp_path, name, body):
+    """An ablation overlay on smoke.yaml, written as params/ablations/*.yaml are written on tiny.yaml."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"extends: {REPO / 'params' / 'smoke.yaml'}\nrun: ci-{name}\nreuse_run: ci\n{body}")
+    return path
+
+
+def test_ppo_stage_artifacts_and_ablation_overlays_reusing_the_run(smoke_run, tmp_path):
+    run_dir, _, _ = smoke_run
+    if "05_ppo" not in _built_stages():
+        pytest.skip("stage 05 not built")
+    smoke = params.load(REPO / "params" / "smoke.yaml")
+    log = [json.loads(line) for line in (run_dir / "05_ppo" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == list(range(smoke.ppo.steps + 1))
+    assert (run_dir / "05_ppo" / "policy_adapter" / "adapter_model.safetensors").exists()
+    env = {**__import__("os").environ, "FGAIF_OUTPUTS": str(run_dir.parent), "OMP_NUM_THREADS": "1"}
+    sparse = _overlay(tmp_path, "sparse", "reuse_stages: [00_data, 01_base_models, 02_sample_responses, 03_ai_feedback, 04_reward_models]\nppo:\n  sparse: true\n")
+    holistic = _overlay(tmp_path, "holistic", "reuse_stages: [00_data, 01_base_models, 02_sample_responses, 03_ai_feedback]\nreward:\n  holistic: true\n")
+    for path, stages in ((sparse, "00-05"), (holistic, "00-05")):
+        done = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", str(path), "--stages", stages],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        assert done.stdout.count("reused from run 'ci'") == (5 if path == sparse else 4)
+    assert not (run_dir.parent / "ci-sparse" / "00_data").exists()          # reused, not copied or re-run
+    sparse_log = [json.loads(l) for l in (run_dir.parent / "ci-sparse" / "05_ppo" / "log.jsonl").read_text().splitlines()]
+    assert len(sparse_log) == smoke.ppo.steps + 1
+    holistic_summary = json.loads((run_dir.parent / "ci-holistic" / "05_ppo" / "summary.json").read_text())
+    assert holistic_summary["reward_types"] == ["holistic"]
+    assert (run_dir.parent / "ci-holistic" / "04_reward_models" / "reward_models" / "holistic").is_dir()
+
+
+def test_ppo_job_under_torchrun_with_two_processes(smoke_run, tmp_path):
+    run_dir, _, _ = smoke_run
+    if "05_ppo" not in _built_stages():
+        pytest.skip("stage 05 not built")
+    from fgaif_utils import launch
+    argv = launch.command("torchrun", 2, REPO / "params" / "smoke.yaml", "ci", run_dir / "00_data",
+                          run_dir / "01_base_models", run_dir / "04_reward_models", tmp_path / "out",
+                          tmp_path / "checkpoints", master_port=29533)
+    launch.run(argv, tmp_path / "launch.log", cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations"] == params.load(REPO / "params" / "smoke.yaml").ppo.steps
+    assert (tmp_path / "out" / "policy_adapter" / "adapter_config.json").exists()

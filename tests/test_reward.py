@@ -273,6 +273,27 @@ def test_label_metrics_by_hand():
     assert reward.label_metrics([-1, 1], [1, 1])["recall"] == pytest.approx(1 / 2)
 
 
-def test_majority_baseline_knows_applicability_and_guesses_the_training_majority():
-    assert reward.majority_baseline([1, 1, 0, -1, -1, -1], [-1, 0, 1]) == [-1, 1, 1]
-    assert reward.majority_baseline([0, 0, 1], [1, -1]) == [0, -1]
+def test_constant_baselines_by_hand():
+    # judged: 0, 1, 1 (n/a left out): majority hallucinated 2/3; always-halluc precision 2/3, recall 1 -> F1 4/5
+    b = reward.constant_baselines([-1, 0, 1, 1, -1])
+    assert b["majority_class"] == 1 and b["majority_accuracy"] == pytest.approx(2 / 3)
+    assert b["always_hallucinated_f1"] == pytest.approx(4 / 5)
+    assert b["always_hallucinated_f1"] == pytest.approx(reward.label_metrics([-1, 1, 1, 1, -1], [-1, 0, 1, 1, -1])["f1"])
+    assert reward.constant_baselines([-1, 0])["always_hallucinated_f1"] is None
+
+
+def test_holistic_labels_by_hand():
+    assert [reward.holistic_label(l) for l in ([-1, -1, -1], [0, -1, -1], [0, 1, -1], [-1, -1, 1], [0, 0, 0])] == \
+        [-1, 0, 1, 1, 0]
+    record = {"response_id": "r", "image_id": 0, "token_ids": [1, 2],
+              "subsentences": [{"last_token": 1, "labels": [0, 1, -1], "gt_labels": [0, 0, -1]}]}
+    [converted] = reward.holistic_records([record])
+    assert converted["subsentences"][0]["labels"] == [1] and converted["subsentences"][0]["gt_labels"] == [0]
+    assert record["subsentences"][0]["labels"] == [0, 1, -1]          # the input is not modified
+
+
+def test_evaluate_reads_each_type_from_its_own_label_column():
+    examples = [{"classes": [[1, 1, 2]], "gt": [[0, 0, 1]]}]          # AI labels 0, 0, 1 (classes are shifted by one)
+    predicted = np.array([[1]])                                         # a relation-only model says hallucinated
+    result = reward.evaluate(predicted, examples, ["relation"])
+    assert result["relation"]["ai"]["f1"] == 1.0 and result["relation"]["gt"]["f1"] == 1.0

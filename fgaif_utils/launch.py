@@ -1,0 +1,95 @@
+"""Multi-process launch of stage 05's training: build the torchrun / accelerate command, run it, stream its log.
+
+A notebook never holds a multi-GPU job inside its kernel: it calls `launch.run(...)`, which starts
+
+    torchrun --nproc_per_node N -m fgaif_utils.launch --params P --run-name R --out DIR ...
+    accelerate launch --num_processes N [--use_deepspeed --deepspeed_config_file Z] -m fgaif_utils.launch ...
+
+and then reads the artifacts the job wrote into DIR (rank 0 writes them). Each rank runs `ppo.run_job`
+unchanged: the process group is set up here (NCCL on GPUs, gloo on CPU) from the environment the launcher
+sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+class LaunchError(RuntimeError):
+    """The multi-process job failed; the message holds the end of its log."""
+
+
+def command(launcher, nproc, params_path, run, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir,
+            deepspeed_config="", master_port=29531):
+    """The argv that starts `nproc` ranks of the stage-05 job."""
+    job = ["-m", "fgaif_utils.launch", "--params", str(params_path), "--run-name", run, "--data-dir", str(data_dir),
+           "--models-dir", str(models_dir), "--reward-dir", str(reward_dir), "--out", str(out_dir),
+           "--checkpoint-dir", str(checkpoint_dir)]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(master_port), *job]
+    if launcher == "accelerate":
+        accelerate = shutil.which("accelerate") or "accelerate"
+        extra = ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config)] if deepspeed_config else \
+            (["--multi_gpu"] if nproc > 1 else [])
+        return [accelerate, "launch", "--num_processes", str(nproc), "--num_machines", "1", "--main_process_port",
+                str(master_port), "--mixed_precision", "no", "--dynamo_backend", "no", *extra, *job]
+    raise ValueError(f"launcher {launcher!r}: use 'torchrun' or 'accelerate' (or 'none' to train in the kernel)")
+
+
+def run(argv, log_path, cwd=None, env=None):
+    """Run the job, echoing its output live and writing it to `log_path`; LaunchError with the log's tail on
+    failure."""
+    log_path = Path(log_path)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                                   env={**os.environ, **(env or {})})
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            print(line, end="", flush=True)
+        code = process.wait()
+    if code != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
+        raise LaunchError(f"{' '.join(argv[:6])} ... exited with status {code}; log {log_path}:\n{tail}")
+    return code
+
+
+def init_distributed():
+    """Join the process group the launcher describes in the environment; (rank, world size)."""
+    import torch
+    import torch.distributed as dist
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return (dist.get_rank(), world_size) if dist.is_initialized() else (0, 1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fgaif_utils.launch", description="one rank of the stage-05 job")
+    for name in ("--params", "--run-name", "--data-dir", "--models-dir", "--reward-dir", "--out", "--checkpoint-dir"):
+        parser.add_argument(name, required=True)
+    args = parser.parse_args(argv)
+    import torch
+    import torch.distributed as dist
+    from . import params as P
+    from . import ppo
+    settings = P.load(P.resolve_params_path(args.params))
+    torch.set_num_threads(max(1, settings.num_threads // int(os.environ.get("WORLD_SIZE", "1"))))
+    rank, _ = init_distributed()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    try:
+        ppo.run_job(settings, args.data_dir, args.models_dir, args.reward_dir, args.out, args.checkpoint_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,648 @@
+"""FGAIF step 3: PPO with fine-grained rewards (Algorithm 1 of the paper), top-down like cleanrl's ppo.py.
+
+For each iteration:
+  1. rollout   sample responses from the policy (base LVLM + trainable LoRA adapter), temperature / top-p
+               from params, the image token never emitted; keep the sampled token ids.
+  2. score     sub-sentence last tokens from the sampled ids (never re-tokenised text); the three reward
+               models (one shared base, three adapters) give each sub-sentence a class per type.
+  3. forward   log pi (policy), log pi_ref (the same base with the adapter disabled) and V (value model)
+               at every response token, from forward passes over the sampled sequence.
+  4. rewards   r_t = sum_types w_type * R_type(sub-sentence closed at t)  -  beta * (log pi(a_t) - log pi_ref(a_t))
+               with R = +1 correct, -1 hallucinated, 0 n/a. (The FGAIF authors' code adds the KL term; it
+               must be subtracted.) `sparse` puts the same fine-grained total on the last token instead.
+  5. GAE       delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},  returns = A + V.
+  6. update    for `epochs` passes over shuffled minibatches:
+               ratio = exp(log pi_new - log pi_old)
+               L_pi  = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)))
+               L_V   = 0.5 mean(max((V_new - R)^2, (V_old + clip(V_new - V_old, -c, c) - R)^2))
+               Adam steps on the policy adapter and the value model, gradient-norm clip.
+
+A response's actions are its sampled tokens plus the EOS that ended it (when it ended before
+max_new_tokens): stopping is an action too, and "saying less" is the cheapest way to hallucinate less.
+
+The value model is the reward backbone with a trainable adapter started from the object reward model's
+LoRA weights (the paper) and a scalar head, as a fourth adapter ("value") of the reward models' peft model,
+so the backbone is held once. Sequences are right-padded with no attention mask (causal attention never lets
+a real token see a pad on its right; on CPU the masked backward is much slower).
+
+Several processes (torchrun / accelerate launch): every rank samples its share of the batch, then gradients
+are averaged across ranks by all-reduce after each backward, with losses normalised by the global number of
+tokens, so N ranks compute exactly the update one process would on the same global batch.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
+
+from . import models, reward, segment
+
+VALUE_ADAPTER = "value"
+POLICY_ADAPTER = "policy"
+
+
+# ---------------------------------------------------------------------------------------------- equations
+
+def fine_grained_rewards(labels, end_positions, n_actions, weights, sparse=False, claim_bonus=0.0):
+    """(n_actions,) rewards of one response: at each sub-sentence's last token, sum over types of
+    weight * (+1 correct / -1 hallucinated / 0 n/a). `labels` (K, T) in {-1, 0, 1} (reward-model classes
+    shifted), `end_positions` K token indices. `sparse`: the same total on the last action instead.
+    `claim_bonus`: added at a sub-sentence judged correct for some type and hallucinated for none."""
+    rewards = torch.zeros(n_actions)
+    labels = np.asarray(labels).reshape(len(end_positions), len(weights))
+    for k, position in enumerate(end_positions):
+        per_type = np.where(labels[k] == 0, 1.0, np.where(labels[k] == 1, -1.0, 0.0))
+        value = float(np.dot(per_type, weights))
+        if claim_bonus and (labels[k] == 0).any() and not (labels[k] == 1).any():
+            value += claim_bonus
+        rewards[position] += value
+    if sparse and n_actions:
+        total = rewards.sum()
+        rewards.zero_()
+        rewards[n_actions - 1] = total
+    return rewards
+
+
+def kl_penalised_rewards(fine_grained, logprobs, ref_logprobs, mask, beta):
+    """r_t = fine-grained reward - beta * (log pi - log pi_ref) on every response token; (B, T) each."""
+    kl = (logprobs - ref_logprobs) * mask
+    return fine_grained * mask - beta * kl, kl
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over right-padded responses: (advantages, returns), (B, T) each.
+    V after a response's last action is 0 (the episode ends there)."""
+    n_steps = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros(rewards.shape[0])
+    next_value = torch.zeros(rewards.shape[0])
+    for t in reversed(range(n_steps)):
+        alive = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * alive
+        next_value = values[:, t] * alive            # padding beyond the end passes 0 back
+        next_advantage = advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean(x, mask):
+    """Mean over the masked entries, across all ranks when several processes train together."""
+    return _global_sum((x * mask).sum()) / _global_sum(mask.sum()).clamp(min=1)
+
+
+def whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the masked entries of the global batch (the mean kept when shift_mean is False)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip, value_clip, n_tokens):
+    """Sums over the minibatch's tokens divided by `n_tokens` (the global token count, so that ranks can add
+    up): clipped policy loss, clipped value loss, and the diagnostics approx KL (k3) and clip fraction."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    values_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    value_loss = 0.5 * torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    with torch.no_grad():
+        approx_kl = (ratio - 1) - log_ratio
+        clipped = ((ratio - 1).abs() > clip).float()
+    total = lambda x: (x * mask).sum() / n_tokens  # noqa: E731
+    return total(policy_loss), total(value_loss), total(approx_kl), total(clipped)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over the masked tokens."""
+    v, r = values[mask.bool()], returns[mask.bool()]
+    var = r.var(unbiased=False)
+    return float("nan") if var == 0 else float(1 - (r - v).var(unbiased=False) / var)
+
+
+# ---------------------------------------------------------------------------------------------- sequences
+
+def action_ids(token_ids, max_new_tokens, eos_id):
+    """The actions of one response: its sampled tokens plus the EOS that ended it early."""
+    return list(token_ids) + ([eos_id] if len(token_ids) < max_new_tokens else [])
+
+
+def sequence_batch(prompt, actions, pad_id):
+    """input_ids (B, P + T) = prompt + actions, right-padded; mask (B, T) of real actions."""
+    width = max(len(a) for a in actions)
+    input_ids = torch.full((len(actions), len(prompt) + width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(actions), width)
+    input_ids[:, :len(prompt)] = torch.tensor(prompt)
+    for row, a in enumerate(actions):
+        input_ids[row, len(prompt):len(prompt) + len(a)] = torch.tensor(a, dtype=torch.long)
+        mask[row, :len(a)] = 1.0
+    return input_ids, mask
+
+
+def response_logprobs(lvlm, input_ids, pixel_values, prompt_len, temperature=1.0, with_entropy=False):
+    """log pi(a_t | s_t) of every action (B, T): logits at position prompt_len - 1 + t predict action t.
+    Logits are divided by the sampling temperature, the distribution the actions were drawn from."""
+    logits = lvlm(input_ids=input_ids, pixel_values=pixel_values, use_cache=False).logits
+    logits = logits[:, prompt_len - 1:-1].float() / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logprobs = logp_all.gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+    if not with_entropy:
+        return logprobs
+    return logprobs, -(logp_all.exp() * logp_all).sum(-1)
+
+
+class ValueHead(torch.nn.Module):
+    """A scalar head on the value adapter's last hidden states: V(s_t) read at the token before action t."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden):
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def response_values(rm, head, input_ids, pixel_values, prompt_len):
+    """V(s_t) for every action (B, T) from the value adapter of the reward models' peft model."""
+    rm.model.set_adapter(VALUE_ADAPTER)
+    lvlm = rm.model.base_model.model.lvlm
+    hidden = lvlm.model(input_ids=input_ids, pixel_values=pixel_values.to(lvlm.dtype), use_cache=False).last_hidden_state
+    return head(hidden[:, prompt_len - 1:-1])
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def policy_model(base_path, lora_r, lora_alpha, dtype="float32", device="auto", load_in_4bit=False,
+                 local_files_only=True, gradient_checkpointing=False, seed=0):
+    """The base LVLM with a trainable LoRA adapter on the language model; the vision tower and projector stay
+    frozen (unused parameters would break DDP). The reference policy is this model with the adapter disabled."""
+    lvlm, processor = models.load_lvlm(base_path, dtype=dtype, device=device, load_in_4bit=load_in_4bit,
+                                       local_files_only=local_files_only)
+    torch.manual_seed(seed)
+    policy = models.add_lora(lvlm, r=lora_r, alpha=lora_alpha, adapter_name=POLICY_ADAPTER)
+    if gradient_checkpointing:
+        reward.enable_gradient_checkpointing(lvlm)
+    return policy, processor
+
+
+def add_value_adapter(rm, init="object_reward", seed=0):
+    """A "value" adapter on the reward models' base, its LoRA weights copied from the object reward model
+    (paper; the holistic ablation's single model) or freshly initialised (init "policy": the value model does not
+    start from a reward model), and a zero scalar head."""
+    config = reward.lora_config(*_lora_shape(rm))
+    torch.manual_seed(seed)
+    rm.model.add_adapter(VALUE_ADAPTER, config)
+    source = "object" if "object" in rm.types else rm.types[0]     # the holistic ablation has one model
+    if init == "object_reward":
+        with torch.no_grad():
+            for module in rm.model.modules():
+                if hasattr(module, "lora_A") and VALUE_ADAPTER in module.lora_A:
+                    module.lora_A[VALUE_ADAPTER].weight.copy_(module.lora_A[source].weight)
+                    module.lora_B[VALUE_ADAPTER].weight.copy_(module.lora_B[source].weight)
+    lvlm = rm.model.base_model.model.lvlm
+    head = ValueHead(lvlm.config.text_config.hidden_size).to(lvlm.device)
+    return head
+
+
+def _lora_shape(rm):
+    config = rm.model.peft_config[rm.types[0]]
+    return config.r, config.lora_alpha, config.lora_dropout
+
+
+def trainable(module, adapter):
+    """The LoRA parameters of one adapter, made trainable; every other parameter of the module frozen."""
+    chosen = {}
+    for name, p in module.named_parameters():
+        keep = f".{adapter}." in name and "lora_" in name
+        p.requires_grad_(keep)
+        if keep:
+            chosen[name] = p
+    if not chosen:
+        raise ValueError(f"no LoRA parameters of adapter {adapter!r}")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------- one iteration
+
+@dataclass
+class Batch:
+    """One rollout batch on this rank (tensors (B, T) over actions)."""
+    image_ids: list
+    token_ids: list
+    end_positions: list
+    labels: list
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor
+    fine_grained: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor = None
+    returns: torch.Tensor = None
+
+
+class Trainer:
+    """Everything PPO holds: the policy (with its frozen reference), the reward models, the value adapter and
+    head, two Adam optimisers, and the settings. `step(images, image_ids)` is one iteration of Algorithm 1."""
+
+    def __init__(self, policy, processor, rm, value_head, settings, reward_types, prompt_text):
+        self.policy, self.processor, self.rm, self.value_head, self.s = policy, processor, rm, value_head, settings
+        self.reward_types = list(reward_types)
+        self.weights = np.array([getattr(settings.weights, t) if hasattr(settings.weights, t) else 1.0
+                                 for t in self.reward_types])
+        self.tokenizer = processor.tokenizer
+        self.eos = self.tokenizer.eos_token_id
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
+        self.prompt_text = models.chat_prompt(processor, prompt_text)
+        self.prompt = reward.prompt_ids(processor, prompt_text)
+        self.policy_params = trainable(policy, POLICY_ADAPTER)
+        self.value_params = trainable(rm.model, VALUE_ADAPTER)
+        self.value_params.update({f"head.{n}": p for n, p in value_head.named_parameters()})
+        self.policy_opt = torch.optim.Adam(list(self.policy_params.values()), lr=settings.lr)
+        self.value_opt = torch.optim.Adam(list(self.value_params.values()), lr=settings.value_lr or settings.lr)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    @property
+    def device(self):
+        return self.policy.base_model.model.device
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---- 1-5: rollout, score, forward passes, rewards, GAE
+    @torch.no_grad()
+    def rollout(self, images, image_ids, seed):
+        s = self.s
+        self.policy.eval()
+        token_ids, _ = models.generate(self.policy, self.processor, images, [self.prompt_text] * len(images),
+                                       max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
+                                       top_p=s.top_p, seed=seed)
+        end_positions = [segment.subsentence_end_positions(ids, self.decode) if ids else [] for ids in token_ids]
+        return token_ids, end_positions
+
+    @torch.no_grad()
+    def score(self, images, token_ids, end_positions):
+        scores = self.rm.score(images, token_ids, end_positions, batch_size=len(images))
+        return [s["labels"] for s in scores]
+
+    @torch.no_grad()
+    def make_batch(self, images, image_ids, token_ids, end_positions, labels):
+        s = self.s
+        actions = [action_ids(ids, s.max_new_tokens, self.eos) or [self.eos] for ids in token_ids]
+        input_ids, mask = sequence_batch(self.prompt, actions, self.pad)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        pixel_values = reward.pixel_values(self.processor, images).to(self.device)
+        P = len(self.prompt)
+        logprobs, entropy = response_logprobs(self.policy, input_ids, pixel_values, P, s.temperature, True)
+        with self.policy.disable_adapter():
+            ref_logprobs = response_logprobs(self.policy, input_ids, pixel_values, P, s.temperature)
+        values = response_values(self.rm, self.value_head, input_ids, pixel_values, P) * mask
+        fine_grained = torch.stack([
+            _padded(fine_grained_rewards(lab, ends, len(a), self.weights, s.sparse, s.claim_bonus), mask.shape[1])
+            for lab, ends, a in zip(labels, end_positions, actions)]).to(self.device) * s.reward_scale
+        if s.whiten_rewards:
+            fine_grained = whiten(fine_grained, mask)
+        rewards, kl = kl_penalised_rewards(fine_grained, logprobs, ref_logprobs, mask, s.beta)
+        batch = Batch(image_ids, token_ids, end_positions, labels, input_ids, pixel_values, mask, logprobs * mask,
+                      ref_logprobs * mask, entropy * mask, values, fine_grained, rewards, kl)
+        batch.advantages, batch.returns = gae(rewards.cpu(), values.cpu(), mask.cpu(), s.gamma, s.lam)
+        batch.advantages = whiten(batch.advantages, mask.cpu()).to(self.device)
+        batch.returns = batch.returns.to(self.device)
+        return batch
+
+    # ---- 6: the clipped PPO update
+    def update(self, batch, seed):
+        """`epochs` passes over shuffled minibatches; returns the mean diagnostics."""
+        s = self.s
+        n = len(batch.token_ids)
+        per_rank = max(1, s.minibatch_size // self.world)
+        stats = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": [], "grad_norm": []}
+        P = len(self.prompt)
+        self.policy.train()
+        for epoch in range(s.epochs):
+            order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+            for start in range(0, n, per_rank):
+                rows = order[start:start + per_rank].to(self.device)
+                mask = batch.mask[rows]
+                n_tokens = _global_sum(mask.sum())
+                logprobs = response_logprobs(self.policy, batch.input_ids[rows], batch.pixel_values[rows], P,
+                                             s.temperature)
+                values = response_values(self.rm, self.value_head, batch.input_ids[rows], batch.pixel_values[rows], P)
+                policy_loss, value_loss, approx_kl, clip_fraction = ppo_losses(
+                    logprobs, batch.logprobs[rows], batch.advantages[rows], values, batch.values[rows],
+                    batch.returns[rows], mask, s.clip, s.value_clip, n_tokens)
+                self.policy_opt.zero_grad(set_to_none=True)
+                self.value_opt.zero_grad(set_to_none=True)
+                (policy_loss + s.vf_coef * value_loss).backward()
+                _all_reduce_grads(self.policy_params.values(), self.world)
+                _all_reduce_grads(self.value_params.values(), self.world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(self.policy_params.values()), s.grad_clip)
+                torch.nn.utils.clip_grad_norm_(list(self.value_params.values()), s.grad_clip)
+                self.policy_opt.step()
+                self.value_opt.step()
+                for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
+                                   ("approx_kl", approx_kl), ("clip_fraction", clip_fraction)):
+                    stats[key].append(float(_global_sum(value.detach())))
+                stats["grad_norm"].append(float(grad_norm))
+        self.policy.eval()
+        return {k: float(np.mean(v)) for k, v in stats.items()}
+
+    def step(self, images, image_ids, iteration, seed):
+        """One iteration: rollout, score, forward passes and rewards, GAE, update. Returns (log row, batch)."""
+        times = {}
+        t0 = time.monotonic()
+        token_ids, end_positions = self.rollout(images, image_ids, seed)
+        times["rollout_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        labels = self.score(images, token_ids, end_positions)
+        times["scoring_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        batch = self.make_batch(images, image_ids, token_ids, end_positions, labels)
+        times["reference_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        update_stats = self.update(batch, seed)
+        times["update_s"] = time.monotonic() - t0
+        row = {"iteration": iteration, **rollout_stats(batch, self.reward_types, self.weights), **update_stats,
+               **{k: round(v, 3) for k, v in times.items()}}
+        return row, batch
+
+
+def _padded(x, width):
+    out = torch.zeros(width)
+    out[:len(x)] = x
+    return out
+
+
+def _global_sum(x):
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def _all_reduce_grads(params, world):
+    """Average gradients over ranks (what DDP does, made explicit). Losses are already divided by the global
+    token count, so the ranks' gradients are summed."""
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+@torch.no_grad()
+def rollout_stats(batch, reward_types, weights):
+    """Per-iteration diagnostics of a rollout batch (this rank's; means over responses unless said)."""
+    mask = batch.mask
+    n = mask.shape[0]
+    per_type = {t: [] for t in reward_types}
+    for lab in batch.labels:
+        lab = np.asarray(lab).reshape(-1, len(reward_types))
+        for j, t in enumerate(reward_types):
+            per_type[t].append(float(np.sum(np.where(lab[:, j] == 0, 1.0, np.where(lab[:, j] == 1, -1.0, 0.0)))))
+    row = {f"reward_{t}": float(np.mean(v)) for t, v in per_type.items()}
+    row.update({
+        "reward_fine_grained": float(batch.fine_grained.sum() / n),
+        "reward_total": float(batch.rewards.sum() / n),
+        "kl": float(batch.kl.sum() / n),                      # sum over tokens: KL of the response, per response
+        "kl_per_token": float(batch.kl.sum() / mask.sum()),
+        "entropy": float(batch.entropy.sum() / mask.sum()),
+        "response_length": float(mask.sum() / n),
+        "subsentences": float(np.mean([len(e) for e in batch.end_positions])),
+        "explained_variance": explained_variance(batch.values, batch.returns, mask),
+        "value_mean": float(batch.values.sum() / mask.sum()),
+    })
+    for j, t in enumerate(reward_types):
+        labels = np.concatenate([np.asarray(l).reshape(-1, len(reward_types))[:, j] for l in batch.labels] or [[]])
+        judged = labels[labels != -1]
+        row[f"halluc_share_{t}"] = float((judged == 1).mean()) if len(judged) else None
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(trainer, folder, state):
+    """Adapter, value adapter + head, both optimisers and the loop state, each written atomically."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"policy/{n}": p.detach().cpu().contiguous() for n, p in trainer.policy_params.items()}
+    tensors.update({f"value/{n}": p.detach().cpu().contiguous() for n, p in trainer.value_params.items()})
+    save_file(tensors, folder / "weights.safetensors.tmp")
+    torch.save({"policy": trainer.policy_opt.state_dict(), "value": trainer.value_opt.state_dict()},
+               folder / "optimizers.pt.tmp")
+    (folder / "state.json.tmp").write_text(json.dumps(state))
+    for name in ("weights.safetensors", "optimizers.pt", "state.json"):   # state.json last: it marks a whole set
+        os.replace(folder / f"{name}.tmp", folder / name)
+
+
+def load_checkpoint(trainer, folder):
+    """The loop state saved by save_checkpoint (weights and optimisers restored into `trainer`), or None."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        return None
+    tensors = load_file(folder / "weights.safetensors")
+    with torch.no_grad():
+        for n, p in trainer.policy_params.items():
+            p.copy_(tensors[f"policy/{n}"])
+        for n, p in trainer.value_params.items():
+            p.copy_(tensors[f"value/{n}"])
+    optimizers = torch.load(folder / "optimizers.pt", weights_only=True)
+    trainer.policy_opt.load_state_dict(optimizers["policy"])
+    trainer.value_opt.load_state_dict(optimizers["value"])
+    return json.loads((folder / "state.json").read_text())
+
+
+def save_policy_adapter(trainer, folder):
+    """The policy's LoRA adapter as a peft folder (load: PeftModel.from_pretrained(base, folder))."""
+    trainer.policy.save_pretrained(str(folder), selected_adapters=[POLICY_ADAPTER])
+    nested = Path(folder) / POLICY_ADAPTER     # peft writes non-default adapters into a sub-folder
+    if nested.is_dir():
+        for item in nested.iterdir():
+            os.replace(item, Path(folder) / item.name)
+        nested.rmdir()
+
+
+def load_policy(base_path, adapter_dir, **load_kwargs):
+    """The base LVLM with a saved policy adapter merged in: (model, processor), ready for generation."""
+    from peft import PeftModel
+    lvlm, processor = models.load_lvlm(base_path, **load_kwargs)
+    return PeftModel.from_pretrained(lvlm, str(adapter_dir)).merge_and_unload().eval(), processor
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, log_path, validate=None,
+          stop_after=None, rank=0):
+    """Algorithm 1: `settings.steps` iterations over batches of prompt images, this rank's share of each
+    batch. Checkpoints every `checkpoint_every` iterations resume the same trajectory (each iteration's image
+    batch and sampling seed come from (seed, iteration)). `validate(trainer, iteration)` returns a dict logged
+    to the same JSONL. Stops early when the per-token KL exceeds `kl_budget`. Returns the log rows."""
+    s = settings
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    images_per_batch = max(1, s.rollout_batch // s.samples_per_image)
+    log_path, checkpoint_dir = Path(log_path), Path(checkpoint_dir)
+    state = load_checkpoint(trainer, checkpoint_dir) or {"iteration": 0, "log": [], "stopped": None}
+    if state["iteration"] == 0 and validate is not None and not state["log"]:
+        state["log"].append({"iteration": 0, **validate(trainer, 0)})
+    bar = tqdm(total=s.steps, initial=state["iteration"], desc="PPO", mininterval=2.0, disable=rank != 0)
+    t_start = time.monotonic()
+    while state["iteration"] < s.steps and state["stopped"] is None:
+        iteration = state["iteration"] + 1
+        order = np.random.default_rng([seed, iteration]).choice(len(prompt_scenes), images_per_batch, replace=False)
+        chosen = [prompt_scenes[i] for i in order for _ in range(s.samples_per_image)]
+        mine = chosen[rank::world]
+        images = load_images(mine)
+        row, _ = trainer.step(images, [sc["image_id"] for sc in mine], iteration, seed=seed * 1_000_003 + iteration * world + rank)
+        row = _mean_over_ranks(row)
+        row["wall_s"] = round(time.monotonic() - t_start, 2)
+        if validate is not None and (iteration % s.validate_every == 0 or iteration == s.steps):
+            row.update(validate(trainer, iteration))
+        state["log"].append(row)
+        state["iteration"] = iteration
+        if s.kl_budget and row["kl_per_token"] > s.kl_budget:
+            state["stopped"] = f"KL budget: {row['kl_per_token']:.3f} nats/token > {s.kl_budget} at iteration {iteration}"
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(fg=f"{row['reward_fine_grained']:.2f}", kl=f"{row['kl_per_token']:.3f}",
+                            len=f"{row['response_length']:.1f}")
+            _write_log(log_path, state["log"])
+            if iteration % s.checkpoint_every == 0 or iteration == s.steps or state["stopped"]:
+                save_checkpoint(trainer, checkpoint_dir, state)
+        if stop_after is not None and iteration >= stop_after:
+            break
+    bar.close()
+    if rank == 0:
+        _write_log(log_path, state["log"])
+    return state
+
+
+def _mean_over_ranks(row):
+    if not dist.is_initialized():
+        return row
+    keys = [k for k, v in row.items() if isinstance(v, (int, float)) and v is not None and k != "iteration"]
+    values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return {**row, **{k: float(v) for k, v in zip(keys, values)}}
+
+
+def _write_log(path, rows):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+@torch.no_grad()
+def describe(model, processor, images, prompt_text, max_new_tokens, batch_size=100, do_sample=False, seed=0):
+    """Descriptions of `images` (greedy by default): (token id lists, texts)."""
+    prompt = models.chat_prompt(processor, prompt_text)
+    token_ids, texts = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        ids, txt = models.generate(model, processor, chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens,
+                                   do_sample=do_sample, seed=seed + start)
+        token_ids += ids
+        texts += txt
+    return token_ids, texts
+
+
+def validator(scenes, images, prompt_text, max_new_tokens, batch_size, synthetic):
+    """validate(trainer, iteration) for `train`: greedy descriptions of the validation images scored by the
+    reward models (mean reward per type per response) and, in the synthetic world, by the ground-truth scorer
+    (hallucination rate per type, coverage). Never the eval split."""
+    from . import scorer
+
+    def validate(trainer, iteration):
+        token_ids, texts = describe(trainer.policy, trainer.processor, images, prompt_text, max_new_tokens, batch_size)
+        ends = [segment.subsentence_end_positions(ids, trainer.decode) if ids else [] for ids in token_ids]
+        labels = trainer.score(images, token_ids, ends)
+        row = {"val_length": float(np.mean([len(t) for t in token_ids])),
+               "val_subsentences": float(np.mean([len(e) for e in ends]))}
+        for j, t in enumerate(trainer.reward_types):
+            values = [float(np.sum(np.where(l[:, j] == 0, 1.0, np.where(l[:, j] == 1, -1.0, 0.0)))) if len(l) else 0.0
+                      for l in (np.asarray(l).reshape(-1, len(trainer.reward_types)) for l in labels)]
+            row[f"val_reward_{t}"] = float(np.mean(values))
+        row["val_reward_fine_grained"] = float(sum(row[f"val_reward_{t}"] * w
+                                                   for t, w in zip(trainer.reward_types, trainer.weights)))
+        if synthetic:
+            summary = scorer.aggregate([scorer.score_description(text, scene) for text, scene in zip(texts, scenes)])
+            row.update({f"val_gt_{k}": summary[k] for k in ("object_error_rate", "attribute_error_rate",
+                                                             "relation_error_rate", "coverage", "mean_sentences")})
+        return row
+
+    return validate
+
+
+# ---------------------------------------------------------------------------------------------- the stage job
+
+def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, stop_after=None, progress=True):
+    """Everything stage 05 computes, in one function that runs the same in a notebook kernel or on each rank
+    of a torchrun / accelerate job: build the models, train, and (rank 0) write log.jsonl, policy_adapter/,
+    value/ and summary.json into `out_dir`. Returns the loop state."""
+    from . import world
+    P, s = params, params.ppo
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() and world_size > 1 \
+        else P.models.device
+    policy_path = str(Path(models_dir) / "policy") if P.models.policy == "tiny" else \
+        models.resolve_checkpoint(P.models.policy, P.models.local_files_only)
+    load = dict(dtype=P.models.dtype, device=device, local_files_only=P.models.local_files_only)
+    policy, processor = policy_model(policy_path, s.lora_r, s.lora_alpha, load_in_4bit=P.models.load_in_4bit,
+                                     gradient_checkpointing=s.gradient_checkpointing, seed=P.seed, **load)
+    backbone = reward.backbone_path(P.reward.backbone, models_dir, P.models.local_files_only)
+    rm_lvlm, rm_processor = models.load_lvlm(backbone, load_in_4bit=P.models.load_in_4bit, **load)
+    types = ["holistic"] if P.reward.holistic else reward.FACT_TYPES
+    rm = reward.RewardModels.load(rm_lvlm, rm_processor, P.sampling.prompt, Path(reward_dir) / "reward_models", types)
+    value_head = add_value_adapter(rm, s.value_init, seed=P.seed)
+    trainer = Trainer(policy, processor, rm, value_head, s, types, P.sampling.prompt)
+
+    prompt_scenes = world.load_scenes(data_dir, "ppo")
+    validation_scenes = world.load_scenes(data_dir, "validation")[:s.validation_images]
+    validation_images = world.load_images(data_dir, validation_scenes)
+    validate = validator(validation_scenes, validation_images, P.sampling.prompt, s.max_new_tokens,
+                         P.evaluate.batch_size, P.data.world == "synthetic") if rank == 0 or world_size == 1 else None
+    if world_size > 1:
+        validate = _rank0_only(validate)
+    state = train(trainer, prompt_scenes, lambda chunk: world.load_images(data_dir, chunk), s, P.seed,
+                  checkpoint_dir, Path(out_dir) / "log.jsonl", validate, stop_after, rank)
+    if rank == 0:
+        save_policy_adapter(trainer, Path(out_dir) / "policy_adapter")
+        from safetensors.torch import save_file
+        value_dir = Path(out_dir) / "value"
+        value_dir.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainer.value_params.items()},
+                  value_dir / "value.safetensors")
+        (Path(out_dir) / "summary.json").write_text(json.dumps(
+            {"iterations": state["iteration"], "stopped": state["stopped"], "world_size": world_size,
+             "policy_base": policy_path, "reward_backbone": backbone, "reward_types": types}, indent=2))
+    return state
+
+
+def _rank0_only(validate):
+    """Validation runs on rank 0; the other ranks wait for it (a barrier) and log nothing."""
+    def wrapped(trainer, iteration):
+        row = validate(trainer, iteration) if validate is not None else {}
+        dist.barrier()
+        return row
+    return wrapped

@@ -1,0 +1,112 @@
+"""The teaching view of stage 05: PPO curves from log.jsonl, and images described before and after PPO with the
+ground-truth scorer's highlights. Every string from a model is escaped (scorer.highlight_html)."""
+import html
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import scorer
+
+CURVES = [
+    ("fine-grained reward / response", ["reward_fine_grained", "reward_object", "reward_attribute", "reward_relation",
+                                        "reward_holistic"]),
+    ("KL to reference (nats / response)", ["kl"]),
+    ("response length (tokens)", ["response_length"]),
+    ("sub-sentences / response", ["subsentences"]),
+    ("entropy (nats / token)", ["entropy"]),
+    ("approx KL old -> new", ["approx_kl"]),
+    ("clip fraction", ["clip_fraction"]),
+    ("value loss", ["value_loss"]),
+    ("explained variance", ["explained_variance"]),
+]
+
+
+def _smooth(values, window):
+    values = np.asarray(values, dtype=float)
+    if len(values) < window or window < 2:
+        return values
+    kernel = np.ones(window) / window
+    return np.concatenate([values[:window - 1], np.convolve(values, kernel, mode="valid")])
+
+
+def training_curves(log, window=5):
+    """One panel per diagnostic over PPO iterations (thin: raw, thick: moving average)."""
+    rows = [r for r in log if r.get("iteration", 0) > 0 and "reward_total" in r]
+    fig = Figure(figsize=(13, 8.5))
+    axes = fig.subplots(3, 3).flatten()
+    its = [r["iteration"] for r in rows]
+    for ax, (title, keys) in zip(axes, CURVES):
+        for key in keys:
+            values = [r.get(key) for r in rows]
+            if not values or any(v is None for v in values):
+                continue
+            line, = ax.plot(its, values, lw=0.6, alpha=0.5)
+            ax.plot(its, _smooth(values, window), lw=1.8, color=line.get_color(), label=key.replace("reward_", ""))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration", fontsize=8)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+VALIDATION_CURVES = [
+    ("validation: ground-truth hallucination rate (greedy)",
+     ["val_gt_object_error_rate", "val_gt_attribute_error_rate", "val_gt_relation_error_rate"]),
+    ("validation: coverage and sentences", ["val_gt_coverage", "val_gt_mean_sentences"]),
+    ("validation: reward-model reward / response", ["val_reward_object", "val_reward_attribute",
+                                                    "val_reward_relation", "val_reward_holistic"]),
+]
+
+
+def validation_curves(log):
+    """The validation split (never eval) over iterations: what the truth says, and what the reward models say."""
+    rows = [r for r in log if any(k.startswith("val_") for k in r)]
+    fig = Figure(figsize=(13, 3.4))
+    axes = fig.subplots(1, 3)
+    for ax, (title, keys) in zip(axes, VALIDATION_CURVES):
+        for key in keys:
+            points = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=key.replace("val_gt_", "").replace("val_", ""))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def before_after_html(scenes, before_texts, after_texts, image_html=None):
+    """A table: per image, the truth, and the greedy descriptions before and after PPO with every fact coloured
+    by the ground-truth scorer (green correct, red hallucinated)."""
+    rows = ["<table style='font-family:sans-serif;font-size:13px;border-collapse:collapse'>"
+            "<tr><th>image</th><th>truth</th><th>before PPO</th><th>after PPO</th></tr>"]
+    for k, (scene, before, after) in enumerate(zip(scenes, before_texts, after_texts)):
+        truth = ", ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in scene["objects"])
+        cells = [scorer.highlight_html(t, scorer.score_description(t, scene)["facts"]) for t in (before, after)]
+        picture = image_html(k) if image_html else html.escape(str(scene["image_id"]))
+        rows.append(f"<tr style='border-top:1px solid #ccc;vertical-align:top'><td>{picture}</td>"
+                    f"<td>{html.escape(truth)}</td><td>{cells[0]}</td><td>{cells[1]}</td></tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
+
+
+def before_after_table(before, after):
+    """Markdown: ground-truth metrics of greedy descriptions before and after PPO (scorer.aggregate dicts)."""
+    keys = [("object_error_rate", "object halluc."), ("attribute_error_rate", "attribute halluc."),
+            ("relation_error_rate", "relation halluc."), ("chair_s", "CHAIR_s"), ("coverage", "coverage"),
+            ("mean_sentences", "sentences / desc."), ("mean_words", "words / desc.")]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| | " + " | ".join(name for _, name in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for label, summary in (("before PPO", before), ("after PPO", after)):
+        lines.append(f"| {label} | " + " | ".join(fmt(summary.get(k)) for k, _ in keys) + " |")
+    return "\n".join(lines)
+
+
+def validation_table(rows):
+    """Markdown: the validation metrics (keys val_*) of the given log rows, one row per iteration."""
+    keys = sorted({k for r in rows for k in r if k.startswith("val_")})
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| iteration | " + " | ".join(k[4:] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {r['iteration']} | " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

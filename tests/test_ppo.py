@@ -1,0 +1,258 @@
+"""PPO with fine-grained rewards: GAE by hand, the KL sign, reward positions from sampled ids, the sparse
+ablation, the value model's start, stop-and-resume, and a 2-process gloo run against one process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fgaif_utils import models, params, ppo, reward, segment
+
+torch.set_num_threads(1)
+PROMPT = "Describe this image in detail."
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------- equations
+
+def test_gae_on_three_tokens_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 0.2], [0.3, 0.4, 9.0]])   # row 2 is 2 tokens long: its 9.0 is padding
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # row 1: delta2 = 2 - 0.2 = 1.8; delta1 = 0 + 0.9*0.2 - 1 = -0.82, A1 = -0.82 + 0.72*1.8 = 0.476;
+    #        delta0 = 1 + 0.9*1.0 - 0.5 = 1.4, A0 = 1.4 + 0.72*0.476 = 1.74272
+    # row 2: delta1 = -1 - 0.4 = -1.4 (no value after the end); delta0 = 0.5 + 0.9*0.4 - 0.3 = 0.56,
+    #        A0 = 0.56 + 0.72*(-1.4) = -0.448
+    assert advantages.tolist()[0] == pytest.approx([1.74272, 0.476, 1.8])
+    assert advantages.tolist()[1] == pytest.approx([-0.448, -1.4, 0.0])
+    assert returns.tolist()[0] == pytest.approx([2.24272, 1.476, 2.0])
+    assert returns.tolist()[1] == pytest.approx([-0.148, -1.0, 0.0])
+
+
+def test_kl_term_is_subtracted():
+    fine = torch.tensor([[0.0, 1.0]])
+    logp, ref = torch.tensor([[-1.0, -0.5]]), torch.tensor([[-2.0, -0.5]])
+    rewards, kl = ppo.kl_penalised_rewards(fine, logp, ref, torch.ones(1, 2), beta=0.1)
+    # token 0: the policy puts more mass on its action than the reference: reward 0 - 0.1 * 1
+    assert rewards.tolist()[0] == pytest.approx([-0.1, 1.0])
+    assert kl.tolist()[0] == pytest.approx([1.0, 0.0])
+
+
+def test_fine_grained_rewards_by_hand():
+    labels = [[0, -1, 1], [1, 0, -1]]           # sub-sentence 0: object ok, relation wrong; 1: object wrong, attr ok
+    weights = np.array([1.0, 0.5, 2.0])
+    rewards = ppo.fine_grained_rewards(labels, [2, 5], 7, weights)
+    assert rewards.tolist() == pytest.approx([0, 0, 1 - 2, 0, 0, -1 + 0.5, 0])
+    sparse = ppo.fine_grained_rewards(labels, [2, 5], 7, weights, sparse=True)
+    assert sparse.tolist() == pytest.approx([0] * 6 + [-1.5]) and float(sparse.sum()) == pytest.approx(float(rewards.sum()))
+    bonus = ppo.fine_grained_rewards([[0, 0, -1], [1, 0, -1]], [2, 5], 7, weights, claim_bonus=0.25)
+    assert bonus.tolist() == pytest.approx([0, 0, 1.5 + 0.25, 0, 0, -0.5, 0])   # no bonus where anything is wrong
+    off = ppo.fine_grained_rewards(labels, [2, 5], 7, np.array([0.0, 0.5, 0.0]))   # object and relation switched off
+    assert off.tolist() == pytest.approx([0, 0, 0, 0, 0, 0.5, 0])
+
+
+def test_reward_positions_follow_tokens_that_straddle_sub_sentence_boundaries():
+    # a byte-pair-like vocabulary where one token carries the end of one sub-sentence and the start of the next
+    pieces = {0: "There", 1: " is", 2: " a", 3: " red", 4: " heart", 5: ", a", 6: " blue", 7: " star", 8: " on",
+              9: " its", 10: " left", 11: " and", 12: " more", 13: "."}
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    ids = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    text = decode(ids)
+    spans = [(0, text.index(",") + 1), (text.index("a blue"), len(text))]
+    ends = segment.subsentence_end_positions(ids, decode, spans)
+    assert ends == [5, 13]     # ", a" closes "There is a red heart,"; the final "." closes the second
+    assert segment.subsentence_end_positions(ids, decode, [(0, text.index(",")), spans[1]]) == [4, 13]
+    rewards = ppo.fine_grained_rewards([[0, -1, -1], [1, -1, -1]], ends, len(ids) + 1, np.ones(3))
+    assert rewards.nonzero().flatten().tolist() == [5, 13] and rewards[5] == 1 and rewards[13] == -1
+
+
+def test_ppo_losses_by_hand():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.log(torch.tensor([[1.5, 0.9]]))       # ratios 1.5 (clipped to 1.2) and 0.9
+    adv = torch.tensor([[1.0, -2.0]])
+    values, old_values, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.0]]), torch.tensor([[2.0, 1.0]])
+    pg, vf, approx_kl, clipfrac = ppo.ppo_losses(new, old, adv, values, old_values, returns, torch.ones(1, 2),
+                                                 clip=0.2, value_clip=0.2, n_tokens=2)
+    # token 0: max(-1.5, -1.2) = -1.2; token 1: max(1.8, 2*0.9=1.8) = 1.8 -> mean 0.3
+    assert float(pg) == pytest.approx(0.3)
+    # token 0: unclipped (1-2)^2 = 1, clipped value 0.7 -> (0.7-2)^2 = 1.69 -> 1.69; token 1: 1 -> 0.5*(1.69+1)/2
+    assert float(vf) == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert float(clipfrac) == pytest.approx(0.5)
+    assert float(approx_kl) == pytest.approx(((0.5 - np.log(1.5)) + (-0.1 - np.log(0.9))) / 2)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.ones(1, 4)
+    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full((1, 4), 2.5), returns, mask) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------------------- with models
+
+def _settings(**overrides):
+    s = params.PpoParams(steps=3, rollout_batch=4, samples_per_image=1, minibatch_size=2, epochs=2, lr=1e-2,
+                         lora_r=2, lora_alpha=4, max_new_tokens=10, beta=0.1, validate_every=100,
+                         checkpoint_every=1)
+    for key, value in overrides.items():
+        setattr(s, key, value)
+    return s
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random policy checkpoint and three random reward adapters saved on a tiny backbone."""
+    arch = params.TinyArchParams(vision_hidden=32, text_hidden=32, text_layers=1, vision_layers=1, heads=2)
+    tokenizer = models.build_tiny_tokenizer()
+    processor = models.build_tiny_processor(tokenizer, 32, 8)
+    root = tmp_path_factory.mktemp("ppo")
+    models.save_lvlm(models.build_tiny_llava(arch, 32, tokenizer, seed=0), processor, root / "policy")
+    models.save_lvlm(models.build_tiny_llava(arch, 32, tokenizer, seed=1), processor, root / "backbone")
+    lvlm, proc = models.load_lvlm(str(root / "backbone"), device="cpu")
+    rm = reward.RewardModels.create(lvlm, proc, PROMPT, r=2, alpha=4, seed=0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in rm.model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    rm.save(root / "reward_models")
+    return root
+
+
+def _images(n, seed=0):
+    return list(np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+
+
+def _trainer(root, settings):
+    policy, processor = ppo.policy_model(str(root / "policy"), settings.lora_r, settings.lora_alpha, device="cpu")
+    lvlm, proc = models.load_lvlm(str(root / "backbone"), device="cpu")
+    rm = reward.RewardModels.load(lvlm, proc, PROMPT, root / "reward_models")
+    head = ppo.add_value_adapter(rm, "object_reward", seed=0)
+    return ppo.Trainer(policy, processor, rm, head, settings, reward.FACT_TYPES, PROMPT)
+
+
+def test_value_adapter_starts_from_the_object_reward_model(tiny):
+    trainer = _trainer(tiny, _settings())
+    for module in trainer.rm.model.modules():
+        if hasattr(module, "lora_A") and "value" in module.lora_A:
+            assert torch.equal(module.lora_A["value"].weight, module.lora_A["object"].weight)
+            assert torch.equal(module.lora_B["value"].weight, module.lora_B["object"].weight)
+    assert set(trainer.value_params) and all("value" in n or n.startswith("head.") for n in trainer.value_params)
+
+
+def test_kl_lowers_the_reward_when_the_policy_moves_away(tiny):
+    trainer = _trainer(tiny, _settings(max_new_tokens=16))
+    images = _images(8)
+    with torch.no_grad():   # move the policy away from the reference (LoRA B starts at zero: policy == reference)
+        for name, p in trainer.policy_params.items():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    token_ids, ends = trainer.rollout(images, list(range(8)), seed=0)     # sampled from the moved policy
+    labels = trainer.score(images, token_ids, ends)
+    moved = trainer.make_batch(images, list(range(8)), token_ids, ends, labels)
+    response_kl = moved.kl.sum(1)
+    assert float(response_kl.mean()) > 0.5    # log pi - log pi_ref on pi's own samples estimates KL(pi || ref) >= 0
+    assert torch.allclose(moved.rewards.sum(1), moved.fine_grained.sum(1) - 0.1 * response_kl, atol=1e-5)
+    assert float(moved.rewards.sum()) < float(moved.fine_grained.sum())
+    saved = {n: p.detach().clone() for n, p in trainer.policy_params.items()}
+    with torch.no_grad():
+        for name, p in trainer.policy_params.items():
+            if "lora_B" in name:
+                p.zero_()
+    at_reference = trainer.make_batch(images, list(range(8)), token_ids, ends, labels)
+    assert float(at_reference.kl.abs().max()) < 1e-5
+    assert torch.equal(at_reference.rewards, at_reference.fine_grained)
+    assert torch.equal(moved.fine_grained, at_reference.fine_grained)
+    with torch.no_grad():
+        for n, p in trainer.policy_params.items():
+            p.copy_(saved[n])
+
+
+def test_rollout_never_emits_the_image_token_and_positions_index_sampled_ids(tiny):
+    trainer = _trainer(tiny, _settings(max_new_tokens=12))
+    token_ids, ends = trainer.rollout(_images(6), list(range(6)), seed=1)
+    image_token = trainer.tokenizer.image_token_id
+    assert all(image_token not in ids for ids in token_ids)
+    for ids, e in zip(token_ids, ends):
+        assert e == segment.subsentence_end_positions(ids, trainer.decode) if ids else e == []
+        assert all(0 <= k < len(ids) for k in e)
+
+
+def _flat(trainer):
+    return torch.cat([p.detach().flatten() for p in list(trainer.policy_params.values()) +
+                      list(trainer.value_params.values())])
+
+
+def test_stop_and_resume_reproduce_an_uninterrupted_run(tiny, tmp_path):
+    scenes = [{"image_id": i} for i in range(12)]
+    images = {i: im for i, im in enumerate(_images(12, seed=5))}
+    load = lambda chunk: [images[s["image_id"]] for s in chunk]  # noqa: E731
+    straight = _trainer(tiny, _settings())
+    state = ppo.train(straight, scenes, load, straight.s, seed=0, checkpoint_dir=tmp_path / "a",
+                      log_path=tmp_path / "a.jsonl")
+    assert state["iteration"] == 3
+    first = _trainer(tiny, _settings())
+    ppo.train(first, scenes, load, first.s, seed=0, checkpoint_dir=tmp_path / "b", log_path=tmp_path / "b.jsonl",
+              stop_after=2)
+    resumed = _trainer(tiny, _settings())                      # a fresh process: everything from the checkpoint
+    state_b = ppo.train(resumed, scenes, load, resumed.s, seed=0, checkpoint_dir=tmp_path / "b",
+                        log_path=tmp_path / "b.jsonl")
+    assert state_b["iteration"] == 3
+    assert torch.equal(_flat(straight), _flat(resumed))
+    log_a = [json.loads(l) for l in (tmp_path / "a.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (tmp_path / "b.jsonl").read_text().splitlines()]
+    strip = lambda row: {k: v for k, v in row.items() if not k.endswith("_s")}  # noqa: E731
+    assert [strip(r) for r in log_a] == [strip(r) for r in log_b]
+    for key in ("approx_kl", "clip_fraction", "explained_variance", "reward_object", "kl", "entropy",
+                "response_length", "subsentences", "value_loss", "rollout_s", "scoring_s", "reference_s", "update_s"):
+        assert key in log_a[-1]
+    # training moved the adapter away from the reference
+    assert log_a[-1]["kl_per_token"] != 0
+
+
+WORKER = r'''
+import json, sys, numpy as np, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from tests.test_ppo import _trainer, _settings, _images, _flat
+from pathlib import Path
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+trainer = _trainer(Path(sys.argv[2]), _settings(minibatch_size=8, epochs=2))
+images, token_ids, ends, labels = torch.load(sys.argv[3], weights_only=False)
+mine = slice(rank, None, world)
+batch = trainer.make_batch(images[mine], list(range(8))[mine], token_ids[mine], ends[mine], labels[mine])
+stats = trainer.update(batch, seed=0)
+flat = _flat(trainer)
+gathered = [torch.zeros_like(flat) for _ in range(world)]
+dist.all_gather(gathered, flat)
+if rank == 0:
+    torch.save({"flat": flat, "same": all(torch.equal(g, flat) for g in gathered), "stats": stats}, sys.argv[4])
+dist.destroy_process_group()
+'''
+
+
+def test_two_process_gloo_update_matches_one_process(tiny, tmp_path):
+    single = _trainer(tiny, _settings(minibatch_size=8, epochs=2))
+    images = _images(8, seed=9)
+    token_ids, ends = single.rollout(images, list(range(8)), seed=3)
+    labels = single.score(images, token_ids, ends)
+    torch.save((images, token_ids, ends, labels), tmp_path / "batch.pt")
+    batch = single.make_batch(images, list(range(8)), token_ids, ends, labels)
+    stats = single.update(batch, seed=0)
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(tmp_path / "worker.py"), str(REPO), str(tiny),
+                           str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["same"]                                     # both ranks hold identical parameters
+    assert torch.allclose(out["flat"], _flat(single), atol=1e-5, rtol=1e-4)
+    assert out["stats"]["policy_loss"] == pytest.approx(stats["policy_loss"], abs=1e-5)
