@@ -44,13 +44,15 @@ class StageSpec:
     modules: tuple    # fgaif_utils module names whose source is hashed; ("*",) = every module
 
 
-DATA_MODULES = ("language", "params", "world", "coco", "viz")
+# params.py is not hashed: what it means for a stage is already in the hashed params values (defaults included),
+# so adding a field for a later stage does not re-run the earlier ones.
+DATA_MODULES = ("language", "world", "coco", "viz")
 BASE_MODULES = DATA_MODULES + ("models", "tiny_train", "scorer", "facts", "detector")
 SAMPLE_MODULES = BASE_MODULES + ("segment", "feedback")
 FEEDBACK_MODULES = SAMPLE_MODULES + ("llm", "report")
 REWARD_MODULES = FEEDBACK_MODULES + ("reward", "reward_viz")
 PPO_MODULES = REWARD_MODULES + ("ppo", "rollout", "launch")
-EVALUATE_MODULES = PPO_MODULES + ("evaluate",)
+EVALUATE_MODULES = PPO_MODULES + ("evaluate", "coco_synonyms")
 ALL_MODULES = ("*",)
 LATER = ("seed", "num_threads", "data", "models")
 
@@ -65,7 +67,7 @@ STAGES = [
     StageSpec("06_evaluate", LATER + ("reward", "ppo", "evaluate"), EVALUATE_MODULES),
 ]
 # Orchestration only: editing them never changes what a stage computes, so "*" leaves them out.
-NOT_HASHED = ("__init__", "stage", "pipeline")
+NOT_HASHED = ("__init__", "stage", "pipeline", "params")
 
 
 def stage_spec(name):

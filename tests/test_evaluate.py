@@ -1,0 +1,437 @@
+"""Stage 06's library: POPE (samplers, parsing, metrics), CHAIR, bootstrap intervals and paired tests, the GPT
+judges against the local OpenAI-compatible stub, and one policy evaluated end to end with a tiny random LLaVA."""
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fgaif_utils import evaluate as E
+from fgaif_utils import models, params, world
+from openai_stub import Reply, StubServer
+
+torch.set_num_threads(1)
+
+# ---------------------------------------------------------------------------------------------- POPE
+
+NAMES = {1: "person", 2: "dog", 3: "frisbee", 4: "car", 5: "bus", 6: "cup", 7: "kite"}
+IMAGES = {1: ["person", "car"], 2: ["person", "car"], 3: ["person", "car"], 4: ["person", "car", "bus"],
+          5: ["person", "cup"], 6: ["dog", "frisbee"], 7: ["dog", "frisbee", "kite"], 8: ["dog", "kite", "cup"]}
+# image frequency: person 5, car 4, dog 3, frisbee 2, kite 2, cup 2, bus 1.
+# image 8 = {dog, kite, cup}: absent person, car, frisbee, bus. Co-occurrence with its objects:
+# frisbee 2 (dog) + 1 (kite) = 3, person 1 (cup), car 0, bus 0.
+
+
+def instances():
+    by_name = {name: i for i, name in NAMES.items()}
+    annotations = [{"id": 100 * image + k, "image_id": image, "category_id": by_name[name], "bbox": [0, 0, 1, 1]}
+                   for image, names in IMAGES.items() for k, name in enumerate(names)]
+    return {"images": [{"id": i, "file_name": f"{i}.png", "width": 8, "height": 8} for i in IMAGES],
+            "annotations": annotations, "categories": [{"id": i, "name": n} for i, n in NAMES.items()]}
+
+
+def test_category_statistics_count_images_not_annotations():
+    data = instances()
+    data["annotations"].append({"id": 999, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]})  # 2nd person
+    frequency, cooccurrence = E.category_statistics(data)
+    assert frequency == {"person": 5, "car": 4, "dog": 3, "frisbee": 2, "kite": 2, "cup": 2, "bus": 1}
+    assert cooccurrence["dog"] == {"frisbee": 2, "kite": 2, "cup": 1}
+    assert cooccurrence["person"]["car"] == 4 and "person" not in cooccurrence["person"]
+
+
+def test_popular_and_adversarial_draw_the_most_frequent_and_most_co_occurring_absent():
+    rows = E.build_pope(instances(), [8], n_objects=2, seed=0)
+    by_sampler = {s: [r for r in rows if r["sampler"] == s] for s in E.POPE_SAMPLERS}
+    negatives = {s: [r["object"] for r in rs if r["label"] == "no"] for s, rs in by_sampler.items()}
+    assert negatives["popular"] == ["person", "car"]            # the two most frequent absent categories
+    assert negatives["adversarial"] == ["frisbee", "person"]    # co-occurrence 3 and 1 with dog / kite / cup
+    for sampler, rs in by_sampler.items():
+        positives = [r["object"] for r in rs if r["label"] == "yes"]
+        assert len(positives) == 2 and set(positives) <= {"dog", "kite", "cup"}
+        assert len(rs) == 4 and not set(negatives[sampler]) & {"dog", "kite", "cup"}
+        assert rs[0]["text"] == f"Is there a {rs[0]['object']} in the image?"
+    # the same present objects for every sampler
+    assert len({tuple(r["object"] for r in rs if r["label"] == "yes") for rs in by_sampler.values()}) == 1
+
+
+def test_random_negatives_are_absent_uniform_and_seeded():
+    seen = {"person": 0, "car": 0, "frisbee": 0, "bus": 0}
+    for seed in range(400):
+        rows = E.build_pope(instances(), [8], n_objects=2, seed=seed, samplers=["random"])
+        for row in rows:
+            if row["label"] == "no":
+                seen[row["object"]] += 1     # KeyError if a present category were drawn
+    assert sum(seen.values()) == 800
+    assert all(150 <= count <= 250 for count in seen.values()), seen   # each absent one has p = 1/2
+    assert E.build_pope(instances(), [1, 8], seed=3, suffix=" Answer briefly.") == \
+        E.build_pope(instances(), [1, 8], seed=3, suffix=" Answer briefly.")
+
+
+def test_pope_is_balanced_when_an_image_has_few_objects():
+    rows = E.build_pope(instances(), [1, 7], n_objects=3, seed=0, samplers=["popular"])
+    image1 = [r for r in rows if r["image_id"] == 1]
+    assert [r["label"] for r in image1] == ["yes", "yes", "no", "no"]   # 2 present -> 2 absent
+    assert [r["object"] for r in image1 if r["label"] == "no"] == ["dog", "cup"]   # dog 3; cup, frisbee, kite 2 -> name
+    assert len([r for r in rows if r["image_id"] == 7]) == 6
+
+
+def test_pope_answer_reading():
+    cases = {"Yes": "yes", "Yes, there is a dog in the image.": "yes", "No.": "no", "no": "no",
+             "There is not a dog in the image.": "no", "I don't see one": "no",
+             "Yes. There is no other dog.": "yes", "": "yes", "Nope": "yes", "NO, it is a cat": "no"}
+    assert {text: E.pope_answer(text) for text in cases} == cases
+
+
+def test_pope_metrics_on_a_hand_made_answer_set():
+    labels = ["yes", "yes", "yes", "yes", "no", "no", "no", "no", "no", "no"]
+    answers = ["yes", "yes", "yes", "no", "yes", "yes", "no", "no", "no", "no"]
+    m = E.pope_metrics(labels, answers)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (3, 1, 2, 4)
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["precision"] == pytest.approx(3 / 5)
+    assert m["recall"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(2 * 0.6 * 0.75 / (0.6 + 0.75))
+    assert m["yes_ratio"] == pytest.approx(5 / 10)
+    with pytest.raises(ValueError):
+        E.pope_metrics(["yes"], ["maybe"])
+
+
+def test_pope_metrics_through_per_image_counts_match_the_direct_ones():
+    labels = ["yes", "no", "yes", "no", "yes", "no"]
+    answers = ["yes", "yes", "no", "no", "yes", "no"]
+    records = [{"policy": "p", "split": "s", "image_id": i,
+                "counts": E._pope_counts([{"sampler": "random", "label": labels[j], "answer": answers[j]}
+                                          for j in (2 * i, 2 * i + 1)])} for i in range(3)]
+    summary = E.summarise(records, n_resamples=50)["p"]["s"]
+    direct = E.pope_metrics(labels, answers)
+    for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+        assert summary[f"pope_random_{key}"]["value"] == pytest.approx(direct[key])
+
+
+def test_official_pope_files_are_read(tmp_path):
+    lines = [{"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?",
+              "label": "yes"},
+             {"question_id": 2, "image": "COCO_val2014_000000210789.jpg", "text": "Is there an apple in the image?",
+              "label": "no"}]
+    for sampler in E.POPE_SAMPLERS:
+        (tmp_path / f"coco_pope_{sampler}.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rows = E.read_pope_folder(tmp_path, suffix=" Answer with one word.")
+    assert len(rows) == 6 and rows[0]["sampler"] == "random" and rows[-1]["sampler"] == "adversarial"
+    assert rows[0]["image_id"] == 310196 and rows[1]["object"] == "apple" and rows[0]["object"] == "snowboard"
+    assert rows[1]["text"] == "Is there an apple in the image? Answer with one word." and rows[1]["label"] == "no"
+    (tmp_path / "bad.json").write_text(json.dumps({**lines[0], "label": "maybe"}) + "\n")
+    with pytest.raises(ValueError, match="bad.json:1"):
+        E.read_pope_file(tmp_path / "bad.json", "random")
+
+
+# ---------------------------------------------------------------------------------------------- CHAIR
+
+def test_chair_on_hand_written_captions():
+    vocabulary = E.coco_vocabulary()
+    captions = ["A man is holding a frisbee while two dogs run on the grass.",
+                "There is no cat in the image, but there is a hot dog on a dining table.",
+                "Several people stand near a bus and a traffic light. A bicycle leans on a bench."]
+    truths = [{"person", "dog", "frisbee", "car"}, {"hot dog", "dining table"}, {"person", "bus", "bench"}]
+    first = E.chair_counts(captions[0], truths[0], vocabulary)
+    assert (first["chair_mentioned"], first["chair_hallucinated"], first["chair_covered"]) == (3, 0, 3)
+    second = E.chair_counts(captions[1], truths[1], vocabulary)
+    assert [(m["category"], m["negated"]) for m in second["mentions"]] == \
+        [("cat", True), ("hot dog", False), ("dining table", False)]   # "no cat" is no claim; a hot dog is no dog
+    third = E.chair_counts(captions[2], truths[2], vocabulary)
+    assert third["hallucinated_objects"] == ["bicycle", "traffic light"]
+    m = E.chair_metrics(captions, truths, vocabulary)
+    assert (m["chair_mentioned"], m["chair_hallucinated"]) == (10, 2)
+    assert m["chair_s"] == pytest.approx(1 / 3)
+    assert m["chair_i"] == pytest.approx(2 / 10)
+    assert m["recall"] == pytest.approx(8 / 9)
+
+
+def test_chair_synonyms_plurals_and_negation():
+    vocabulary = E.coco_vocabulary()
+    cats = lambda text: [(m["category"], m["negated"]) for m in vocabulary.mentions(text)]  # noqa: E731
+    assert cats("Two puppies and three kittens near some sofas.") == [("dog", False), ("cat", False), ("couch", False)]
+    assert cats("There are no buses, and the knives lie by the sandwiches.") == \
+        [("bus", True), ("knife", False), ("sandwich", False)]
+    assert cats("People wait at the bus stop beside a baby elephant.") == [("person", False), ("elephant", False)]
+    assert cats("The dog is not brown.") == [("dog", False)]
+    assert cats("There isn't a zebra or a giraffe and a horse grazes.") == \
+        [("zebra", True), ("giraffe", True), ("horse", False)]
+    assert cats("A teddy bear sits under traffic lights.") == [("teddy bear", False), ("traffic light", False)]
+    assert E.plural("strawberry") == "strawberries" and E.plural("wine glass") == "wine glasses"
+    assert len(E.COCO_SYNONYMS) == 80
+
+
+def test_chair_with_the_world_vocabulary():
+    m = E.chair_counts("there is a large red heart and two boxes . there is no ring .", {"heart", "circle"},
+                       E.world_vocabulary())
+    assert m["hallucinated_objects"] == ["square"] and (m["chair_mentioned"], m["chair_covered"]) == (2, 1)
+
+
+# ---------------------------------------------------------------------------------------------- uncertainty
+
+def test_bootstrap_interval_covers_the_true_ratio_at_about_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    true_rate, hits, simulations = 0.3, 0, 200
+    for sim in range(simulations):
+        denominators = 1 + rng.poisson(2.0, size=80)
+        numerators = rng.binomial(denominators, true_rate)
+        result = E.bootstrap_ratio(numerators, denominators, n_resamples=400, confidence=0.95, seed=sim)
+        assert result["value"] == pytest.approx(numerators.sum() / denominators.sum())
+        hits += result["low"] <= true_rate <= result["high"]
+    assert 0.88 <= hits / simulations <= 0.99, hits / simulations
+
+
+def test_paired_test_separates_a_clear_difference_from_none():
+    rng = np.random.default_rng(1)
+    n = 200
+    den = 1 + rng.poisson(3.0, size=n)
+    worse, better = rng.binomial(den, 0.30), rng.binomial(den, 0.15)
+    clear = E.paired_bootstrap(better, den, worse, den, n_resamples=1000, seed=0)
+    assert clear["diff"] < 0 and clear["high"] < 0 and clear["p"] < 0.01
+    same = E.paired_bootstrap(worse, den, worse, den, n_resamples=200, seed=0)
+    assert same["diff"] == 0 and same["p"] == 1.0
+    # under the null (two draws at the same rate) p < 0.05 about 5% of the time
+    small = 0
+    for sim in range(100):
+        d = 1 + rng.poisson(3.0, size=100)
+        result = E.paired_bootstrap(rng.binomial(d, 0.3), d, rng.binomial(d, 0.3), d, n_resamples=200, seed=sim)
+        small += result["p"] < 0.05
+    assert small <= 12, small
+
+
+def _record(policy, image_id, **counts):
+    return {"policy": policy, "split": "eval", "image_id": image_id, "counts": {"images": 1, **counts}}
+
+
+def test_summarise_and_paired_tests_align_images_and_pool_ratio_of_sums():
+    base = [_record("base", i, n_object_judged=4, n_object_false=2 if i % 2 else 1) for i in range(40)]
+    tuned = [_record("fgaif", i, n_object_judged=4, n_object_false=0) for i in reversed(range(40))]
+    tuned.append(_record("fgaif", 99, n_object_judged=4, n_object_false=4))   # not in base: not paired
+    summary = E.summarise(base + tuned, n_resamples=300)
+    assert summary["base"]["eval"]["object_halluc"]["value"] == pytest.approx(60 / 160)
+    assert summary["fgaif"]["eval"]["object_halluc"]["value"] == pytest.approx(4 / 164)
+    assert "attribute_halluc" not in summary["base"]["eval"]          # no attribute counts: no metric
+    entry = summary["base"]["eval"]["object_halluc"]
+    assert entry["low"] <= entry["value"] <= entry["high"] and entry["n"] == 40
+    test = E.paired_tests(base + tuned, "base", n_resamples=300)["fgaif"]["eval"]["object_halluc"]
+    assert test["n"] == 40 and test["diff"] == pytest.approx(0 - 60 / 160) and test["p"] < 0.01
+    with pytest.raises(ValueError, match="baseline"):
+        E.paired_tests(tuned, "base")
+
+
+def test_tables_figure_and_headline():
+    records = [_record(p, i, n_object_judged=4, n_object_false=f, n_covered=2, n_scene_objects=3)
+               for p, f in (("base", 2), ("fgaif", 0)) for i in range(10)]
+    summary, tests = E.summarise(records, n_resamples=100), E.paired_tests(records, "base", n_resamples=100)
+    markdown = E.results_markdown(summary, tests)
+    assert "| object_halluc | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] | -0.500 (p=" in markdown
+    rows = list(csv.DictReader(io.StringIO(E.results_csv(summary, tests))))
+    row = next(r for r in rows if r["policy"] == "fgaif" and r["metric"] == "object_halluc")
+    assert float(row["value"]) == 0.0 and float(row["diff"]) == -0.5 and float(row["p"]) < 0.05
+    assert next(r for r in rows if r["policy"] == "base")["p"] == ""
+    fig = E.metrics_figure(summary, "eval", ["object_halluc", "coverage"])
+    assert len(fig.axes[0].patches) == 4
+    checks = {name: ok for name, ok, _ in E.headline_checks(summary, tests)}
+    assert checks["object_halluc lower"] is True and checks["coverage within 5 points"] is True
+    assert checks["attribute_halluc lower"] is None
+
+
+# ---------------------------------------------------------------------------------------------- judges
+
+SECRET = "sk-test-judge-NEVER-WRITE-ME"
+
+
+def judge_reply(body):
+    text = body["messages"][-1]["content"]
+    if "Model answer:" in text:
+        answer = text.split("Model answer:")[1]
+        content = ("Informative and correct.\nRating: 5" if "a red bus" in answer else
+                   "It invents a dog.\nRating: 1" if "a dog" in answer else "I think it is fine.")
+    else:
+        answer = text.split("[Assistant 2]")[1]
+        content = "8 6\nThe second misses details." if "short" in answer else \
+            "7 7\nBoth good." if "good" in answer else "Score: eight and six"
+    return Reply(content=content)
+
+
+@pytest.fixture
+def judge_server(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with StubServer(default=judge_reply) as server:
+        yield server
+
+
+def _judge(server, cache_dir, concurrency=2):
+    ep = params.EvaluateParams(judge_model="judge-stub", judge_base_url=server.url)
+    return E.make_judge(ep, cache_dir, concurrency=concurrency, max_retries=1, timeout=5, backoff_base=0.001,
+                        progress=False)
+
+
+def test_mmhal_judge_ratings_malformed_answers_and_cache(judge_server, tmp_path):
+    items = [{"question_type": "attribute", "image_content": ["bus", "road"], "question": "What is shown?",
+              "gt_answer": "A red bus."}] * 3
+    answers = ["It is a red bus.", "It is a dog.", "Hard to say."]
+    records = E.judge_mmhal(_judge(judge_server, tmp_path), items, answers, "base")
+    assert [r["judge"]["status"] for r in records] == ["ok", "ok", "malformed"]
+    assert [r["judge"]["value"] for r in records] == [5, 1, None]
+    assert "Rating" in records[2]["judge"]["error"] and records[2]["counts"] == {}
+    summary = E.summarise(records, n_resamples=50)["base"]["mmhal"]
+    assert summary["mmhal_score"]["value"] == pytest.approx(3.0)
+    assert summary["mmhal_halluc"]["value"] == pytest.approx(0.5)
+    assert E.judge_status_counts(records) == {"mmhal": {"ok": 2, "malformed": 1}}
+    sent = len(judge_server.requests)
+    again = E.judge_mmhal(_judge(judge_server, tmp_path), items, answers, "base")
+    assert len(judge_server.requests) == sent and all(r["judge"]["cached"] for r in again)
+    assert [r["judge"]["status"] for r in again] == ["ok", "ok", "malformed"]
+    assert judge_server.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert all(SECRET not in path.read_text() for path in tmp_path.rglob("*.json"))
+
+
+def test_llava_bench_relative_score_and_failed_calls(judge_server, tmp_path):
+    items = [{"question_id": k, "context": "A street.", "question": f"Describe {k}.", "reference": "A long answer."}
+             for k in range(4)]
+    answers = ["short", "good", "???", "short"]
+    judge_server.script.append(Reply(status=400, error_message="bad request"))   # the first request (one thread)
+    records = E.judge_llava_bench(_judge(judge_server, tmp_path, concurrency=1), items, answers, "base")
+    assert [r["judge"]["status"] for r in records] == ["failed", "ok", "malformed", "ok"]
+    assert "HTTP 400" in records[0]["judge"]["error"] and records[0]["counts"] == {}
+    ok = [r for r in records if r["judge"]["status"] == "ok"]
+    expected = sum(r["judge"]["value"][1] for r in ok) / sum(r["judge"]["value"][0] for r in ok) * 100
+    summary = E.summarise(records, n_resamples=50)["base"]["llava_bench"]
+    assert summary["llava_bench_relative"]["value"] == pytest.approx(expected)
+    assert E.parse_pair_scores("8 6\nwhy") == ((8.0, 6.0), None)
+    assert E.parse_pair_scores("11 3")[0] is None and E.parse_pair_scores("")[0] is None
+    assert E.parse_mmhal_rating("blah\nRating: 7")[0] is None and E.parse_mmhal_rating("**Rating:** 4") == (4, None)
+
+
+def test_benchmark_folders_are_read(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "response_template.json").write_text(json.dumps([{"image_src": "https://x.org/y/a.jpg",
+                                                                  "question": "q", "gt_answer": "g"}]))
+    assert E.load_mmhal(tmp_path)[0]["image_path"] == str(tmp_path / "images" / "a.jpg")
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"question_id": 0, "image": "a.jpg", "text": "q?",
+                                                          "category": "conv"}) + "\n")
+    (tmp_path / "context.jsonl").write_text(json.dumps({"id": "a", "image": "a.jpg", "caption": "c"}) + "\n")
+    (tmp_path / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 0, "text": "ref"}) + "\n")
+    item = E.load_llava_bench(tmp_path)[0]
+    assert (item["question"], item["context"], item["reference"], item["category"]) == ("q?", "c", "ref", "conv")
+
+
+# ---------------------------------------------------------------------------------------------- one policy, end to end
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = params.DataParams(n_eval=3, n_eval_long=2, n_eval_ood=2)
+    world.build_synthetic_world(data, 0, root / "data", splits=E.SYNTHETIC_SPLITS, progress=False)
+    arch = params.TinyArchParams(patch_size=16, vision_hidden=32, text_hidden=32, text_layers=1, vision_layers=1,
+                                 heads=2)
+    tokenizer = models.build_tiny_tokenizer()
+    processor = models.build_tiny_processor(tokenizer, 64, 16)
+    model = models.build_tiny_llava(arch, 64, tokenizer, seed=0).eval()
+    models.save_lvlm(model, processor, root / "policy")
+    p = params.Params(data=data, evaluate=params.EvaluateParams(n_images=2, pope_objects=2, max_new_tokens=6))
+    return root, p
+
+
+def test_policy_sources_and_adapter_merge(tiny_setup, tmp_path):
+    root, _ = tiny_setup
+    base, processor = models.load_lvlm(str(root / "policy"), device="cpu")
+    peft_model = models.add_lora(base, r=2)
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "own" / "policy_adapter")
+    batch = processor(images=[np.zeros((64, 64, 3), np.uint8)],
+                      text=[models.chat_prompt(processor, "Describe this image in detail.")], return_tensors="pt")
+    merged, _ = E.load_policy(root / "policy", tmp_path / "own" / "policy_adapter", device="cpu")
+    plain, _ = E.load_policy(root / "policy", None, device="cpu")
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
+        assert not torch.allclose(plain(**batch).logits, expected, atol=1e-3)
+    (tmp_path / "runs" / "sparse" / "05_ppo").mkdir(parents=True)
+    peft_model.save_pretrained(tmp_path / "runs" / "sparse" / "05_ppo" / "policy_adapter")
+    sources, notes = E.policy_sources(tmp_path / "own" / "policy_adapter", ["sparse", "no_object"],
+                                      lambda run, stage: tmp_path / "runs" / run / stage)
+    assert list(sources) == ["base", "fgaif", "sparse"] and sources["base"] is None
+    assert len(notes) == 1 and notes[0].startswith("no_object: no policy adapter")
+
+
+def test_evaluate_policy_on_synthetic_splits(tiny_setup):
+    root, p = tiny_setup
+    scenes_by_split, pope_by_split, load_image, vocabulary, synthetic = E.evaluation_inputs(p, root / "data")
+    assert synthetic and [len(scenes_by_split[s]) for s in E.SYNTHETIC_SPLITS] == [2, 2, 2]
+    assert {r["image_id"] for r in pope_by_split["eval"]} == {s["image_id"] for s in scenes_by_split["eval"]}
+    model, processor = E.load_policy(root / "policy", device="cpu")
+    records = []
+    for policy in ("base", "fgaif"):
+        records += E.evaluate_policy(model, processor, scenes_by_split, load_image, pope_by_split, vocabulary,
+                                     synthetic, policy=policy, batch_size=4, max_new_tokens=6, progress=False)
+    assert len(records) == 12 and {r["split"] for r in records} == set(E.SYNTHETIC_SPLITS)
+    first = records[0]
+    assert first["counts"]["n_scene_objects"] == len(scenes_by_split["eval"][0]["objects"])
+    assert len(first["pope"]) == len([r for r in pope_by_split["eval"] if r["image_id"] == first["image_id"]])
+    assert all(q["answer"] in ("yes", "no") for q in first["pope"])
+    n_pope = sum(first["counts"][f"pope_random_{k}"] for k in ("tp", "fp", "tn", "fn"))
+    assert n_pope == len([q for q in first["pope"] if q["sampler"] == "random"])
+    summary = E.summarise(records, n_resamples=50)
+    assert {"object_halluc", "coverage", "chair_i", "pope_adversarial_f1"} <= set(summary["base"]["eval_ood"])
+    tests = E.paired_tests(records, "base", n_resamples=50)
+    assert tests["fgaif"]["eval"]["coverage"]["diff"] in (0.0, None)      # the same model: no difference
+    json.dumps(records)                                                    # records are JSONL-ready
+    page = E.examples_html(records, scenes_by_split["eval"], load_image, n=2)
+    assert page.count("<img") == 2 and page.count('class="pol"') == 4
+
+
+def test_examples_html_escapes_model_text_and_names():
+    scene = {"image_id": 1, "objects": [{"shape": "dog", "colour": None, "size": None}]}
+    text = "<script>alert(1)</script> a dog & a cat"
+    record = {"policy": "<b>x</b>", "split": "eval", "image_id": 1, "description": text,
+              **{k: v for k, v in E.chair_counts(text, {"dog"}, E.coco_vocabulary()).items() if k == "mentions"}}
+    page = E.examples_html([record], [scene])
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;x&lt;/b&gt;" in page
+    assert "#f5b3b3" in page and "#b9f0b4" in page     # the cat is red, the dog green
+
+
+def test_judged_benchmarks_with_a_tiny_policy(tiny_setup, judge_server, tmp_path):
+    root, _ = tiny_setup
+    folder = tmp_path / "bench"
+    (folder / "images").mkdir(parents=True)
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(folder / "images" / "a.png")
+    (folder / "response_template.json").write_text(json.dumps([{
+        "image_src": "https://example.org/a.png", "question_type": "attribute", "image_content": ["star"],
+        "question": "what colour is the star ?", "gt_answer": "yellow"}]))
+    (folder / "questions.jsonl").write_text(json.dumps({"question_id": 7, "image": "a.png",
+                                                        "text": "describe this image in detail ."}) + "\n")
+    (folder / "context.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a grey square"}) + "\n")
+    (folder / "answers_gpt4.jsonl").write_text(json.dumps({"question_id": 7, "text": "A grey image."}) + "\n")
+    ep = params.EvaluateParams(judge_model="judge-stub", judge_base_url=judge_server.url, mmhal_path=str(folder),
+                               llava_bench_path=str(folder))
+    model, processor = E.load_policy(root / "policy", device="cpu")
+    judge = E.make_judge(ep, tmp_path / "cache", concurrency=1, max_retries=0, timeout=5, progress=False)
+    records = E.run_judged_benchmarks(model, processor, "base", ep, judge, max_new_tokens=5, progress=False)
+    assert [r["split"] for r in records] == ["mmhal", "llava_bench"] and records[1]["image_id"] == 7
+    assert all(r["judge"]["status"] in ("ok", "malformed") for r in records)
+    sent = [request["body"]["messages"][-1]["content"] for request in judge_server.requests]
+    assert f"Model answer: {records[0]['answer']}" in sent[0] and "[Assistant 1]\nA grey image." in sent[1]
+
+
+def test_ablation_rows_checks_markdown_and_figures():
+    records = [_record(p, i, n_object_judged=4, n_object_false=o, n_attribute_judged=2, n_attribute_false=a,
+                       n_relation_judged=1, n_relation_false=r, chair_caption_hallucinated=o > 0, chair_mentioned=3,
+                       chair_hallucinated=o, chair_covered=2, chair_truth=3)
+               for p, o, a, r in (("fgaif", 0, 0, 1), ("sparse", 1, 1, 0)) for i in range(12)]
+    vs = {"sparse": E.paired_tests(records, "sparse", n_resamples=100)["fgaif"]}
+    (check, passed, detail), = E.ablation_rows(vs)
+    assert passed is True and "object_halluc -0.250" in detail and "relation_halluc +1.000" in detail
+    table = E.checks_markdown([(check, passed, detail), ("x", None, "not measured"), ("y", False, "d")])
+    assert table.splitlines()[2].startswith("| fgaif better than sparse on >= 2 of 3 types | yes |")
+    assert "| y | **no** | d |" in table
+    figs = E.figures(E.summarise(records, n_resamples=50))
+    assert sorted(figs) == ["eval_chair.png", "eval_hallucination.png"]
