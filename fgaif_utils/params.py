@@ -270,6 +270,8 @@ class PpoParams:
     """Rollout nucleus threshold (paper: 1.0)."""
     max_new_tokens: int = 64
     """Longest rollout response in tokens."""
+    rollout_engine: Literal["auto", "generate", "static", "graph", "compile"] = "auto"
+    """How rollouts are decoded (fgaif_utils.rollout): "auto" = a CUDA-graph static-cache decode on GPUs, transformers generate elsewhere."""
     beta: float = 0.1
     """KL coefficient: every response token gets -beta * (log pi - log pi_ref) (paper: 0.1)."""
     gamma: float = 1.0
@@ -296,8 +298,8 @@ class PpoParams:
     """Counterweight against saying less (off in the paper profile): reward added on each sub-sentence the reward models judge correct for some type and hallucinated for none."""
     kl_budget: float = 0.0
     """Stop when the mean per-token KL to the reference exceeds this (nats); 0 = no budget."""
-    value_init: Literal["object_reward", "policy"] = "object_reward"
-    """Value model start: the object reward model's adapter on the reward backbone (paper), or the policy backbone with a fresh adapter."""
+    value_init: Literal["object_reward", "fresh"] = "object_reward"
+    """Value model start (a fourth adapter on the reward models' backbone + a scalar head): the object reward model's LoRA weights (paper), or a fresh adapter."""
     validate_every: int = 10
     """Iterations between ground-truth/reward checks on the validation split (checkpoint choice, never the eval split)."""
     validation_images: int = 200

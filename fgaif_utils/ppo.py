@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import models, reward, segment
+from . import models, reward, rollout, segment
 
 VALUE_ADAPTER = "value"
 POLICY_ADAPTER = "policy"
@@ -198,8 +198,7 @@ def policy_model(base_path, lora_r, lora_alpha, dtype="float32", device="auto", 
 
 def add_value_adapter(rm, init="object_reward", seed=0):
     """A "value" adapter on the reward models' base, its LoRA weights copied from the object reward model
-    (paper; the holistic ablation's single model) or freshly initialised (init "policy": the value model does not
-    start from a reward model), and a zero scalar head."""
+    (paper; the holistic ablation's single model) or freshly initialised (init "fresh"), and a zero scalar head."""
     config = reward.lora_config(*_lora_shape(rm))
     torch.manual_seed(seed)
     rm.model.add_adapter(VALUE_ADAPTER, config)
@@ -289,9 +288,10 @@ class Trainer:
     def rollout(self, images, image_ids, seed):
         s = self.s
         self.policy.eval()
-        token_ids, _ = models.generate(self.policy, self.processor, images, [self.prompt_text] * len(images),
-                                       max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
-                                       top_p=s.top_p, seed=seed)
+        token_ids, _, _ = rollout.sample(self.policy, self.processor, images, [self.prompt_text] * len(images),
+                                         max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
+                                         top_p=s.top_p, seed=seed, engine=s.rollout_engine,
+                                         with_logprobs=False)   # log pi comes from a forward pass below
         end_positions = [segment.subsentence_end_positions(ids, self.decode) if ids else [] for ids in token_ids]
         return token_ids, end_positions
 
@@ -334,6 +334,7 @@ class Trainer:
         stats = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": [], "grad_norm": []}
         P = len(self.prompt)
         self.policy.train()
+        self.rm.model.train()     # the value adapter trains (and gradient checkpointing, when on, only acts in train mode)
         for epoch in range(s.epochs):
             order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
             for start in range(0, n, per_rank):
@@ -360,6 +361,7 @@ class Trainer:
                     stats[key].append(float(_global_sum(value.detach())))
                 stats["grad_norm"].append(float(grad_norm))
         self.policy.eval()
+        self.rm.model.eval()
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
     def step(self, images, image_ids, iteration, seed):
@@ -587,7 +589,8 @@ def validator(scenes, images, prompt_text, max_new_tokens, batch_size, synthetic
         if synthetic:
             summary = scorer.aggregate([scorer.score_description(text, scene) for text, scene in zip(texts, scenes)])
             row.update({f"val_gt_{k}": summary[k] for k in ("object_error_rate", "attribute_error_rate",
-                                                             "relation_error_rate", "coverage", "mean_sentences")})
+                                                             "relation_error_rate", "coverage", "mean_sentences",
+                                                             "duplicate_sentence_rate")})
         return row
 
     return validate
@@ -612,6 +615,8 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
                                      gradient_checkpointing=s.gradient_checkpointing, seed=P.seed, **load)
     backbone = reward.backbone_path(P.reward.backbone, models_dir, P.models.local_files_only)
     rm_lvlm, rm_processor = models.load_lvlm(backbone, load_in_4bit=P.models.load_in_4bit, **load)
+    if s.gradient_checkpointing:    # the value adapter trains through this backbone
+        reward.enable_gradient_checkpointing(rm_lvlm)
     types = ["holistic"] if P.reward.holistic else reward.FACT_TYPES
     rm = reward.RewardModels.load(rm_lvlm, rm_processor, P.sampling.prompt, Path(reward_dir) / "reward_models", types)
     value_head = add_value_adapter(rm, s.value_init, seed=P.seed)

@@ -53,7 +53,8 @@ def training_curves(log, window=5):
 VALIDATION_CURVES = [
     ("validation: ground-truth hallucination rate (greedy)",
      ["val_gt_object_error_rate", "val_gt_attribute_error_rate", "val_gt_relation_error_rate"]),
-    ("validation: coverage and sentences", ["val_gt_coverage", "val_gt_mean_sentences"]),
+    ("validation: coverage, sentences, repeats", ["val_gt_coverage", "val_gt_mean_sentences",
+                                                  "val_gt_duplicate_sentence_rate"]),
     ("validation: reward-model reward / response", ["val_reward_object", "val_reward_attribute",
                                                     "val_reward_relation", "val_reward_holistic"]),
 ]

@@ -52,11 +52,12 @@ class Rollout(NamedTuple):
 
 @torch.no_grad()
 def sample(model, processor, images, prompts, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0,
-           seed=None, engine="auto", stop_at_eos=True):
+           seed=None, engine="auto", stop_at_eos=True, with_logprobs=True):
     """Generate responses for a batch of (image, prompt) pairs; returns a `Rollout`.
 
-    Same arguments and results as `models.generate`, plus `engine` (see the module docstring) and `stop_at_eos`
-    (False suppresses EOS, so that every row gets exactly max_new_tokens tokens, as benchmarks need). Greedy
+    Same arguments and results as `models.generate`, plus `engine` (see the module docstring), `stop_at_eos`
+    (False suppresses EOS, so that every row gets exactly max_new_tokens tokens, as benchmarks need) and
+    `with_logprobs` (False: the generate engine keeps no per-step logits and the log-probs returned are zeros). Greedy
     decoding gives the same tokens on every engine (up to floating-point near-ties); sampling draws from the same
     distribution, but the static engines do not consume the random stream as `generate` does.
     The model (a LlavaForConditionalGeneration, or a peft model around one, adapters applied as they are active
@@ -69,7 +70,7 @@ def sample(model, processor, images, prompts, max_new_tokens=64, do_sample=False
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                    seed=seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, suppress_ids=suppress_ids)
     if engine == "generate":
-        tokens, logprobs = generate_with_logprobs(model, batch, **options)
+        tokens, logprobs = generate_with_logprobs(model, batch, with_logprobs=with_logprobs, **options)
     else:
         tokens, logprobs = decode_static(model, batch, mode=engine, **options)
     return to_rollout(tokens, logprobs, tokenizer)
@@ -130,7 +131,7 @@ def _device_and_dtype(model):
 # ---------------------------------------------------------------------------------------------- reference
 
 def generate_with_logprobs(model, batch, max_new_tokens, do_sample, temperature, top_p, seed, eos_id, pad_id,
-                           suppress_ids):
+                           suppress_ids, with_logprobs=True):
     """transformers `generate` (as `models.generate` calls it) plus the plain log-probs of the chosen tokens.
 
     `output_logits` are the raw logits (unlike `output_scores`, which suppression, temperature and top-p have
@@ -140,8 +141,11 @@ def generate_with_logprobs(model, batch, max_new_tokens, do_sample, temperature,
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                         suppress_tokens=suppress_ids, output_logits=True, return_dict_in_generate=True, **sampling)
+                         suppress_tokens=suppress_ids, output_logits=with_logprobs, return_dict_in_generate=True,
+                         **sampling)
     tokens = out.sequences[:, batch["input_ids"].shape[1]:]
+    if not with_logprobs:   # (B, T, V) logits of every step cost GBs at LLaVA scale; PPO recomputes log-probs anyway
+        return tokens, torch.zeros(tokens.shape)
     logits = torch.stack(out.logits, dim=1)
     return tokens, token_logprobs(logits, tokens)
 

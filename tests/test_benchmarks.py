@@ -1,0 +1,23 @@
+"""benchmarks/ppo_step.py runs end to end on the tiny LLaVA on the CPU (the 7B shape runs on a GPU machine)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ppo_step_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ppo_step.py"), "--tiny", "--device", "cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| generate |" in done.stdout and "| static |" in done.stdout
+    results = json.loads((tmp_path / "ppo_step.json").read_text())
+    assert [r["engine"] for r in results["rows"]] == ["generate", "static"]
+    for row in results["rows"]:
+        phases = [row[k] for k in ("rollout_s", "scoring_s", "reference_s", "update_s")]
+        assert all(p > 0 for p in phases) and sum(phases) <= row["total_s"] + 0.01
+        assert 0 < row["mean_response_tokens"] <= results["info"]["settings"]["max_new_tokens"]
+        assert row["peak_GB"] is None   # CPU: no GPU peak
