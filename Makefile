@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run test smoke lab clean-outputs
+.PHONY: setup run ablations test smoke lab clean-outputs
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,21 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
+# The default run: every stage of the embedded default, plus the sparse-reward ablation's PPO (stage 05 of run
+# tiny-sparse, reusing tiny's stages 00-04) before stage 06, which compares base, FGAIF and the ablations present.
 run: setup
+ifeq ($(PARAMS)$(STAGES),params/tiny.yaml)
+	$(PY) -m fgaif_utils.pipeline params/tiny.yaml --stages 00-05
+	$(PY) -m fgaif_utils.pipeline params/ablations/sparse.yaml --stages 05
+	$(PY) -m fgaif_utils.pipeline params/tiny.yaml --stages 06
+else
 	$(PY) -m fgaif_utils.pipeline $(PARAMS) $(if $(STAGES),--stages $(STAGES),)
+endif
+
+# Every ablation of params/ablations/ (stage 05 each; holistic also retrains stage 04), then tiny's stage 06 again.
+ablations: setup
+	for f in params/ablations/*.yaml; do $(PY) -m fgaif_utils.pipeline $$f --stages 04-05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/tiny.yaml --stages 06 --force
 
 smoke: setup
 	$(PY) -m fgaif_utils.pipeline params/smoke.yaml

@@ -3,11 +3,15 @@
 A notebook never holds a multi-GPU job inside its kernel: it calls `launch.run(...)`, which starts
 
     torchrun --nproc_per_node N -m fgaif_utils.launch --params P --run-name R --out DIR ...
-    accelerate launch --num_processes N [--use_deepspeed --deepspeed_config_file Z] -m fgaif_utils.launch ...
+    accelerate launch --num_processes N -m fgaif_utils.launch ...
 
 and then reads the artifacts the job wrote into DIR (rank 0 writes them). Each rank runs `ppo.run_job`
 unchanged: the process group is set up here (NCCL on GPUs, gloo on CPU) from the environment the launcher
 sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+Not built: DeepSpeed ZeRO. Only LoRA adapters and the value head train, so each rank holds the frozen bases
+(LLaVA-1.5-7B policy + 13B reward base: about 40 GB in bf16, less in 4-bit) and small optimiser states; ZeRO
+would shard the part that is already small.
 """
 import argparse
 import os
@@ -22,7 +26,7 @@ class LaunchError(RuntimeError):
 
 
 def command(launcher, nproc, params_path, run, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir,
-            deepspeed_config="", master_port=29531):
+            master_port=29531):
     """The argv that starts `nproc` ranks of the stage-05 job."""
     job = ["-m", "fgaif_utils.launch", "--params", str(params_path), "--run-name", run, "--data-dir", str(data_dir),
            "--models-dir", str(models_dir), "--reward-dir", str(reward_dir), "--out", str(out_dir),
@@ -32,8 +36,7 @@ def command(launcher, nproc, params_path, run, data_dir, models_dir, reward_dir,
                 "--master_port", str(master_port), *job]
     if launcher == "accelerate":
         accelerate = shutil.which("accelerate") or "accelerate"
-        extra = ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config)] if deepspeed_config else \
-            (["--multi_gpu"] if nproc > 1 else [])
+        extra = ["--multi_gpu"] if nproc > 1 else []
         return [accelerate, "launch", "--num_processes", str(nproc), "--num_machines", "1", "--main_process_port",
                 str(master_port), "--mixed_precision", "no", "--dynamo_backend", "no", *extra, *job]
     raise ValueError(f"launcher {launcher!r}: use 'torchrun' or 'accelerate' (or 'none' to train in the kernel)")

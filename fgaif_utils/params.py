@@ -294,6 +294,8 @@ class PpoParams:
     """Multiply the fine-grained rewards by this before adding the KL term."""
     whiten_rewards: bool = False
     """Whiten the fine-grained rewards over the rollout batch (shift and scale) before the KL term."""
+    reward_repeats: bool = True
+    """Score every sub-sentence, including exact repeats of an earlier one in the same response (the paper). False: a repeat earns no fine-grained reward, the smallest fix for the repetition hack that per-sub-sentence rewards invite (measured on tiny: README)."""
     claim_bonus: float = 0.0
     """Counterweight against saying less (off in the paper profile): reward added on each sub-sentence the reward models judge correct for some type and hallucinated for none."""
     kl_budget: float = 0.0
@@ -312,8 +314,6 @@ class PpoParams:
     """Run the training function in the notebook's kernel ("none") or as a multi-process job."""
     nproc: int = 1
     """Processes (GPUs) for torchrun / accelerate."""
-    deepspeed_config: str = ""
-    """DeepSpeed ZeRO config for `accelerate launch` (a json file), "" = plain DDP."""
     report_images: int = 12
     """Eval-split images shown described before and after PPO."""
 

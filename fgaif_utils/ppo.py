@@ -49,14 +49,29 @@ POLICY_ADAPTER = "policy"
 
 # ---------------------------------------------------------------------------------------------- equations
 
-def fine_grained_rewards(labels, end_positions, n_actions, weights, sparse=False, claim_bonus=0.0):
+def repeated_subsentences(token_ids, end_positions):
+    """For each sub-sentence, whether its tokens (from after the previous sub-sentence's last token up to its own)
+    repeat an earlier sub-sentence of the same response exactly."""
+    seen, repeated, start = set(), [], 0
+    for end in end_positions:
+        tokens = tuple(token_ids[start:end + 1])
+        repeated.append(tokens in seen)
+        seen.add(tokens)
+        start = end + 1
+    return repeated
+
+
+def fine_grained_rewards(labels, end_positions, n_actions, weights, sparse=False, claim_bonus=0.0, skip=None):
     """(n_actions,) rewards of one response: at each sub-sentence's last token, sum over types of
     weight * (+1 correct / -1 hallucinated / 0 n/a). `labels` (K, T) in {-1, 0, 1} (reward-model classes
     shifted), `end_positions` K token indices. `sparse`: the same total on the last action instead.
-    `claim_bonus`: added at a sub-sentence judged correct for some type and hallucinated for none."""
+    `claim_bonus`: added at a sub-sentence judged correct for some type and hallucinated for none.
+    `skip`: K booleans, True for sub-sentences that earn nothing (repeats, when repeats are not rewarded)."""
     rewards = torch.zeros(n_actions)
     labels = np.asarray(labels).reshape(len(end_positions), len(weights))
     for k, position in enumerate(end_positions):
+        if skip is not None and skip[k]:
+            continue
         per_type = np.where(labels[k] == 0, 1.0, np.where(labels[k] == 1, -1.0, 0.0))
         value = float(np.dot(per_type, weights))
         if claim_bonus and (labels[k] == 0).any() and not (labels[k] == 1).any():
@@ -312,9 +327,11 @@ class Trainer:
         with self.policy.disable_adapter():
             ref_logprobs = response_logprobs(self.policy, input_ids, pixel_values, P, s.temperature)
         values = response_values(self.rm, self.value_head, input_ids, pixel_values, P) * mask
+        skips = [None if s.reward_repeats else repeated_subsentences(ids, ends)
+                 for ids, ends in zip(token_ids, end_positions)]
         fine_grained = torch.stack([
-            _padded(fine_grained_rewards(lab, ends, len(a), self.weights, s.sparse, s.claim_bonus), mask.shape[1])
-            for lab, ends, a in zip(labels, end_positions, actions)]).to(self.device) * s.reward_scale
+            _padded(fine_grained_rewards(lab, ends, len(a), self.weights, s.sparse, s.claim_bonus, skip), mask.shape[1])
+            for lab, ends, a, skip in zip(labels, end_positions, actions, skips)]).to(self.device) * s.reward_scale
         if s.whiten_rewards:
             fine_grained = whiten(fine_grained, mask)
         rewards, kl = kl_penalised_rewards(fine_grained, logprobs, ref_logprobs, mask, s.beta)

@@ -327,3 +327,24 @@ def test_hashing_many_small_files_is_fast(tmp_path):
     hashes = S.artifact_hashes(tmp_path)
     assert len(hashes) == 3000 and time.monotonic() - start < 3
     assert hashes["00042.png"] == sha256(tmp_path / "00042.png")
+
+
+def test_a_run_reuses_stages_of_another_run(ws, tmp_path):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(f"extends: {ws.params}\nrun: t2\nreuse_run: t\nreuse_stages: [00_data]\n")
+    results = pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="00-01")
+    assert [r["status"] for r in results] == ["fail"]                       # t has not run 00 yet
+    assert "reused from run 't'" in results[0]["error"] and "--run t" in results[0]["error"]
+    assert ws.run(stages="00") == ["run"]
+    results = pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="00-01")
+    assert [r["status"] for r in results] == ["reused", "run"]
+    assert not (ws.outputs / "t2" / "00_data").exists()                     # read from t, not copied
+    m01 = json.loads((ws.outputs / "t2" / "01_base_models" / "manifest.json").read_text())
+    assert m01["inputs"] == {"00_data": ws.manifest("00_data")["artifacts_hash"]}
+    assert [r["status"] for r in pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="00-01")] == \
+        ["reused", "skip"]
+    overlay.write_text(f"extends: {ws.params}\nrun: t2\nreuse_stages: [00_data]\n")
+    with pytest.raises(S.StageError, match="reuse_run"):
+        pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="00-01")

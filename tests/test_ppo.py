@@ -256,3 +256,23 @@ def test_two_process_gloo_update_matches_one_process(tiny, tmp_path):
     assert out["same"]                                     # both ranks hold identical parameters
     assert torch.allclose(out["flat"], _flat(single), atol=1e-5, rtol=1e-4)
     assert out["stats"]["policy_loss"] == pytest.approx(stats["policy_loss"], abs=1e-5)
+
+
+def test_repeated_sub_sentences_earn_nothing_when_repeats_are_not_rewarded():
+    # "a red heart ." twice, then "a star ." : sub-sentences end at the periods (token 3, 7, 10)
+    ids = [5, 6, 7, 9, 5, 6, 7, 9, 5, 8, 9]
+    assert ppo.repeated_subsentences(ids, [3, 7, 10]) == [False, True, False]
+    labels = [[0, 0, -1], [0, 0, -1], [1, -1, -1]]
+    rewards = ppo.fine_grained_rewards(labels, [3, 7, 10], 12, np.ones(3), skip=[False, True, False])
+    assert rewards.tolist() == pytest.approx([0, 0, 0, 2, 0, 0, 0, 0, 0, 0, -1, 0])
+
+
+def test_launch_commands():
+    from fgaif_utils import launch
+    argv = launch.command("torchrun", 4, "p.yaml", "r", "d", "m", "w", "o", "c", master_port=1234)
+    assert argv[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port"]
+    assert argv[argv.index("-m", 2):][:2] == ["-m", "fgaif_utils.launch"] and "--run-name" in argv
+    accel = launch.command("accelerate", 2, "p.yaml", "r", "d", "m", "w", "o", "c")
+    assert accel[1:4] == ["launch", "--num_processes", "2"] and "--multi_gpu" in accel
+    with pytest.raises(ValueError, match="launcher"):
+        launch.command("mpirun", 2, "p.yaml", "r", "d", "m", "w", "o", "c")
