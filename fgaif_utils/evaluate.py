@@ -970,7 +970,7 @@ def examples_html(records, scenes, load_image=None, n=12, split="eval", title="P
 def headline_checks(summary, tests, policy="fgaif", baseline="base", split="eval"):
     """The issue's headline for one comparison, as (check, passed or None when it cannot be told, detail) rows:
     object and attribute hallucination lower (disjoint intervals or p < 0.05), relation lower, coverage within
-    5 points, POPE F1 (every sampler) not lower."""
+    5 points, POPE F1 (every sampler) not lower (higher, or a decrease with paired p >= 0.05)."""
     mine, base = summary.get(policy, {}).get(split, {}), summary.get(baseline, {}).get(split, {})
     test = tests.get(policy, {}).get(split, {})
     rows = []
@@ -986,11 +986,13 @@ def headline_checks(summary, tests, policy="fgaif", baseline="base", split="eval
     if cov_a and cov_b and cov_a["value"] is not None and cov_b["value"] is not None:
         rows.append(("coverage within 5 points", abs(cov_a["value"] - cov_b["value"]) <= 0.05,
                      f"{cov_a['value']:.3f} vs {cov_b['value']:.3f}"))
-    for sampler in POPE_SAMPLERS:
+    for sampler in POPE_SAMPLERS:   # "not lower": no decrease the paired test can tell from noise
         a, b = mine.get(f"pope_{sampler}_f1"), base.get(f"pope_{sampler}_f1")
+        t = test.get(f"pope_{sampler}_f1")
         if a and b and a["value"] is not None and b["value"] is not None:
-            rows.append((f"POPE {sampler} F1 not lower", a["value"] >= b["value"],
-                         f"{a['value']:.3f} vs {b['value']:.3f}"))
+            p = t["p"] if t and t.get("p") is not None else 0.0
+            rows.append((f"POPE {sampler} F1 not lower", a["value"] >= b["value"] or p >= 0.05,
+                         f"{a['value']:.3f} vs {b['value']:.3f}" + (f", p={t['p']:.3f}" if t and t.get("p") is not None else "")))
     return rows
 
 

@@ -435,3 +435,14 @@ def test_ablation_rows_checks_markdown_and_figures():
     assert "| y | **no** | d |" in table
     figs = E.figures(E.summarise(records, n_resamples=50))
     assert sorted(figs) == ["eval_chair.png", "eval_hallucination.png"]
+
+
+def test_pope_f1_not_lower_means_no_decrease_the_paired_test_can_tell_from_noise():
+    value = lambda v: {"value": v, "low": v - 0.02, "high": v + 0.02}  # noqa: E731
+    summary = {"base": {"eval": {"pope_random_f1": value(0.503), "pope_popular_f1": value(0.80)}},
+               "fgaif": {"eval": {"pope_random_f1": value(0.502), "pope_popular_f1": value(0.70)}}}
+    tests = {"fgaif": {"eval": {"pope_random_f1": {"diff": -0.001, "p": 0.95},
+                                "pope_popular_f1": {"diff": -0.10, "p": 0.001}}}}
+    checks = {name: ok for name, ok, _ in E.headline_checks(summary, tests)}
+    assert checks["POPE random F1 not lower"] is True         # a noise-sized dip
+    assert checks["POPE popular F1 not lower"] is False       # a real drop
