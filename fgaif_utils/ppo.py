@@ -508,12 +508,22 @@ def load_policy(base_path, adapter_dir, **load_kwargs):
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+def tensorboard_writer(log_dir):
+    """A TensorBoard SummaryWriter when the tensorboard package is installed, else None (JSONL is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
+
+
 def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, log_path, validate=None,
-          stop_after=None, rank=0):
+          stop_after=None, rank=0, writer=None):
     """Algorithm 1: `settings.steps` iterations over batches of prompt images, this rank's share of each
     batch. Checkpoints every `checkpoint_every` iterations resume the same trajectory (each iteration's image
     batch and sampling seed come from (seed, iteration)). `validate(trainer, iteration)` returns a dict logged
-    to the same JSONL. Stops early when the per-token KL exceeds `kl_budget`. Returns the log rows."""
+    to the same JSONL (and to `writer`, a TensorBoard SummaryWriter, when given). Stops early when the per-token
+    KL exceeds `kl_budget`. Returns the loop state (its "log" holds the rows)."""
     s = settings
     world = dist.get_world_size() if dist.is_initialized() else 1
     images_per_batch = max(1, s.rollout_batch // s.samples_per_image)
@@ -543,6 +553,10 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
             bar.set_postfix(fg=f"{row['reward_fine_grained']:.2f}", kl=f"{row['kl_per_token']:.3f}",
                             len=f"{row['response_length']:.1f}")
             _write_log(log_path, state["log"])
+            if writer is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "iteration":
+                        writer.add_scalar(key, value, iteration)
             if iteration % s.checkpoint_every == 0 or iteration == s.steps or state["stopped"]:
                 save_checkpoint(trainer, checkpoint_dir, state)
         if stop_after is not None and iteration >= stop_after:
@@ -646,8 +660,11 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
                          P.evaluate.batch_size, P.data.world == "synthetic") if rank == 0 or world_size == 1 else None
     if world_size > 1:
         validate = _rank0_only(validate)
+    writer = tensorboard_writer(Path(out_dir) / "tensorboard") if rank == 0 else None
     state = train(trainer, prompt_scenes, lambda chunk: world.load_images(data_dir, chunk), s, P.seed,
-                  checkpoint_dir, Path(out_dir) / "log.jsonl", validate, stop_after, rank)
+                  checkpoint_dir, Path(out_dir) / "log.jsonl", validate, stop_after, rank, writer)
+    if writer is not None:
+        writer.close()
     if rank == 0:
         save_policy_adapter(trainer, Path(out_dir) / "policy_adapter")
         from safetensors.torch import save_file

@@ -200,8 +200,11 @@ def test_stop_and_resume_reproduce_an_uninterrupted_run(tiny, tmp_path):
     ppo.train(first, scenes, load, first.s, seed=0, checkpoint_dir=tmp_path / "b", log_path=tmp_path / "b.jsonl",
               stop_after=2)
     resumed = _trainer(tiny, _settings())                      # a fresh process: everything from the checkpoint
+    scalars = []
+    writer = type("Writer", (), {"add_scalar": lambda self, *a: scalars.append(a)})()
     state_b = ppo.train(resumed, scenes, load, resumed.s, seed=0, checkpoint_dir=tmp_path / "b",
-                        log_path=tmp_path / "b.jsonl")
+                        log_path=tmp_path / "b.jsonl", writer=writer)
+    assert ("kl", state_b["log"][-1]["kl"], 3) in scalars     # the resumed iteration, to TensorBoard too
     assert state_b["iteration"] == 3
     assert torch.equal(_flat(straight), _flat(resumed))
     log_a = [json.loads(l) for l in (tmp_path / "a.jsonl").read_text().splitlines()]
