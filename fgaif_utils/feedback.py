@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import language, models, scorer, segment, tiny_train
+from . import language, models, rollout, scorer, segment, tiny_train
 
 FACT_TYPES = ["object", "attribute", "relation"]
 
@@ -42,10 +42,11 @@ def sample_responses(policy, processor, scenes, load_images, sampling, seed, cac
         chunk = scenes[start:start + images_per_batch]
         images = load_images(chunk)
         repeated = [image for image in images for _ in range(k)]
-        token_ids, texts = models.generate(policy, processor, repeated, [prompt] * len(repeated),
-                                           max_new_tokens=sampling.max_new_tokens, do_sample=True,
-                                           temperature=sampling.temperature, top_p=sampling.top_p,
-                                           seed=seed * 100_003 + batch_index)
+        token_ids, texts, _ = rollout.sample(policy, processor, repeated, [prompt] * len(repeated),
+                                             max_new_tokens=sampling.max_new_tokens, do_sample=True,
+                                             temperature=sampling.temperature, top_p=sampling.top_p,
+                                             seed=seed * 100_003 + batch_index, engine=sampling.engine,
+                                             with_logprobs=False)
         batch_records = []
         for i, (ids, text) in enumerate(zip(token_ids, texts)):
             scene = chunk[i // k]

@@ -170,6 +170,8 @@ class SamplingParams:
     """Longest response in tokens."""
     batch_size: int = 64
     """Prompts per generate call."""
+    engine: Literal["auto", "generate", "static", "graph", "compile"] = "auto"
+    """How responses are decoded (fgaif_utils.rollout): "auto" = a CUDA-graph static-cache decode on GPUs, transformers generate elsewhere."""
 
 
 @dataclass

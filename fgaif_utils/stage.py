@@ -48,10 +48,10 @@ class StageSpec:
 # so adding a field for a later stage does not re-run the earlier ones.
 DATA_MODULES = ("language", "world", "coco", "viz")
 BASE_MODULES = DATA_MODULES + ("models", "tiny_train", "scorer", "facts", "detector")
-SAMPLE_MODULES = BASE_MODULES + ("segment", "feedback")
+SAMPLE_MODULES = BASE_MODULES + ("segment", "feedback", "rollout")
 FEEDBACK_MODULES = SAMPLE_MODULES + ("llm", "report")
 REWARD_MODULES = FEEDBACK_MODULES + ("reward", "reward_viz")
-PPO_MODULES = REWARD_MODULES + ("ppo", "rollout", "launch")
+PPO_MODULES = REWARD_MODULES + ("ppo", "launch")
 EVALUATE_MODULES = PPO_MODULES + ("evaluate", "coco_synonyms")
 ALL_MODULES = ("*",)
 LATER = ("seed", "num_threads", "data", "models")
