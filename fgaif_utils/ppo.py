@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import models, reward, rollout, segment
+from . import models, reward, rollout, segment, tiny_train
 
 VALUE_ADAPTER = "value"
 POLICY_ADAPTER = "policy"
@@ -277,8 +277,7 @@ class Trainer:
     def __init__(self, policy, processor, rm, value_head, settings, reward_types, prompt_text):
         self.policy, self.processor, self.rm, self.value_head, self.s = policy, processor, rm, value_head, settings
         self.reward_types = list(reward_types)
-        self.weights = np.array([getattr(settings.weights, t) if hasattr(settings.weights, t) else 1.0
-                                 for t in self.reward_types])
+        self.weights = np.array([getattr(settings.weights, t, 1.0) for t in self.reward_types])   # holistic: 1
         self.tokenizer = processor.tokenizer
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos
@@ -499,13 +498,6 @@ def save_policy_adapter(trainer, folder):
         nested.rmdir()
 
 
-def load_policy(base_path, adapter_dir, **load_kwargs):
-    """The base LVLM with a saved policy adapter merged in: (model, processor), ready for generation."""
-    from peft import PeftModel
-    lvlm, processor = models.load_lvlm(base_path, **load_kwargs)
-    return PeftModel.from_pretrained(lvlm, str(adapter_dir)).merge_and_unload().eval(), processor
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 def tensorboard_writer(log_dir):
@@ -585,20 +577,6 @@ def _write_log(path, rows):
 
 # ---------------------------------------------------------------------------------------------- validation
 
-@torch.no_grad()
-def describe(model, processor, images, prompt_text, max_new_tokens, batch_size=100, do_sample=False, seed=0):
-    """Descriptions of `images` (greedy by default): (token id lists, texts)."""
-    prompt = models.chat_prompt(processor, prompt_text)
-    token_ids, texts = [], []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        ids, txt = models.generate(model, processor, chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens,
-                                   do_sample=do_sample, seed=seed + start)
-        token_ids += ids
-        texts += txt
-    return token_ids, texts
-
-
 def validator(scenes, images, prompt_text, max_new_tokens, batch_size, synthetic):
     """validate(trainer, iteration) for `train`: greedy descriptions of the validation images scored by the
     reward models (mean reward per type per response) and, in the synthetic world, by the ground-truth scorer
@@ -606,7 +584,8 @@ def validator(scenes, images, prompt_text, max_new_tokens, batch_size, synthetic
     from . import scorer
 
     def validate(trainer, iteration):
-        token_ids, texts = describe(trainer.policy, trainer.processor, images, prompt_text, max_new_tokens, batch_size)
+        token_ids, texts = tiny_train.describe_images(trainer.policy, trainer.processor, images, False, 0, batch_size,
+                                                      max_new_tokens, prompt=prompt_text, desc="validate")
         ends = [segment.subsentence_end_positions(ids, trainer.decode) if ids else [] for ids in token_ids]
         labels = trainer.score(images, token_ids, ends)
         row = {"val_length": float(np.mean([len(t) for t in token_ids])),
