@@ -181,9 +181,39 @@ def verify_facts(rows, verifier, load_image, cache, batch_size=512):
 
 # ---------------------------------------------------------------------------------------------- 03: labels
 
+def _fact_sides(fact):
+    return [fact["subject"]] + ([fact["object"]] if fact["type"] == "relation" else [])
+
+
+def gate_on_existence(rows):
+    """Set row["counts_as"], the verdict that enters the labels, and row["gated_by"], the shape that gated it.
+
+    An attribute or relation fact about a shape that the verifier judged absent in the same response (every
+    existence fact about it says absent) is not judged for its own type: counts_as None, gated_by that shape.
+    The object fact already carries that error, as in the ground-truth scorer. Without the gate, "a red ring"
+    over an image without a ring is also an attribute hallucination and "the ring is left of the star" a
+    relation one, so the attribute and relation reward models mostly learn object existence again (measured
+    in the README). Rows keep the verifier's own `verdict`."""
+    seen = {}
+    for row in rows:
+        fact = row["fact"]
+        if fact["type"] == "object" and row["verdict"] is not None:
+            present = row["verdict"] != bool(fact["negated"])
+            seen.setdefault((row["response_id"], fact["subject"]), set()).add(present)
+    for row in rows:
+        row["counts_as"], row["gated_by"] = row["verdict"], None
+        if row["fact"]["type"] == "object":
+            continue
+        for side in _fact_sides(row["fact"]):
+            if seen.get((row["response_id"], side)) == {False}:
+                row["counts_as"], row["gated_by"] = None, side
+                break
+    return rows
+
+
 def label_records(records, rows, scenes_by_id=None):
-    """fg_labels records: each sub-sentence with its AI labels [obj, att, rel], its closing token and its fact
-    ids; with scene graphs (synthetic world) also the ground-truth labels of the same facts."""
+    """fg_labels records: each sub-sentence with its AI labels [obj, att, rel] (from each row's `counts_as` when
+    gate_on_existence ran, else its verdict), its closing token and its fact ids; with scene graphs (synthetic world) also the ground-truth labels of the same facts."""
     rows_by_sub = {}
     for row in rows:
         rows_by_sub.setdefault((row["response_id"], row["subsentence"]), []).append(row)
@@ -193,7 +223,8 @@ def label_records(records, rows, scenes_by_id=None):
         subsentences = []
         for index, sub in enumerate(record["subsentences"]):
             sub_rows = rows_by_sub.get((record["response_id"], index), [])
-            ai = {t: [r["verdict"] for r in sub_rows if r["fact"]["type"] == t] for t in FACT_TYPES}
+            ai = {t: [r.get("counts_as", r["verdict"]) for r in sub_rows if r["fact"]["type"] == t]
+                  for t in FACT_TYPES}
             entry = dict(sub, labels=scorer.aggregate_labels(ai), fact_ids=[r["fact_id"] for r in sub_rows],
                          gt_labels=None)
             if scene is not None:

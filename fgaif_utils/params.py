@@ -198,6 +198,8 @@ class FeedbackParams:
     """Appended to every verifier question (LLaVA-1.5 short answers: " Answer the question using a single word or phrase.")."""
     verifier_batch_size: int = 128
     """Questions per verifier forward pass (hf backend)."""
+    existence_gate: bool = False
+    """Attribute and relation facts about a shape the verifier judged absent are not judged for their own type (n/a), as in the ground-truth scorer: the object label carries that error. false = the paper's literal rule (every answer counts, so a red ring that is not there is an object and an attribute hallucination)."""
     report_records: int = 150
     """Responses shown in labels_report.html (metrics always use all)."""
 
@@ -216,6 +218,8 @@ class RewardParams:
     """Adam learning rate, constant (paper: 2e-5)."""
     batch_size: int = 4
     """Responses per optimiser step (paper: 4)."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """Cross-entropy class weights: "none" (paper) or "balanced" (N / (3 * N_class) from each type's training labels, at most 10). With existence_gate the hallucinated class is rare for attribute and relation, and unweighted models rarely predict it (README)."""
     epochs: int = 100
     """Most epochs per reward model (paper: up to 100, with early stopping)."""
     patience: int = 3

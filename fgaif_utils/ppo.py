@@ -560,13 +560,16 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
 
 
 def _mean_over_ranks(row):
+    """Each numeric entry averaged over the ranks that have it. A value can be None on one rank only (e.g. no
+    judged relation in its share of the batch), so every rank sends the same keys: (sum, count) per key."""
     if not dist.is_initialized():
         return row
-    keys = [k for k, v in row.items() if isinstance(v, (int, float)) and v is not None and k != "iteration"]
-    values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    values /= dist.get_world_size()
-    return {**row, **{k: float(v) for k, v in zip(keys, values)}}
+    keys = sorted(k for k, v in row.items() if k != "iteration" and (v is None or isinstance(v, (int, float))))
+    present = [row[k] is not None for k in keys]
+    sums = torch.tensor([[float(row[k]) if ok else 0.0, float(ok)] for k, ok in zip(keys, present)],
+                        dtype=torch.float64).reshape(-1, 2)
+    dist.all_reduce(sums)
+    return {**row, **{k: (float(total / count) if count else None) for k, (total, count) in zip(keys, sums.tolist())}}
 
 
 def _write_log(path, rows):

@@ -318,7 +318,8 @@ def _truth_text(value):
 def _fact_line(fact):
     """One fact as plain (unescaped) text: reading, question, answer, verdict, truth."""
     return (f"[{fact['fact']['type']}] {describe_fact(fact['fact'])} — Q: {fact.get('question', '')} "
-            f"— A: {fact['answer']} — verdict {_truth_text(fact['verdict'])}, truth {_truth_text(fact['truth'])}")
+            f"— A: {fact['answer']} — verdict {_truth_text(fact['verdict'])}, truth {_truth_text(fact['truth'])}"
+            + (f" — not counted: {fact['gated_by']} judged absent" if fact.get("gated_by") else ""))
 
 
 def _fact_items(sub_facts):

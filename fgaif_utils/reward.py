@@ -149,9 +149,23 @@ class PixelCache:
         return torch.stack([self.cache[i] for i in image_ids])
 
 
-def token_loss(logits, labels):
-    """Token-level cross-entropy, mean over the positions whose label is not IGNORE. logits (B, L, C), labels (B, L)."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+def token_loss(logits, labels, class_weights=None):
+    """Token-level cross-entropy over the positions whose label is not IGNORE. logits (B, L, C), labels (B, L).
+    Without class weights the mean; with them sum_i w[y_i] * nll_i / sum_i w[y_i]."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=class_weights,
+                                             ignore_index=IGNORE)
+
+
+def balanced_class_weights(examples, fact_type, n_classes=3, cap=10.0):
+    """w_c = N / (n_classes * N_c) over one type's training labels, at most `cap` (a class with a handful of
+    examples, like object n/a, would otherwise dominate; an absent class gets the cap). Every class then weighs
+    as much in the loss as if the classes were equally frequent: the hallucinated class is the rare one for
+    attribute and relation once facts about absent shapes do not count."""
+    index = label_index(fact_type)
+    classes = np.array([c[index] for e in examples for c in e["classes"]], dtype=np.int64)
+    counts = np.bincount(classes, minlength=n_classes).astype(np.float64)
+    weights = np.minimum(len(classes) / (n_classes * np.maximum(counts, 1e-9)), cap)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -461,8 +475,10 @@ def _load_state(folder, params, optimizer):
 
 
 def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_size, epochs, patience, seed,
-               checkpoint_dir, checkpoint_every=500, grad_clip=1.0, eval_batch_size=64, stop_after=None):
-    """Train one type's adapter and head with Adam on token-level cross-entropy at the markers; after every
+               checkpoint_dir, checkpoint_every=500, grad_clip=1.0, eval_batch_size=64, stop_after=None,
+               class_weights=None):
+    """Train one type's adapter and head with Adam on token-level cross-entropy at the markers (weighted per
+    class when `class_weights`, a (3,) tensor, is given); after every
     epoch score macro-F1 on the dev examples against their AI labels, keep the best weights, stop after
     `patience` epochs without improvement (or `epochs`), and end with the best weights loaded.
 
@@ -500,7 +516,8 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
             batch = collate(chunk, rm.pad, type_index)
             logits = model(input_ids=batch["input_ids"].to(rm.device),
                            pixel_values=pixels([e["image_id"] for e in chunk]).to(rm.device))
-            loss = token_loss(logits, batch["labels"].to(rm.device))
+            loss = token_loss(logits, batch["labels"].to(rm.device),
+                              None if class_weights is None else class_weights.to(rm.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)

@@ -141,3 +141,41 @@ def test_sampling_resumes_with_identical_samples(tokenizer, tmp_path):
         assert record["text"] == decode(record["token_ids"])
         for sub in record["subsentences"]:
             assert record["text"][sub["span"][0]:sub["span"][1]] == sub["text"]
+
+
+def test_existence_gate_counts_facts_about_absent_shapes_only_as_object_errors():
+    record = {"response_id": "7-0", "image_id": 7, "text": "x", "token_ids": [1, 2],
+              "subsentences": [{"text": "a", "span": [0, 1], "last_token": 0}, {"text": "b", "span": [1, 2], "last_token": 1}]}
+    ring = {"type": "object", "subject": "ring", "negated": False}
+    heart = {"type": "object", "subject": "heart", "negated": False}
+    red_ring = {"type": "attribute", "subject": "ring", "kind": "colour", "value": "red"}
+    red_heart = {"type": "attribute", "subject": "heart", "kind": "colour", "value": "red"}
+    heart_left_of_ring = {"type": "relation", "subject": "heart", "relation": "left", "object": "ring"}
+    heart_above_star = {"type": "relation", "subject": "heart", "relation": "above", "object": "star"}
+    rows = [_row("a", 0, ring, False, False), _row("b", 0, red_ring, False, None),   # absent ring, "red ring"
+            _row("c", 0, heart, True, True), _row("d", 0, red_heart, False, False),  # heart there, not red
+            _row("e", 1, heart_left_of_ring, False, None),                            # one side judged absent
+            _row("f", 1, heart_above_star, False, False)]                             # star never asked about
+    ungated = [s["labels"] for s in feedback.label_records([record], [dict(r) for r in rows])[0]["subsentences"]]
+    assert ungated == [[1, 1, -1], [-1, -1, 1]]
+    gated_rows = feedback.gate_on_existence([dict(r) for r in rows])
+    assert [r["gated_by"] for r in gated_rows] == [None, "ring", None, None, "ring", None]
+    assert [r["counts_as"] for r in gated_rows] == [False, None, True, False, None, False]
+    assert [r["verdict"] for r in gated_rows] == [r["verdict"] for r in rows]       # the verifier's answer is kept
+    labelled = feedback.label_records([record], gated_rows)[0]["subsentences"]
+    # sub-sentence 0: the red heart is still an attribute error; sub-sentence 1: only the heart-star relation counts
+    assert [s["labels"] for s in labelled] == [[1, 1, -1], [-1, -1, 1]]
+    only_ring = [gated_rows[i] for i in (0, 1, 4)]
+    assert [s["labels"] for s in feedback.label_records([record], only_ring)[0]["subsentences"]] == \
+        [[1, -1, -1], [-1, -1, -1]]
+
+
+def test_existence_gate_reads_negated_existence_and_mixed_answers():
+    ring_absent_said = {"type": "object", "subject": "ring", "negated": True}     # "there is no ring"
+    red_ring = {"type": "attribute", "subject": "ring", "kind": "colour", "value": "red"}
+    rows = feedback.gate_on_existence([_row("a", 0, ring_absent_said, True, True), _row("b", 0, red_ring, False, None)])
+    assert rows[1]["gated_by"] == "ring"                  # verifier agreed no ring: attribute not judged
+    ring = {"type": "object", "subject": "ring", "negated": False}
+    mixed = feedback.gate_on_existence([_row("a", 0, ring, True, True), _row("b", 0, ring_absent_said, False, False),
+                                        _row("c", 1, ring, False, True), _row("d", 1, red_ring, False, False)])
+    assert mixed[3]["gated_by"] is None and mixed[3]["counts_as"] is False   # answers disagree: no gate

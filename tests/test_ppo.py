@@ -261,6 +261,35 @@ def test_two_process_gloo_update_matches_one_process(tiny, tmp_path):
     assert out["stats"]["policy_loss"] == pytest.approx(stats["policy_loss"], abs=1e-5)
 
 
+MEAN_WORKER = r'''
+import json, sys, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from fgaif_utils import ppo
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+row = {"iteration": 3, "kl": [1.0, 3.0][rank], "halluc_share_relation": [None, 0.5][rank],
+       "halluc_share_attribute": None, "note": "text"}
+mean = ppo._mean_over_ranks(row)
+if rank == 0:
+    open(sys.argv[2], "w").write(json.dumps(mean))
+dist.destroy_process_group()
+'''
+
+
+def test_log_rows_average_over_ranks_when_a_value_is_missing_on_one_rank(tmp_path):
+    # a rank without judged relations logs None; the ranks must still send matching tensors (a gloo size
+    # mismatch aborted the 2-process smoke job once the existence gate made such rows common)
+    (tmp_path / "worker.py").write_text(MEAN_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29519", str(tmp_path / "worker.py"), str(REPO), str(tmp_path / "out.json")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mean = json.loads((tmp_path / "out.json").read_text())
+    assert mean == {"iteration": 3, "kl": 2.0, "halluc_share_relation": 0.5, "halluc_share_attribute": None,
+                    "note": "text"}
+
+
 def test_repeated_sub_sentences_earn_nothing_when_repeats_are_not_rewarded():
     # "a red heart ." twice, then "a star ." : sub-sentences end at the periods (token 3, 7, 10)
     ids = [5, 6, 7, 9, 5, 6, 7, 9, 5, 8, 9]

@@ -113,6 +113,21 @@ def test_ignored_positions_never_contribute_to_the_loss():
     assert reward.token_loss(changed, labels).item() != pytest.approx(loss.item(), rel=1e-3)
 
 
+def test_class_weighted_loss_and_balanced_weights_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 1.0, 3.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[0, 1, 2, reward.IGNORE]])
+    weights = torch.tensor([0.5, 1.0, 4.0])
+    nll = [-logits[0, i].log_softmax(-1)[c] for i, c in enumerate([0, 1, 2])]
+    by_hand = (0.5 * nll[0] + 1.0 * nll[1] + 4.0 * nll[2]) / (0.5 + 1.0 + 4.0)
+    assert reward.token_loss(logits, labels, weights).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # classes (n/a, correct, hallucinated) of the attribute type (column 1): 3 n/a, 2 correct, 1 hallucinated
+    examples = [{"classes": [[1, 0, 0], [2, 0, 0], [1, 1, 0]]}, {"classes": [[2, 0, 0], [1, 1, 0], [1, 2, 0]]}]
+    assert reward.balanced_class_weights(examples, "attribute").tolist() == \
+        pytest.approx([6 / (3 * 3), 6 / (3 * 2), 6 / (3 * 1)])
+    # relation (column 2): only n/a present; the absent classes get the cap
+    assert reward.balanced_class_weights(examples, "relation", cap=10.0).tolist() == pytest.approx([6 / 18, 10.0, 10.0])
+
+
 def test_loss_gradient_reaches_only_the_marked_tokens(tiny):
     processor, folder = tiny
     lvlm, _ = _backbone(folder)
