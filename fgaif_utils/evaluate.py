@@ -988,11 +988,10 @@ def headline_checks(summary, tests, policy="fgaif", baseline="base", split="eval
                      f"{cov_a['value']:.3f} vs {cov_b['value']:.3f}"))
     for sampler in POPE_SAMPLERS:   # "not lower": no decrease the paired test can tell from noise
         a, b = mine.get(f"pope_{sampler}_f1"), base.get(f"pope_{sampler}_f1")
-        t = test.get(f"pope_{sampler}_f1")
+        p = (test.get(f"pope_{sampler}_f1") or {}).get("p")
         if a and b and a["value"] is not None and b["value"] is not None:
-            p = t["p"] if t and t.get("p") is not None else 0.0
-            rows.append((f"POPE {sampler} F1 not lower", a["value"] >= b["value"] or p >= 0.05,
-                         f"{a['value']:.3f} vs {b['value']:.3f}" + (f", p={t['p']:.3f}" if t and t.get("p") is not None else "")))
+            rows.append((f"POPE {sampler} F1 not lower", a["value"] >= b["value"] or (p is not None and p >= 0.05),
+                         f"{a['value']:.3f} vs {b['value']:.3f}" + (f", p={p:.3f}" if p is not None else "")))
     return rows
 
 

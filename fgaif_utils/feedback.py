@@ -213,7 +213,8 @@ def gate_on_existence(rows):
 
 def label_records(records, rows, scenes_by_id=None):
     """fg_labels records: each sub-sentence with its AI labels [obj, att, rel] (from each row's `counts_as` when
-    gate_on_existence ran, else its verdict), its closing token and its fact ids; with scene graphs (synthetic world) also the ground-truth labels of the same facts."""
+    gate_on_existence ran, else its verdict), its closing token and its fact ids; with scene graphs (synthetic
+    world) also the ground-truth labels of the same facts."""
     rows_by_sub = {}
     for row in rows:
         rows_by_sub.setdefault((row["response_id"], row["subsentence"]), []).append(row)

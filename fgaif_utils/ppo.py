@@ -565,9 +565,7 @@ def _mean_over_ranks(row):
     if not dist.is_initialized():
         return row
     keys = sorted(k for k, v in row.items() if k != "iteration" and (v is None or isinstance(v, (int, float))))
-    present = [row[k] is not None for k in keys]
-    sums = torch.tensor([[float(row[k]) if ok else 0.0, float(ok)] for k, ok in zip(keys, present)],
-                        dtype=torch.float64).reshape(-1, 2)
+    sums = torch.tensor([[row[k] or 0.0, row[k] is not None] for k in keys], dtype=torch.float64).reshape(-1, 2)
     dist.all_reduce(sums)
     return {**row, **{k: (float(total / count) if count else None) for k, (total, count) in zip(keys, sums.tolist())}}
 

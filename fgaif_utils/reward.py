@@ -495,6 +495,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
+    class_weights = None if class_weights is None else class_weights.to(rm.device)
     state = {"step": 0, "loss": [], "dev": [], "best_f1": -1.0, "best_epoch": None, "bad_epochs": 0,
              "stopped_early": False, "done": False}
     best = None
@@ -516,8 +517,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
             batch = collate(chunk, rm.pad, type_index)
             logits = model(input_ids=batch["input_ids"].to(rm.device),
                            pixel_values=pixels([e["image_id"] for e in chunk]).to(rm.device))
-            loss = token_loss(logits, batch["labels"].to(rm.device),
-                              None if class_weights is None else class_weights.to(rm.device))
+            loss = token_loss(logits, batch["labels"].to(rm.device), class_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)

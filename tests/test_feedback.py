@@ -58,9 +58,13 @@ def _row(fact_id, sub, fact, verdict, truth):
             "verdict": verdict, "truth": truth}
 
 
+def _two_subsentence_record():
+    return {"response_id": "7-0", "image_id": 7, "text": "x", "token_ids": [1, 2],
+            "subsentences": [{"text": "a", "span": [0, 1], "last_token": 0}, {"text": "b", "span": [1, 2], "last_token": 1}]}
+
+
 def test_label_aggregation_on_two_facts_per_type():
-    record = {"response_id": "7-0", "image_id": 7, "text": "x", "token_ids": [1, 2],
-              "subsentences": [{"text": "a", "span": [0, 1], "last_token": 0}, {"text": "b", "span": [1, 2], "last_token": 1}]}
+    record = _two_subsentence_record()
     heart = {"type": "object", "subject": "heart", "negated": False}
     ring = {"type": "object", "subject": "ring", "negated": False}
     red = {"type": "attribute", "subject": "heart", "kind": "colour", "value": "red"}
@@ -144,8 +148,7 @@ def test_sampling_resumes_with_identical_samples(tokenizer, tmp_path):
 
 
 def test_existence_gate_counts_facts_about_absent_shapes_only_as_object_errors():
-    record = {"response_id": "7-0", "image_id": 7, "text": "x", "token_ids": [1, 2],
-              "subsentences": [{"text": "a", "span": [0, 1], "last_token": 0}, {"text": "b", "span": [1, 2], "last_token": 1}]}
+    record = _two_subsentence_record()
     ring = {"type": "object", "subject": "ring", "negated": False}
     heart = {"type": "object", "subject": "heart", "negated": False}
     red_ring = {"type": "attribute", "subject": "ring", "kind": "colour", "value": "red"}
