@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run ablations test smoke lab clean-outputs
+.PHONY: setup run ablations seeds test smoke lab clean-outputs
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ endif
 ablations: setup
 	for f in params/ablations/*.yaml; do $(PY) -m fgaif_utils.pipeline $$f --stages 04-05 || exit 1; done
 	$(PY) -m fgaif_utils.pipeline params/tiny.yaml --stages 06 --force
+
+# PPO seeds 1 and 2 of FGAIF and of the sparse ablation (after `make run`), stage 06 over all six policies and the
+# base, then the seed-pooled comparison (images and seeds resampled).
+SEED_RUNS := tiny-s1 tiny-sparse-s1 tiny-s2 tiny-sparse-s2
+seeds: setup
+	for r in $(SEED_RUNS); do $(PY) -m fgaif_utils.pipeline params/seeds/$$r.yaml --stages 05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/seeds/tiny-seeds.yaml --stages 06
+	for split in eval eval_ood; do $(PY) -m fgaif_utils.evaluate outputs/tiny-seeds/06_evaluate/records.jsonl \
+	  --split $$split --group base=base --group fgaif=fgaif,tiny-s1,tiny-s2 \
+	  --group sparse=tiny-sparse,tiny-sparse-s1,tiny-sparse-s2 --pair fgaif:base --pair fgaif:sparse || exit 1; done
 
 smoke: setup
 	$(PY) -m fgaif_utils.pipeline params/smoke.yaml

@@ -473,6 +473,70 @@ def paired_tests(records, baseline, n_resamples=1000, confidence=0.95, seed=0):
     return tests
 
 
+def seed_pooled_bootstrap(numerators_a, denominators_a, numerators_b, denominators_b, n_resamples=1000,
+                          confidence=0.95, seed=0, image_weights=None):
+    """Difference of a ratio metric between two methods, each trained with several seeds, on the same images:
+    arrays of shape (seeds, images), every method's seeds pooled (counts summed over seeds). A resample draws the
+    images with replacement (the same weights for both methods: paired) and, independently per method, its seeds
+    with replacement, so the interval and the two-sided p (as in paired_bootstrap) carry seed-to-seed variation
+    as well as image sampling. With one seed per method this is paired_bootstrap."""
+    arrays = [np.atleast_2d(np.asarray(x, float)) for x in (numerators_a, denominators_a, numerators_b, denominators_b)]
+    n_images = arrays[0].shape[1]
+    if any(a.shape[1] != n_images for a in arrays):
+        raise ValueError(f"seed_pooled_bootstrap: every array needs the same images, got shapes "
+                         f"{[a.shape for a in arrays]}")
+    rng = np.random.default_rng(seed)
+    image_weights = resample_weights(n_images, n_resamples, seed) if image_weights is None else image_weights
+
+    def pooled_draws(numerators, denominators):
+        n_seeds = len(numerators)
+        seed_weights = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=len(image_weights))
+        top = np.einsum("rs,rn,sn->r", seed_weights, image_weights, numerators)
+        bottom = np.einsum("rs,rn,sn->r", seed_weights, image_weights, denominators)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1), np.nan)
+
+    value_a, value_b = _ratio(arrays[0].sum(), arrays[1].sum()), _ratio(arrays[2].sum(), arrays[3].sum())
+    result = {"a": value_a, "b": value_b, "seeds_a": len(arrays[0]), "seeds_b": len(arrays[2]), "n": n_images}
+    if value_a is None or value_b is None:
+        return dict(result, diff=None, low=None, high=None, p=None)
+    draws = pooled_draws(arrays[0], arrays[1]) - pooled_draws(arrays[2], arrays[3])
+    draws = draws[~np.isnan(draws)]
+    diff = value_a - value_b
+    low, high = _interval(draws, confidence)
+    extreme = np.sum(np.abs(draws - diff) >= abs(diff) - 1e-12)
+    return dict(result, a=float(value_a), b=float(value_b), diff=float(diff), low=low, high=high,
+                p=float((extreme + 1) / (len(draws) + 1)))
+
+
+def seed_pooled_tests(records, groups, pairs, split, metrics, n_resamples=1000, confidence=0.95, seed=0):
+    """{(a, b): {metric: seed_pooled_bootstrap}} for each (a, b) in `pairs`, where `groups` maps a method to the
+    policy labels of its seeds in `records` (stage 06's records.jsonl), on the images of `split` every policy of
+    the two methods has."""
+    by_policy = defaultdict(dict)
+    for record in records:
+        if record["split"] == split:
+            by_policy[record["policy"]][record["image_id"]] = record
+    missing = sorted({p for g in groups.values() for p in g} - set(by_policy))
+    if missing:
+        raise ValueError(f"seed_pooled_tests: no {split!r} records of the policies {missing} "
+                         f"(policies present: {sorted(by_policy)})")
+    out = {}
+    for a, b in pairs:
+        policies = groups[a] + groups[b]
+        image_ids = sorted(set.intersection(*(set(by_policy[p]) for p in policies)), key=str)
+        keys = sorted({key for name in metrics for part in METRICS[name] for key in part})
+        arrays = {p: _count_matrix([by_policy[p][i] for i in image_ids], keys) for p in policies}
+        weights = resample_weights(len(image_ids), n_resamples, _split_seed(seed, split))
+        out[(a, b)] = {}
+        for name in metrics:
+            per_seed = {p: _metric_arrays(arrays[p], keys, name) for p in policies}
+            stack = lambda group, part: np.stack([per_seed[p][part] for p in groups[group]])
+            out[(a, b)][name] = seed_pooled_bootstrap(stack(a, 0), stack(a, 1), stack(b, 0), stack(b, 1), n_resamples,
+                                                      confidence, seed, image_weights=weights)
+    return out
+
+
 # ============================================================================================ evaluating a policy
 
 def load_policy(base_folder, adapter_folder=None, dtype="float32", device="auto", load_in_4bit=False,
@@ -1038,3 +1102,48 @@ def figures(summary):
             if shown:
                 out[f"{split}_{group}.png"] = metrics_figure(summary, split, shown, f"{split}: {group}")
     return out
+
+
+def main(argv=None):
+    """Seed-pooled comparisons from a records.jsonl, e.g.
+    python -m fgaif_utils.evaluate outputs/tiny-seeds/06_evaluate/records.jsonl \\
+        --group base=base --group fgaif=fgaif,tiny-s1,tiny-s2 --group sparse=tiny-sparse,tiny-sparse-s1,tiny-sparse-s2 \\
+        --pair fgaif:base --pair fgaif:sparse"""
+    import argparse
+    parser = argparse.ArgumentParser(description="Seed-pooled paired comparisons of stage 06 records.")
+    parser.add_argument("records")
+    parser.add_argument("--group", action="append", required=True, help="method=policy,policy,...")
+    parser.add_argument("--pair", action="append", required=True, help="a:b (a minus b)")
+    parser.add_argument("--split", default="eval")
+    parser.add_argument("--metrics", default="object_halluc,attribute_halluc,colour_halluc,size_halluc,"
+                                             "relation_halluc,coverage")
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    args = parser.parse_args(argv)
+    groups = {}
+    for entry in args.group:
+        method, _, policies = entry.partition("=")
+        if not policies:
+            parser.error(f"--group {entry!r}: expected method=policy,policy,...")
+        groups[method] = policies.split(",")
+    pairs = []
+    for entry in args.pair:
+        a, _, b = entry.partition(":")
+        if a not in groups or b not in groups:
+            parser.error(f"--pair {entry!r}: both sides must name a --group (groups: {sorted(groups)})")
+        pairs.append((a, b))
+    records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
+    tests = seed_pooled_tests(records, groups, pairs, args.split, args.metrics.split(","), args.bootstrap)
+    print(f"split {args.split}; pooled over seeds; interval and p resample images (paired) and seeds")
+    print("| metric | " + " | ".join(f"{a} | {b} | {a} − {b} [95%] (p)" for a, b in pairs) + " |")
+    print("|---|" + "---|---|---|" * len(pairs))
+    for name in args.metrics.split(","):
+        cells = []
+        for pair in pairs:
+            t = tests[pair][name]
+            cells += [_fmt(t["a"]), _fmt(t["b"]), "–" if t["diff"] is None else
+                      f"{t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] (p={t['p']:.3f})"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -202,6 +202,49 @@ def test_paired_test_separates_a_clear_difference_from_none():
     assert small <= 12, small
 
 
+def test_seed_pooled_bootstrap_with_one_seed_each_is_the_paired_bootstrap():
+    rng = np.random.default_rng(2)
+    den = 1 + rng.poisson(3.0, size=150)
+    a, b = rng.binomial(den, 0.2), rng.binomial(den, 0.25)
+    weights = E.resample_weights(150, 500, seed=7)
+    paired = E.paired_bootstrap(a, den, b, den, weights=weights)
+    pooled = E.seed_pooled_bootstrap(a[None], den[None], b[None], den[None], image_weights=weights)
+    for key in ("a", "b", "diff", "low", "high", "p"):
+        assert pooled[key] == pytest.approx(paired[key]), key
+
+
+def test_seed_pooled_value_by_hand_and_seed_spread_widens_the_interval():
+    # two seeds x two images: seed 0 false 1 of 4 and 0 of 2, seed 1 false 3 of 4 and 1 of 2 -> 5 / 12
+    pooled = E.seed_pooled_bootstrap([[1, 0], [3, 1]], [[4, 2], [4, 2]], [[2, 1]], [[4, 2]], n_resamples=50)
+    assert pooled["a"] == pytest.approx(5 / 12) and pooled["b"] == pytest.approx(3 / 6)
+    assert pooled["diff"] == pytest.approx(5 / 12 - 1 / 2) and (pooled["seeds_a"], pooled["seeds_b"]) == (2, 1)
+    # the same pooled counts, once from two agreeing seeds and once from two seeds far apart
+    rng = np.random.default_rng(3)
+    den = np.full(300, 10)
+    low_seed, high_seed, mid = rng.binomial(den, 0.1), rng.binomial(den, 0.3), rng.binomial(den, 0.2)
+    reference = rng.binomial(den, 0.2)[None]
+    apart = E.seed_pooled_bootstrap(np.stack([low_seed, high_seed]), np.stack([den, den]), reference, den[None],
+                                    n_resamples=500)
+    agreeing = E.seed_pooled_bootstrap(np.stack([mid, mid]), np.stack([den, den]), reference, den[None],
+                                       n_resamples=500)
+    assert apart["high"] - apart["low"] > 3 * (agreeing["high"] - agreeing["low"])
+    with pytest.raises(ValueError, match="same images"):
+        E.seed_pooled_bootstrap([[1, 2]], [[2, 2]], [[1, 2, 3]], [[3, 3, 3]])
+
+
+def test_seed_pooled_tests_group_the_records_of_each_method():
+    records = [_record(policy, i, n_object_judged=4, n_object_false=false)
+               for policy, falses in (("base", [2, 2]), ("fgaif", [1, 0]), ("fgaif-s1", [1, 2]))
+               for i, false in enumerate(falses)]
+    tests = E.seed_pooled_tests(records, {"base": ["base"], "fgaif": ["fgaif", "fgaif-s1"]}, [("fgaif", "base")],
+                                "eval", ["object_halluc"], n_resamples=50)
+    t = tests[("fgaif", "base")]["object_halluc"]
+    assert t["a"] == pytest.approx(4 / 16) and t["b"] == pytest.approx(4 / 8) and t["seeds_a"] == 2
+    with pytest.raises(ValueError, match="fgaif-s2"):
+        E.seed_pooled_tests(records, {"base": ["base"], "fgaif": ["fgaif-s2"]}, [("fgaif", "base")], "eval",
+                            ["object_halluc"])
+
+
 def _record(policy, image_id, **counts):
     return {"policy": policy, "split": "eval", "image_id": image_id, "counts": {"images": 1, **counts}}
 
