@@ -365,11 +365,14 @@ def resample_weights(n, n_resamples, seed):
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(float)
 
 
-def _ratio_draws(weights, numerators, denominators):
-    """Ratio of weighted sums per resample (nan where the denominator is 0)."""
-    top, bottom = weights @ numerators, weights @ denominators
+def _divide_or_nan(top, bottom):
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1), np.nan)
+
+
+def _ratio_draws(weights, numerators, denominators):
+    """Ratio of weighted sums per resample (nan where the denominator is 0)."""
+    return _divide_or_nan(weights @ numerators, weights @ denominators)
 
 
 def _interval(draws, confidence):
@@ -403,12 +406,15 @@ def paired_bootstrap(numerators_a, denominators_a, numerators_b, denominators_b,
     if value_a is None or value_b is None:
         return {"a": value_a, "b": value_b, "diff": None, "low": None, "high": None, "p": None, "n": n}
     draws = _ratio_draws(weights, arrays[0], arrays[1]) - _ratio_draws(weights, arrays[2], arrays[3])
+    return {"a": float(value_a), "b": float(value_b), **_difference(value_a - value_b, draws, confidence), "n": n}
+
+
+def _difference(diff, draws, confidence):
+    """The observed difference, its percentile interval and two-sided p from resampled differences."""
     draws = draws[~np.isnan(draws)]
-    diff = value_a - value_b
     low, high = _interval(draws, confidence)
     extreme = np.sum(np.abs(draws - diff) >= abs(diff) - 1e-12)
-    return {"a": float(value_a), "b": float(value_b), "diff": float(diff), "low": low, "high": high,
-            "p": float((extreme + 1) / (len(draws) + 1)), "n": n}
+    return {"diff": float(diff), "low": low, "high": high, "p": float((extreme + 1) / (len(draws) + 1))}
 
 
 def _metric_names(records):
@@ -491,22 +497,15 @@ def seed_pooled_bootstrap(numerators_a, denominators_a, numerators_b, denominato
     def pooled_draws(numerators, denominators):
         n_seeds = len(numerators)
         seed_weights = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=len(image_weights))
-        top = np.einsum("rs,rn,sn->r", seed_weights, image_weights, numerators)
-        bottom = np.einsum("rs,rn,sn->r", seed_weights, image_weights, denominators)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1), np.nan)
+        return _divide_or_nan(np.einsum("rs,rn,sn->r", seed_weights, image_weights, numerators),
+                              np.einsum("rs,rn,sn->r", seed_weights, image_weights, denominators))
 
     value_a, value_b = _ratio(arrays[0].sum(), arrays[1].sum()), _ratio(arrays[2].sum(), arrays[3].sum())
     result = {"a": value_a, "b": value_b, "seeds_a": len(arrays[0]), "seeds_b": len(arrays[2]), "n": n_images}
     if value_a is None or value_b is None:
         return dict(result, diff=None, low=None, high=None, p=None)
     draws = pooled_draws(arrays[0], arrays[1]) - pooled_draws(arrays[2], arrays[3])
-    draws = draws[~np.isnan(draws)]
-    diff = value_a - value_b
-    low, high = _interval(draws, confidence)
-    extreme = np.sum(np.abs(draws - diff) >= abs(diff) - 1e-12)
-    return dict(result, a=float(value_a), b=float(value_b), diff=float(diff), low=low, high=high,
-                p=float((extreme + 1) / (len(draws) + 1)))
+    return dict(result, a=float(value_a), b=float(value_b), **_difference(value_a - value_b, draws, confidence))
 
 
 def seed_pooled_tests(records, groups, pairs, split, metrics, n_resamples=1000, confidence=0.95, seed=0):
@@ -521,11 +520,11 @@ def seed_pooled_tests(records, groups, pairs, split, metrics, n_resamples=1000, 
     if missing:
         raise ValueError(f"seed_pooled_tests: no {split!r} records of the policies {missing} "
                          f"(policies present: {sorted(by_policy)})")
+    keys = sorted({key for name in metrics for part in METRICS[name] for key in part})
     out = {}
     for a, b in pairs:
         policies = groups[a] + groups[b]
         image_ids = sorted(set.intersection(*(set(by_policy[p]) for p in policies)), key=str)
-        keys = sorted({key for name in metrics for part in METRICS[name] for key in part})
         arrays = {p: _count_matrix([by_policy[p][i] for i in image_ids], keys) for p in policies}
         weights = resample_weights(len(image_ids), n_resamples, _split_seed(seed, split))
         out[(a, b)] = {}
