@@ -215,7 +215,9 @@ class RewardParams:
     lora_dropout: float = 0.0
     """Dropout on the LoRA inputs."""
     lr: float = 2e-5
-    """Adam learning rate, constant (paper: 2e-5)."""
+    """Adam learning rate (paper: 2e-5)."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """The learning rate over training: "constant" (paper) or "linear" (from lr down to 0 at the last step of `epochs`)."""
     batch_size: int = 4
     """Responses per optimiser step (paper: 4)."""
     class_weights: Literal["none", "balanced"] = "none"

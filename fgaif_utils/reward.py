@@ -476,10 +476,11 @@ def _load_state(folder, params, optimizer):
 
 def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_size, epochs, patience, seed,
                checkpoint_dir, checkpoint_every=500, grad_clip=1.0, eval_batch_size=64, stop_after=None,
-               class_weights=None):
+               class_weights=None, lr_schedule="constant"):
     """Train one type's adapter and head with Adam on token-level cross-entropy at the markers (weighted per
-    class when `class_weights`, a (3,) tensor, is given); after every
-    epoch score macro-F1 on the dev examples against their AI labels, keep the best weights, stop after
+    class when `class_weights`, a (3,) tensor, is given), at a learning rate that is constant or falls linearly to 0
+    at the last step of `epochs` (`lr_schedule`: a function of the step, so a resumed run needs no scheduler state);
+    after every epoch score macro-F1 on the dev examples against their AI labels, keep the best weights, stop after
     `patience` epochs without improvement (or `epochs`), and end with the best weights loaded.
 
     Checkpoints (adapter weights, best weights, optimizer, torch RNG, logs) go into `checkpoint_dir` at every
@@ -521,6 +522,8 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(lr, lr_schedule, state["step"], epochs * steps_per_epoch)
             optimizer.step()
             state["step"] += 1
             state["loss"].append([state["step"], loss.item()])
@@ -550,6 +553,15 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
         p.requires_grad_(False)
     model.eval()
     return _history(state)
+
+
+def learning_rate(lr, schedule, step, total_steps):
+    """The learning rate of optimiser step `step` (0-based) of `total_steps`: lr, or lr * (1 - step / total_steps)."""
+    if schedule == "constant":
+        return lr
+    if schedule == "linear":
+        return lr * (1.0 - step / total_steps)
+    raise ValueError(f"lr_schedule {schedule!r}: expected 'constant' or 'linear'")
 
 
 def _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, state, best, epoch, epochs, patience):

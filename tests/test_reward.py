@@ -174,14 +174,15 @@ def test_three_adapters_on_one_base_match_three_separately_loaded_models(tiny, t
     assert reward.param_bytes(combined.model) == base_bytes + adapter_bytes
 
 
-def _train(processor, folder, checkpoints, stop_after=None):
+def _train(processor, folder, checkpoints, stop_after=None, lr_schedule="constant"):
     rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"])
     records = _records(processor, 8)
     train, dev = rm.examples(records[:6]), rm.examples(records[6:])
     images = _images(4)
     pixels = lambda ids: reward.pixel_values(processor, [images[i] for i in ids])
     history = reward.train_type(rm, "relation", train, dev, pixels, lr=1e-2, batch_size=2, epochs=3, patience=5,
-                                seed=0, checkpoint_dir=checkpoints, checkpoint_every=2, stop_after=stop_after)
+                                seed=0, checkpoint_dir=checkpoints, checkpoint_every=2, stop_after=stop_after,
+                                lr_schedule=lr_schedule)
     return rm, history
 
 
@@ -205,6 +206,23 @@ def test_a_resumed_training_run_continues_the_same_trajectory(tiny, tmp_path):
     assert log_again["loss"] == log_straight["loss"]
     for (name, a), (_, b) in zip(straight.model.named_parameters(), again.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_linear_learning_rate_by_hand_and_a_resumed_run_keeps_the_schedule(tiny, tmp_path):
+    assert [reward.learning_rate(0.2, "linear", step, 4) for step in range(4)] == pytest.approx([0.2, 0.15, 0.1, 0.05])
+    assert reward.learning_rate(0.2, "constant", 3, 4) == 0.2
+    with pytest.raises(ValueError, match="cosine"):
+        reward.learning_rate(0.2, "cosine", 0, 4)
+    processor, folder = tiny
+    constant, log_constant = _train(processor, folder, tmp_path / "c")
+    straight, log_straight = _train(processor, folder, tmp_path / "a", lr_schedule="linear")
+    _train(processor, folder, tmp_path / "b", stop_after=5, lr_schedule="linear")
+    resumed, log_resumed = _train(processor, folder, tmp_path / "b", lr_schedule="linear")
+    assert log_constant["loss"][0] == log_straight["loss"][0]        # step 0: the same lr, so the same first loss
+    assert log_constant["loss"][1:] != log_straight["loss"][1:]
+    assert [x[1] for x in log_resumed["loss"]] == pytest.approx([x[1] for x in log_straight["loss"]], rel=1e-5)
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
 
 
 def test_save_and_load_round_trip_after_training(tiny, tmp_path):
