@@ -7,8 +7,7 @@ import pytest
 
 from fgaif_utils import params as P
 
-PROFILES = sorted(P.REPO_ROOT.glob("params/*.yaml")) + sorted(P.REPO_ROOT.glob("params/ablations/*.yaml")) + \
-    sorted(P.REPO_ROOT.glob("params/seeds/*.yaml"))
+PROFILES = sorted(P.REPO_ROOT.glob("params/*.yaml")) + sorted(P.REPO_ROOT.glob("params/*/*.yaml"))
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=[p.relative_to(P.REPO_ROOT).as_posix() for p in PROFILES])
