@@ -504,7 +504,8 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     if (checkpoint_dir / "state.json").is_file():
         state, best = _load_state(checkpoint_dir, params, optimizer)
     steps_per_epoch = math.ceil(len(train_examples) / batch_size)
-    bar = tqdm(total=epochs * steps_per_epoch, initial=state["step"], desc=f"reward model: {fact_type}",
+    total_steps = epochs * steps_per_epoch
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"reward model: {fact_type}",
                mininterval=2.0, disable=state["done"])
     while not state["done"]:
         epoch, offset = divmod(state["step"], steps_per_epoch)
@@ -523,7 +524,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(lr, lr_schedule, state["step"], epochs * steps_per_epoch)
+                group["lr"] = learning_rate(lr, lr_schedule, state["step"], total_steps)
             optimizer.step()
             state["step"] += 1
             state["loss"].append([state["step"], loss.item()])

@@ -214,7 +214,7 @@ def test_linear_learning_rate_by_hand_and_a_resumed_run_keeps_the_schedule(tiny,
     with pytest.raises(ValueError, match="cosine"):
         reward.learning_rate(0.2, "cosine", 0, 4)
     processor, folder = tiny
-    constant, log_constant = _train(processor, folder, tmp_path / "c")
+    _, log_constant = _train(processor, folder, tmp_path / "c")
     straight, log_straight = _train(processor, folder, tmp_path / "a", lr_schedule="linear")
     _train(processor, folder, tmp_path / "b", stop_after=5, lr_schedule="linear")
     resumed, log_resumed = _train(processor, folder, tmp_path / "b", lr_schedule="linear")
