@@ -1081,6 +1081,62 @@ def checks_markdown(rows):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- attribute words
+
+def attribute_confusions(records, scenes, split="eval"):
+    """Which attribute words each policy gets wrong, and how (synthetic world, one split): a Counter per policy of
+    ("size", true, said) and ("colour", true, said) over the judged attribute facts; ("binding", kind) for wrong
+    values that another object of the scene has (the right word, the wrong shape); ("colour_typical",) for wrong
+    colours that are the shape's typical colour (the caption noise of stage 00); ("mentioned", size) and
+    ("objects", size) for the scene objects a description mentions (a correct, non-negated object fact), by size."""
+    by_id = {scene["image_id"]: {obj["shape"]: obj for obj in scene["objects"]} for scene in scenes}
+    counts = defaultdict(Counter)
+    for record in records:
+        if record.get("split") != split or "facts" not in record or record.get("image_id") not in by_id:
+            continue
+        objects, policy = by_id[record["image_id"]], counts[record["policy"]]
+        for obj in objects.values():
+            policy[("objects", obj["size"])] += 1
+        mentioned = {f["subject"] for f in record["facts"]
+                     if f["type"] == "object" and not f["negated"] and f["correct"]}
+        for shape in mentioned:
+            policy[("mentioned", objects[shape]["size"])] += 1
+        for fact in record["facts"]:
+            if fact["type"] != "attribute" or fact["correct"] is None:
+                continue
+            kind, subject = fact["kind"], objects[fact["subject"]]
+            policy[(kind, subject[kind], fact["value"])] += 1
+            if not fact["correct"]:
+                others = [obj for shape, obj in objects.items() if shape != fact["subject"]]
+                policy[("binding", kind)] += any(obj[kind] == fact["value"] for obj in others)
+                if kind == "colour":
+                    policy[("colour_typical",)] += fact["value"] == language.TYPICAL_COLOUR[fact["subject"]]
+    return dict(counts)
+
+
+def attribute_confusions_markdown(confusions):
+    """One row per policy: size errors by direction, colour errors, the share of errors that are binding errors,
+    and how many of the scene's small and large objects the descriptions mention."""
+    def share(top, bottom):
+        return f"{top / bottom:.3f}" if bottom else "–"
+
+    lines = ["| policy | size facts | small said large | large said small | size errors: another object's size "
+             "| colour facts | colour errors | of them the shape's typical colour | another object's colour "
+             "| small objects mentioned | large objects mentioned |", "|---" * 11 + "|"]
+    for policy, c in confusions.items():
+        n_size = sum(n for key, n in c.items() if key[0] == "size")
+        n_colour = sum(n for key, n in c.items() if key[0] == "colour")
+        small_large, large_small = c[("size", "small", "large")], c[("size", "large", "small")]
+        colour_wrong = sum(n for key, n in c.items() if key[0] == "colour" and key[1] != key[2])
+        lines.append(
+            f"| {html.escape(str(policy))} | {n_size} | {small_large} | {large_small} "
+            f"| {share(c[('binding', 'size')], small_large + large_small)} | {n_colour} | {colour_wrong} "
+            f"| {share(c[('colour_typical',)], colour_wrong)} | {share(c[('binding', 'colour')], colour_wrong)} "
+            f"| {share(c[('mentioned', 'small')], c[('objects', 'small')])} "
+            f"| {share(c[('mentioned', 'large')], c[('objects', 'large')])} |")
+    return "\n".join(lines)
+
+
 METRIC_GROUPS = {
     "hallucination": ["object_halluc", "attribute_halluc", "colour_halluc", "size_halluc", "relation_halluc",
                       "coverage"],

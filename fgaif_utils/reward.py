@@ -434,6 +434,64 @@ def evaluate(predicted, examples, types=FACT_TYPES):
     return result
 
 
+# ---------------------------------------------------------------------------------------------- word-swap probe
+
+def word_swaps(tokenizer, words_by_value):
+    """{token id: (value, swapped token id)} for one kind of attribute word ({value: [surface forms]}, e.g.
+    {"small": ["small", "little"], "large": ["large", "big"]}): each form swapped for the form at the same place
+    of the next value, cyclically (small <-> large, little <-> big; red -> blue -> ... -> red). Forms that are not
+    one known token of the tokenizer are left out."""
+    def one_token(word):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
+
+    values = list(words_by_value)
+    swaps = {}
+    for i, value in enumerate(values):
+        other = words_by_value[values[(i + 1) % len(values)]]
+        for k, form in enumerate(words_by_value[value]):
+            mine, theirs = one_token(form), one_token(other[min(k, len(other) - 1)])
+            if mine is not None and theirs is not None and mine != theirs:
+                swaps[mine] = (value, theirs)
+    return swaps
+
+
+def word_swap_probe(rm, records, load_image, swaps, batch_size=64):
+    """Does a reward model read the image, or the words? Every sub-sentence of `records` that the ground truth
+    calls correct for object and attribute and that holds exactly one word of `swaps` is scored alone (a
+    one-sub-sentence response) as written and with that word swapped, which makes its attribute wrong while the
+    object stays there. A model that looks at the image raises P(hallucinated) of the attribute type for the
+    swapped copy; an object model should barely move. One row per written value: {"said", "n", type:
+    {"p_written", "p_swapped", "rises"}} with mean P(hallucinated) and the share of swaps that raised it."""
+    cases = []   # (written value, image id, written token ids, swapped token ids)
+    for record in records:
+        start = 0
+        for sub in record["subsentences"]:
+            tokens = list(record["token_ids"][start:sub["last_token"] + 1])
+            start = sub["last_token"] + 1
+            truth, hits = sub.get("gt_labels"), [i for i, t in enumerate(tokens) if t in swaps]
+            if truth is None or truth[:2] != [0, 0] or len(hits) != 1:
+                continue
+            value, other = swaps[tokens[hits[0]]]
+            cases.append((value, record["image_id"], tokens, tokens[:hits[0]] + [other] + tokens[hits[0] + 1:]))
+    if not cases:
+        return []
+    images = [load_image(image_id) for _, image_id, _, _ in cases]
+    scores = rm.score(images + images, [c[2] for c in cases] + [c[3] for c in cases],
+                      [[len(c[2]) - 1] for c in cases] * 2, batch_size)
+    hallucinated = np.array([s["probs"][0, :, 2] for s in scores])     # (2N, T)
+    written, swapped = hallucinated[:len(cases)], hallucinated[len(cases):]
+    rows = []
+    for value in dict.fromkeys(c[0] for c in cases):
+        mine = np.array([c[0] == value for c in cases])
+        row = {"said": value, "n": int(mine.sum())}
+        for t, name in enumerate(rm.types):
+            row[name] = {"p_written": float(written[mine, t].mean()), "p_swapped": float(swapped[mine, t].mean()),
+                         "rises": float((swapped[mine, t] > written[mine, t]).mean())}
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 def enable_gradient_checkpointing(lvlm):

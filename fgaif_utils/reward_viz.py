@@ -161,3 +161,17 @@ def scored_examples_html(records, scores, types, image_loader=None, title="Rewar
             f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
             f"<p>Badges: type letter, the reward model's class and p(hallucinated), the AI label, the truth. "
             f"A red border marks a prediction that misses the truth.</p>\n{''.join(parts)}\n</body></html>\n")
+
+
+def word_swap_markdown(probes, types=("object", "attribute")):
+    """A Markdown table of reward.word_swap_probe rows ({kind: rows}): per written value, each type's mean
+    P(hallucinated) as written -> with the word swapped, and the share of swaps that raised it."""
+    lines = ["| word kind | written | sub-sentences | " + " | ".join(
+                 f"{t} P(halluc.) written -> swapped | {t}: swaps that raise it" for t in types) + " |",
+             "|---|---|---|" + "---|---|" * len(types)]
+    for kind, rows in probes.items():
+        for row in rows:
+            cells = " | ".join(f"{row[t]['p_written']:.3f} -> {row[t]['p_swapped']:.3f} | {row[t]['rises']:.2f}"
+                               for t in types)
+            lines.append(f"| {html.escape(kind)} | {html.escape(str(row['said']))} | {row['n']} | {cells} |")
+    return "\n".join(lines)

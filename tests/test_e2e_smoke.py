@@ -134,3 +134,13 @@ def test_ppo_job_under_torchrun_with_two_processes(smoke_run, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations"] == params.load(REPO / "params" / "smoke.yaml").ppo.steps
     assert (tmp_path / "out" / "policy_adapter" / "adapter_config.json").exists()
+
+
+def test_teaching_tables_of_stages_04_and_06(smoke_run):
+    run_dir, _, _ = smoke_run
+    probe = json.loads((run_dir / "04_reward_models" / "word_swap_probe.json").read_text())
+    assert set(probe) == {"size", "colour"}
+    assert all(row["n"] > 0 and {"object", "attribute", "relation"} <= set(row) for rows in probe.values() for row in rows)
+    words = (run_dir / "06_evaluate" / "attribute_words.md").read_text()
+    assert [line for line in words.splitlines() if line.startswith("## ")] == ["## eval", "## eval_long", "## eval_ood"]
+    assert words.count("| base |") == 3 and words.count("| fgaif |") == 3

@@ -489,3 +489,27 @@ def test_pope_f1_not_lower_means_no_decrease_the_paired_test_can_tell_from_noise
     checks = {name: ok for name, ok, _ in E.headline_checks(summary, tests)}
     assert checks["POPE random F1 not lower"] is True         # a noise-sized dip
     assert checks["POPE popular F1 not lower"] is False       # a real drop
+
+
+def test_attribute_confusions_by_hand():
+    scene = {"image_id": 7, "objects": [
+        {"shape": "circle", "colour": "red", "size": "small", "cx": 10, "cy": 10},     # typical circle: yellow
+        {"shape": "square", "colour": "blue", "size": "large", "cx": 40, "cy": 40}]}
+    texts = {"a": "there is a large blue circle .",   # size and colour both the square's: two binding errors
+             "b": "there is a small yellow circle and a small blue square . there is a red triangle ."}
+    records = [{"policy": policy, "split": "eval", "image_id": 7,
+                **E.description_record(text, scene, E.world_vocabulary(), True)} for policy, text in texts.items()]
+    records.append({**records[0], "split": "eval_ood"})                  # another split: not counted
+    confusions = E.attribute_confusions(records, [scene], "eval")
+    a, b = confusions["a"], confusions["b"]
+    assert {k: n for k, n in a.items() if n} == {
+        ("objects", "small"): 1, ("objects", "large"): 1, ("mentioned", "small"): 1,
+        ("size", "small", "large"): 1, ("binding", "size"): 1, ("colour", "red", "blue"): 1, ("binding", "colour"): 1}
+    # yellow is the circle's typical colour and no object's; the absent triangle's colour is not judged
+    assert {k: n for k, n in b.items() if n} == {
+        ("objects", "small"): 1, ("objects", "large"): 1, ("mentioned", "small"): 1, ("mentioned", "large"): 1,
+        ("size", "small", "small"): 1, ("colour", "red", "yellow"): 1, ("colour_typical",): 1,
+        ("size", "large", "small"): 1, ("binding", "size"): 1, ("colour", "blue", "blue"): 1}
+    table = E.attribute_confusions_markdown(confusions).splitlines()
+    assert table[2] == "| a | 1 | 1 | 0 | 1.000 | 1 | 1 | 0.000 | 1.000 | 1.000 | 0.000 |"
+    assert table[3] == "| b | 2 | 0 | 1 | 1.000 | 2 | 1 | 1.000 | 0.000 | 1.000 | 1.000 |"

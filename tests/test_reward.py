@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgaif_utils import models, params, reward
+from fgaif_utils import models, params, reward, reward_viz
 
 torch.set_num_threads(1)
 PROMPT = "Describe this image in detail."
@@ -258,6 +258,57 @@ def test_scoring_api_is_batched_and_consistent(tiny, tmp_path):
         assert set(np.unique(a["labels"])) <= {-1, 0, 1}
     with pytest.raises(ValueError, match="as many"):
         rm.score(images[:2], ids, ends)
+
+
+def test_word_swaps_pair_each_form_with_the_next_value(tiny):
+    processor, _ = tiny
+    tok = processor.tokenizer
+    one = lambda word: tok(word, add_special_tokens=False)["input_ids"][0]
+    sizes = reward.word_swaps(tok, {"small": ["small", "little"], "large": ["large", "big", "zzgiant"]})
+    assert sizes == {one("small"): ("small", one("large")), one("little"): ("small", one("big")),
+                     one("large"): ("large", one("small")), one("big"): ("large", one("little"))}
+    colours = reward.word_swaps(tok, {"red": ["red"], "blue": ["blue"], "green": ["green"]})
+    assert colours == {one("red"): ("red", one("blue")), one("blue"): ("blue", one("green")),
+                       one("green"): ("green", one("red"))}
+
+
+def test_word_swap_probe_picks_truth_correct_sub_sentences_and_scores_them_alone(tiny):
+    processor, folder = tiny
+    tok = processor.tokenizer
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8)
+    _randomise(rm, seed=5)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+
+    def record(image_id, sentences, truths):
+        tokens, subs = [], []
+        for sentence, truth in zip(sentences, truths):
+            tokens += ids(sentence)
+            subs.append({"last_token": len(tokens) - 1, "labels": [0, 0, -1], "gt_labels": truth})
+        return {"response_id": str(image_id), "image_id": image_id, "token_ids": tokens, "subsentences": subs}
+
+    records = [record(0, ["the star is left of the ring .", "there is a small red heart ."], [[0, -1, 0], [0, 0, -1]]),
+               record(1, ["a small blue square and a large red star ."], [[0, 0, -1]]),   # two size words: out
+               record(2, ["there is a big green ring ."], [[1, -1, -1]]),                 # object not there: out
+               record(3, ["i can see a large yellow circle ."], [[0, 0, -1]]),
+               record(4, ["there is a little red heart ."], [[0, 1, -1]])]                # attribute wrong: out
+    images = _images(5, seed=3)
+    swaps = reward.word_swaps(tok, {"small": ["small", "little"], "large": ["large", "big"]})
+    rows = reward.word_swap_probe(rm, records, lambda image_id: images[image_id], swaps, batch_size=2)
+    assert [(row["said"], row["n"]) for row in rows] == [("small", 1), ("large", 1)]
+    # by hand: each kept sub-sentence alone, as written and with its size word swapped
+    written = [ids("there is a small red heart ."), ids("i can see a large yellow circle .")]
+    swapped = [ids("there is a large red heart ."), ids("i can see a small yellow circle .")]
+    direct = rm.score([images[0], images[3]] * 2, written + swapped, [[len(t) - 1] for t in written + swapped])
+    for k, row in enumerate(rows):
+        for t, name in enumerate(rm.types):
+            p_written, p_swapped = direct[k]["probs"][0, t, 2], direct[2 + k]["probs"][0, t, 2]
+            assert row[name]["p_written"] == pytest.approx(p_written, abs=1e-6)
+            assert row[name]["p_swapped"] == pytest.approx(p_swapped, abs=1e-6)
+            assert row[name]["rises"] == float(p_swapped > p_written)
+    assert reward.word_swap_probe(rm, records[1:3], lambda image_id: images[image_id], swaps) == []
+    table = reward_viz.word_swap_markdown({"size": rows}).splitlines()
+    assert len(table) == 4 and table[2].startswith("| size | small | 1 | ")
+    assert table[2].endswith(f"{rows[0]['attribute']['p_swapped']:.3f} | {rows[0]['attribute']['rises']:.2f} |")
 
 
 def test_value_model_starts_from_the_object_adapter(tiny, tmp_path):
