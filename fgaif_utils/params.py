@@ -306,6 +306,8 @@ class PpoParams:
     """Score every sub-sentence, including exact repeats of an earlier one in the same response (the paper). False: a repeat earns no fine-grained reward, the smallest fix for the repetition hack that per-sub-sentence rewards invite (measured on tiny: README)."""
     claim_bonus: float = 0.0
     """Counterweight against saying less (off in the paper profile): reward added on each sub-sentence the reward models judge correct for some type and hallucinated for none."""
+    oracle_rewards: bool = False
+    """A control, not FGAIF (synthetic world only): the ground-truth scorer's labels replace the reward models' (perfect feedback), to tell what the reward models get wrong from what the RL does with any reward."""
     kl_budget: float = 0.0
     """Stop when the mean per-token KL to the reference exceeds this (nats); 0 = no budget."""
     value_init: Literal["object_reward", "fresh"] = "object_reward"

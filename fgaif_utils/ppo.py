@@ -9,7 +9,8 @@ For each iteration:
                at every response token, from forward passes over the sampled sequence.
   4. rewards   r_t = sum_types w_type * R_type(sub-sentence closed at t)  -  beta * (log pi(a_t) - log pi_ref(a_t))
                with R = +1 correct, -1 hallucinated, 0 n/a. (The FGAIF authors' code adds the KL term; it
-               must be subtracted.) `sparse` puts the same fine-grained total on the last token instead.
+               must be subtracted.) `sparse` puts the same fine-grained total on the last token instead;
+               `oracle_rewards` (a control, synthetic world) takes R from the ground-truth scorer instead.
   5. GAE       delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},  returns = A + V.
   6. update    for `epochs` passes over shuffled minibatches:
                ratio = exp(log pi_new - log pi_old)
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import models, reward, rollout, segment, tiny_train
+from . import models, reward, rollout, scorer, segment, tiny_train
 
 VALUE_ADAPTER = "value"
 POLICY_ADAPTER = "policy"
@@ -59,6 +60,17 @@ def repeated_subsentences(token_ids, end_positions):
         seen.add(tokens)
         start = end + 1
     return repeated
+
+
+def ground_truth_labels(token_ids, decode, scene):
+    """(K, 3) [object, attribute, relation] labels of one response's sub-sentences from the ground-truth scorer,
+    the sub-sentences aligned to tokens as subsentence_end_positions aligns them (a merged pair gets the labels
+    of both members' facts): the oracle control's rewards (`ppo.oracle_rewards`)."""
+    if not token_ids:
+        return np.zeros((0, len(reward.FACT_TYPES)), dtype=np.int64)
+    aligned = segment.align_subsentences(token_ids, decode)
+    scored = scorer.score_subsentences(decode(token_ids), [entry["span"] for entry in aligned], scene)
+    return np.array([sub["labels"] for sub in scored], dtype=np.int64).reshape(-1, len(reward.FACT_TYPES))
 
 
 def fine_grained_rewards(labels, end_positions, n_actions, weights, sparse=False, claim_bonus=0.0, skip=None):
@@ -289,6 +301,7 @@ class Trainer:
         self.policy_opt = torch.optim.Adam(list(self.policy_params.values()), lr=settings.lr)
         self.value_opt = torch.optim.Adam(list(self.value_params.values()), lr=settings.value_lr or settings.lr)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.oracle_scenes = None   # {image_id: scene}: the oracle control scores with the truth instead
 
     @property
     def device(self):
@@ -310,7 +323,13 @@ class Trainer:
         return token_ids, end_positions
 
     @torch.no_grad()
-    def score(self, images, token_ids, end_positions):
+    def score(self, images, token_ids, end_positions, image_ids=None):
+        if self.oracle_scenes is not None:
+            labels = [ground_truth_labels(ids, self.decode, self.oracle_scenes[image_id])
+                      for ids, image_id in zip(token_ids, image_ids)]
+            if [len(l) for l in labels] != [len(e) for e in end_positions]:
+                raise RuntimeError("oracle rewards: the scorer's sub-sentences do not match the end positions")
+            return labels
         scores = self.rm.score(images, token_ids, end_positions, batch_size=len(images))
         return [s["labels"] for s in scores]
 
@@ -387,7 +406,7 @@ class Trainer:
         token_ids, end_positions = self.rollout(images, image_ids, seed)
         times["rollout_s"] = time.monotonic() - t0
         t0 = time.monotonic()
-        labels = self.score(images, token_ids, end_positions)
+        labels = self.score(images, token_ids, end_positions, image_ids)
         times["scoring_s"] = time.monotonic() - t0
         t0 = time.monotonic()
         batch = self.make_batch(images, image_ids, token_ids, end_positions, labels)
@@ -582,13 +601,11 @@ def validator(scenes, images, prompt_text, max_new_tokens, batch_size, synthetic
     """validate(trainer, iteration) for `train`: greedy descriptions of the validation images scored by the
     reward models (mean reward per type per response) and, in the synthetic world, by the ground-truth scorer
     (hallucination rate per type, coverage). Never the eval split."""
-    from . import scorer
-
     def validate(trainer, iteration):
         token_ids, texts = tiny_train.describe_images(trainer.policy, trainer.processor, images, False, 0, batch_size,
                                                       max_new_tokens, prompt=prompt_text, desc="validate")
         ends = [segment.subsentence_end_positions(ids, trainer.decode) if ids else [] for ids in token_ids]
-        labels = trainer.score(images, token_ids, ends)
+        labels = trainer.score(images, token_ids, ends, [scene["image_id"] for scene in scenes])
         row = {"val_length": float(np.mean([len(t) for t in token_ids])),
                "val_subsentences": float(np.mean([len(e) for e in ends]))}
         for j, t in enumerate(trainer.reward_types):
@@ -615,6 +632,9 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
     value/ and summary.json into `out_dir`. Returns the loop state."""
     from . import world
     P, s = params, params.ppo
+    if s.oracle_rewards and (P.data.world != "synthetic" or P.reward.holistic):
+        raise ValueError("params ppo.oracle_rewards: the oracle control needs the synthetic world's ground truth "
+                         "and the three fact types (data.world: synthetic, reward.holistic: false)")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() and world_size > 1 \
@@ -636,6 +656,8 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
     prompt_scenes = world.load_scenes(data_dir, "ppo")
     validation_scenes = world.load_scenes(data_dir, "validation")[:s.validation_images]
     validation_images = world.load_images(data_dir, validation_scenes)
+    if s.oracle_rewards:
+        trainer.oracle_scenes = {scene["image_id"]: scene for scene in prompt_scenes + validation_scenes}
     validate = validator(validation_scenes, validation_images, P.sampling.prompt, s.max_new_tokens,
                          P.evaluate.batch_size, P.data.world == "synthetic") if rank == 0 or world_size == 1 else None
     if world_size > 1:

@@ -308,3 +308,40 @@ def test_launch_commands():
     assert accel[1:4] == ["launch", "--num_processes", "2"] and "--multi_gpu" in accel
     with pytest.raises(ValueError, match="launcher"):
         launch.command("mpirun", 2, "p.yaml", "r", "d", "m", "w", "o", "c")
+
+
+def test_oracle_labels_by_hand_and_the_trainer_scores_with_them(tiny):
+    trainer = _trainer(tiny, _settings(max_new_tokens=12))
+    scene = {"image_id": 5, "objects": [
+        {"shape": "heart", "colour": "blue", "size": "small", "cx": 30, "cy": 30},
+        {"shape": "star", "colour": "yellow", "size": "large", "cx": 8, "cy": 10},
+        {"shape": "ring", "colour": "orange", "size": "large", "cx": 56, "cy": 10}]}
+    text = "there is a small red heart . the star is left of the ring . i can see a large green square ."
+    ids = trainer.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # red is wrong (attribute); the relation holds; no square (object; its colour and size are not judged)
+    labels = ppo.ground_truth_labels(ids, trainer.decode, scene)
+    assert labels.tolist() == [[0, 1, -1], [0, -1, 0], [1, -1, -1]]
+    assert len(labels) == len(segment.subsentence_end_positions(ids, trainer.decode))
+    assert ppo.ground_truth_labels([], trainer.decode, scene).shape == (0, 3)
+
+    images, image_ids = _images(4, seed=4), [5, 6, 7, 8]
+    token_ids, ends = trainer.rollout(images, image_ids, seed=2)
+    token_ids[0], ends[0] = ids, segment.subsentence_end_positions(ids, trainer.decode)
+    trainer.oracle_scenes = {5: scene, **{i: {"image_id": i, "objects": []} for i in image_ids[1:]}}
+    trainer.rm.score = None    # the oracle never asks the reward models
+    try:
+        scored = trainer.score(images, token_ids, ends, image_ids)
+    finally:
+        del trainer.rm.score
+        trainer.oracle_scenes = None
+    assert scored[0].tolist() == labels.tolist()
+    for got, response, e in zip(scored[1:], token_ids[1:], ends[1:]):
+        assert got.shape == (len(e), 3) and (got[:, 1:] == -1).all()   # an empty scene: attributes never judged
+        assert got.tolist() == ppo.ground_truth_labels(response, trainer.decode, {"objects": []}).tolist()
+
+
+def test_oracle_rewards_need_the_synthetic_world_and_three_types():
+    p = params.load(params.REPO_ROOT / "params" / "smoke.yaml")
+    p.ppo.oracle_rewards, p.reward.holistic = True, True
+    with pytest.raises(ValueError, match="ppo.oracle_rewards"):
+        ppo.run_job(p, "data", "models", "rewards", "out", "checkpoints")
