@@ -325,6 +325,8 @@ class Trainer:
     @torch.no_grad()
     def score(self, images, token_ids, end_positions, image_ids=None):
         if self.oracle_scenes is not None:
+            if image_ids is None:
+                raise ValueError("oracle rewards: score() needs the image ids to find each response's scene")
             labels = [ground_truth_labels(ids, self.decode, self.oracle_scenes[image_id])
                       for ids, image_id in zip(token_ids, image_ids)]
             if [len(l) for l in labels] != [len(e) for e in end_positions]:

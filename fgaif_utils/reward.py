@@ -461,8 +461,9 @@ def word_swap_probe(rm, records, load_image, swaps, batch_size=64):
     calls correct for object and attribute and that holds exactly one word of `swaps` is scored alone (a
     one-sub-sentence response) as written and with that word swapped, which makes its attribute wrong while the
     object stays there. A model that looks at the image raises P(hallucinated) of the attribute type for the
-    swapped copy; an object model should barely move. One row per written value: {"said", "n", type:
-    {"p_written", "p_swapped", "rises"}} with mean P(hallucinated) and the share of swaps that raised it."""
+    swapped copy; where the object type rises too, it reads a wrong attribute as a sign of a made-up object.
+    One row per written value: {"said", "n", type: {"p_written", "p_swapped", "rises"}} with the mean
+    P(hallucinated) as written and swapped and the share of swaps that raised it."""
     cases = []   # (written value, image id, written token ids, swapped token ids)
     for record in records:
         start = 0
