@@ -357,6 +357,20 @@ def test_label_metrics_by_hand():
     assert reward.label_metrics([-1, 1], [1, 1])["recall"] == pytest.approx(1 / 2)
 
 
+def test_macro_f1_leaves_out_classes_rarer_than_one_percent():
+    # 200 object-type labels with a single reference n/a (as the object type has): whether the model happens to
+    # predict n/a on that row must not move macro-F1 by a third. Correct 100 (90 right), hallucinated 99 (80 right).
+    reference = [-1] + [0] * 100 + [1] * 99
+    predicted = [0] + [0] * 90 + [1] * 10 + [1] * 80 + [0] * 19
+    # correct: tp 90, fp 19 + 1 (the n/a row), fn 10 -> 180/210; hallucinated: tp 80, fp 10, fn 19 -> 160/189
+    expected = (180 / 210 + 160 / 189) / 2
+    assert reward.label_metrics(predicted, reference)["macro_f1"] == pytest.approx(expected)
+    predicted_na_right = [-1] + predicted[1:]      # the n/a row now right: only the correct class's fp changes
+    assert reward.label_metrics(predicted_na_right, reference)["macro_f1"] == pytest.approx((180 / 209 + 160 / 189) / 2)
+    # a predicted class the reference never holds is left out too (it still costs the other classes recall)
+    assert reward.label_metrics([-1, 0, 1], [0, 0, 1])["macro_f1"] == pytest.approx((2 / 3 + 1) / 2)
+
+
 def test_constant_baselines_by_hand():
     # judged: 0, 1, 1 (n/a left out): majority hallucinated 2/3; always-halluc precision 2/3, recall 1 -> F1 4/5
     b = reward.constant_baselines([-1, 0, 1, 1, -1])
