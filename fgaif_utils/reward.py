@@ -383,11 +383,11 @@ MACRO_MIN_SHARE = 0.01   # a class rarer than this in the reference is left out 
 
 def label_metrics(predicted, reference):
     """Metrics of labels in {-1, 0, 1} against a reference: confusion (3x3, rows = reference, cols = predicted,
-    order -1, 0, 1), accuracy and macro-F1 over all sub-sentences; and over
-    the sub-sentences where the reference makes a judgement (!= -1; a predicted n/a there is a miss):
-    `applicable_accuracy` and precision / recall / F1 of the hallucination class (1). Leaving out reference-n/a
-    rows matters against the ground truth: a claim about an absent object has no true attribute or relation
-    (truth n/a) while the AI labels, and so the reward models, call it hallucinated. Undefined values are None.
+    order -1, 0, 1), accuracy and macro-F1 over all sub-sentences; and over the sub-sentences where the reference
+    makes a judgement (!= -1; a predicted n/a there is a miss): `applicable_accuracy` and precision / recall / F1
+    of the hallucination class (1). Leaving out reference-n/a rows matters against the ground truth: a claim about
+    an absent object has no true attribute or relation (truth n/a) while the AI labels, and so the reward models,
+    call it hallucinated. Undefined values are None.
     Macro-F1 averages the classes that make up at least MACRO_MIN_SHARE of the reference: the object type has
     almost no n/a sub-sentences (3 in 5,455), and an n/a class of one or two rows made the dev macro-F1, and so
     early stopping, jump by a third with a single prediction."""
