@@ -90,6 +90,8 @@ def main(argv=None):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     try:
         ppo.run_job(settings, args.data_dir, args.models_dir, args.reward_dir, args.out, args.checkpoint_dir)
+        if dist.is_initialized():
+            dist.barrier()   # no rank tears gloo down while another still talks to it (seen once: SIGABRT at exit)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

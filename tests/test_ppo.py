@@ -236,6 +236,7 @@ gathered = [torch.zeros_like(flat) for _ in range(world)]
 dist.all_gather(gathered, flat)
 if rank == 0:
     torch.save({"flat": flat, "same": all(torch.equal(g, flat) for g in gathered), "stats": stats}, sys.argv[4])
+dist.barrier()   # as fgaif_utils.launch does: rank 1 tearing gloo down while rank 0 still ran aborted once
 dist.destroy_process_group()
 '''
 
@@ -272,6 +273,7 @@ row = {"iteration": 3, "kl": [1.0, 3.0][rank], "halluc_share_relation": [None, 0
 mean = ppo._mean_over_ranks(row)
 if rank == 0:
     open(sys.argv[2], "w").write(json.dumps(mean))
+dist.barrier()
 dist.destroy_process_group()
 '''
 
