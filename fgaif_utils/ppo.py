@@ -329,7 +329,7 @@ class Trainer:
                 raise ValueError("oracle rewards: score() needs the image ids to find each response's scene")
             labels = [ground_truth_labels(ids, self.decode, self.oracle_scenes[image_id])
                       for ids, image_id in zip(token_ids, image_ids)]
-            if [len(l) for l in labels] != [len(e) for e in end_positions]:
+            if [len(response) for response in labels] != [len(ends) for ends in end_positions]:
                 raise RuntimeError("oracle rewards: the scorer's sub-sentences do not match the end positions")
             return labels
         scores = self.rm.score(images, token_ids, end_positions, batch_size=len(images))
