@@ -205,6 +205,16 @@ class FeedbackParams:
 
 
 @dataclass
+class TypeEpochs:
+    object: int = 0
+    """Most epochs of the object reward model; 0 = reward.epochs."""
+    attribute: int = 0
+    """Most epochs of the attribute reward model; 0 = reward.epochs."""
+    relation: int = 0
+    """Most epochs of the relation reward model; 0 = reward.epochs."""
+
+
+@dataclass
 class RewardParams:
     backbone: str = "pretrained"
     """Reward-model backbone: "pretrained", "policy" or "verifier_lvlm" (a stage-01 model of the tiny world), a hub id (paper: llava-hf/llava-1.5-13b-hf, larger than the policy) or a local llava-hf folder. It must share the policy's tokenizer."""
@@ -224,6 +234,8 @@ class RewardParams:
     """Cross-entropy class weights: "none" (paper) or "balanced" (N / (3 * N_class) from each type's training labels, at most 10). With existence_gate the hallucinated class is rare for attribute and relation, and unweighted models rarely predict it (README)."""
     epochs: int = 100
     """Most epochs per reward model (paper: up to 100, with early stopping)."""
+    type_epochs: TypeEpochs = field(default_factory=TypeEpochs)
+    """Most epochs of one type's reward model where it should differ from `epochs` (0 = `epochs`)."""
     patience: int = 3
     """Early stopping: epochs without a better dev macro-F1 (against the AI labels) before training stops."""
     dev_fraction: float = 0.1
@@ -240,6 +252,10 @@ class RewardParams:
     """Scored held-out responses shown in scored_examples.html."""
     holistic: bool = False
     """Ablation: train ONE reward model on "any hallucination" labels (1 if any type is hallucinated) instead of the three; PPO then uses it alone."""
+
+    def epochs_of(self, fact_type):
+        """Most epochs of one reward model: its `type_epochs` entry, else `epochs` (also for the holistic model)."""
+        return getattr(self.type_epochs, fact_type, 0) or self.epochs
 
 
 @dataclass

@@ -152,3 +152,12 @@ def test_describe_lists_every_leaf_key():
     lines = P.describe()
     assert any(line.startswith("data.noise.p_object (float, default 0.2): ") for line in lines)
     assert any(line.startswith("models.dtype ('float32' | 'bfloat16' | 'float16', default 'float32')") for line in lines)
+
+
+def test_type_epochs_override_one_reward_model_only(tmp_path):
+    path = write(tmp_path, "epochs.yaml", "reward:\n  epochs: 3\n  type_epochs:\n    attribute: 5\n    relation: 1\n")
+    reward = P.load(path).reward
+    assert [reward.epochs_of(t) for t in ("object", "attribute", "relation", "holistic")] == [3, 5, 1, 3]
+    bad = write(tmp_path, "bad.yaml", "reward:\n  type_epochs:\n    atribute: 5\n")
+    with pytest.raises(P.ParamsError, match=r"reward\.type_epochs\.atribute.*did you mean 'reward\.type_epochs\.attribute'"):
+        P.load(bad)
