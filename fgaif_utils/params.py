@@ -556,6 +556,9 @@ def load(path, check_paths=True):
     mapping, files = read_yaml_chain(path)
     source = " <- ".join(reversed(files)) if len(files) > 1 else files[0]
     params = _build(Params, mapping, "", source)
+    for name in ("object", "attribute", "relation"):
+        if getattr(params.reward.type_epochs, name) < 0:
+            raise ParamsError(f"{source}: key 'reward.type_epochs.{name}' must be 0 (= reward.epochs) or more")
     if check_paths:
         _check_paths(params, source)
     return params

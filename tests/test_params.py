@@ -158,6 +158,9 @@ def test_type_epochs_override_one_reward_model_only(tmp_path):
     path = write(tmp_path, "epochs.yaml", "reward:\n  epochs: 3\n  type_epochs:\n    attribute: 5\n    relation: 1\n")
     reward = P.load(path).reward
     assert [reward.epochs_of(t) for t in ("object", "attribute", "relation", "holistic")] == [3, 5, 1, 3]
-    bad = write(tmp_path, "bad.yaml", "reward:\n  type_epochs:\n    atribute: 5\n")
-    with pytest.raises(P.ParamsError, match=r"reward\.type_epochs\.atribute.*did you mean 'reward\.type_epochs\.attribute'"):
-        P.load(bad)
+    misspelt = write(tmp_path, "misspelt.yaml", "reward:\n  type_epochs:\n    atribute: 5\n")
+    with pytest.raises(P.ParamsError, match=r"'reward\.type_epochs\.atribute'.*'reward\.type_epochs\.attribute'"):
+        P.load(misspelt)
+    negative = write(tmp_path, "negative.yaml", "reward:\n  type_epochs:\n    relation: -1\n")
+    with pytest.raises(P.ParamsError, match=r"negative\.yaml: key 'reward\.type_epochs\.relation' must be 0"):
+        P.load(negative)
