@@ -556,8 +556,8 @@ def load(path, check_paths=True):
     mapping, files = read_yaml_chain(path)
     source = " <- ".join(reversed(files)) if len(files) > 1 else files[0]
     params = _build(Params, mapping, "", source)
-    for name in ("object", "attribute", "relation"):
-        if getattr(params.reward.type_epochs, name) < 0:
+    for name, cap in dataclasses.asdict(params.reward.type_epochs).items():
+        if cap < 0:
             raise ParamsError(f"{source}: key 'reward.type_epochs.{name}' must be 0 (= reward.epochs) or more")
     if check_paths:
         _check_paths(params, source)
