@@ -2,7 +2,8 @@
 
 A params file is YAML. `extends: other.yaml` (relative to the file) starts from another profile and overrides
 it key by key. Every key is checked against the dataclasses below before any work starts: an unknown key,
-a wrong type, a value outside its choices or a missing file is a `ParamsError` naming the key and the file.
+a wrong type, a number outside its bounds, a value outside its choices or a missing file is a `ParamsError`
+naming the key and the file.
 The string under each field is its documentation (`describe()` prints them all).
 """
 import ast
@@ -13,7 +14,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 
@@ -24,43 +25,67 @@ class ParamsError(ValueError):
     """A params file is malformed: the message names the file and the key."""
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The range a number must lie in (each limit optional), attached to a field's type with `Annotated`."""
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def admits(self, value):
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self):
+        limits = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        return " and ".join(f"{op} {limit:g}" for op, limit in limits if limit is not None)
+
+
+PositiveInt = Annotated[int, Bounds(ge=1)]
+NonNegativeInt = Annotated[int, Bounds(ge=0)]
+PositiveFloat = Annotated[float, Bounds(gt=0)]
+NonNegativeFloat = Annotated[float, Bounds(ge=0)]
+Probability = Annotated[float, Bounds(ge=0, le=1)]
+
+
 @dataclass
 class NoiseParams:
-    p_object: float = 0.2
+    p_object: Probability = 0.2
     """Per noisy description: probability of inserting an absent object (a present object's co-occurrence partner, in its typical colour)."""
-    p_colour: float = 0.2
+    p_colour: Probability = 0.2
     """Per noisy description: probability of describing one present object with a wrong colour (its shape's typical colour when that differs)."""
-    p_relation: float = 0.2
+    p_relation: Probability = 0.2
     """Per noisy description with a stated relation: probability of flipping one relation (left <-> right, above <-> below)."""
-    sys_colour: float = 0.6
+    sys_colour: Probability = 0.6
     """Systematic prior substitution: a small object of atypical colour is written in its shape's typical colour with this probability."""
 
 
 @dataclass
 class WorldParams:
-    image_size: int = 64
+    image_size: PositiveInt = 64
     """Side of the square synthetic images in pixels."""
-    min_objects: int = 1
+    min_objects: PositiveInt = 1
     """Fewest objects in a scene (all splits but eval_long)."""
-    max_objects: int = 4
+    max_objects: PositiveInt = 4
     """Most objects in a scene (all splits but eval_long); each shape appears at most once."""
-    long_min_objects: int = 4
+    long_min_objects: PositiveInt = 4
     """Fewest objects in an eval_long scene."""
-    long_max_objects: int = 5
+    long_max_objects: PositiveInt = 5
     """Most objects in an eval_long scene."""
-    radius_small: float = 9.0
+    radius_small: PositiveFloat = 9.0
     """Radius in pixels of a small object."""
-    radius_large: float = 14.0
+    radius_large: PositiveFloat = 14.0
     """Radius in pixels of a large object."""
-    typical_colour_p: float = 0.6
+    typical_colour_p: Probability = 0.6
     """Probability that an object has its shape's typical colour (otherwise one of the others, uniformly)."""
-    partner_p: float = 0.6
+    partner_p: Probability = 0.6
     """Probability that a new object is the co-occurrence partner of one already placed (when that partner is absent)."""
-    max_relations: int = 2
+    max_relations: NonNegativeInt = 2
     """Most relation sentences in a reference description (eval_long states up to twice as many)."""
-    fog_strength: float = 0.55
+    fog_strength: Probability = 0.55
     """eval_ood: blend weight of the grey fog overlay (0 = none, 1 = only fog)."""
-    fog_noise_std: float = 18.0
+    fog_noise_std: NonNegativeFloat = 18.0
     """eval_ood: standard deviation of the added pixel noise (0-255 scale)."""
 
 
@@ -70,23 +95,23 @@ class DataParams:
     """Which world: the embedded synthetic scene world, or real COCO 2014 read from `coco_root`."""
     coco_root: str = ""
     """COCO 2014 folder with train2014/, val2014/ and annotations/ (world: coco only)."""
-    n_sft: int = 20000
+    n_sft: NonNegativeInt = 20000
     """Images for supervised training of the tiny models (synthetic only; 0 for COCO)."""
-    n_feedback: int = 1000
+    n_feedback: NonNegativeInt = 1000
     """Images whose sampled responses get AI feedback, i.e. reward-model training data (paper: 3,500)."""
-    n_ppo: int = 2000
+    n_ppo: NonNegativeInt = 2000
     """Images used as PPO prompts, disjoint from the feedback images (paper: 14,000)."""
-    n_validation: int = 300
+    n_validation: NonNegativeInt = 300
     """Images for choosing checkpoints and PPO stopping points, never for reporting."""
-    n_eval: int = 500
+    n_eval: NonNegativeInt = 500
     """Held-out evaluation images (COCO: from val2014)."""
-    n_eval_long: int = 500
+    n_eval_long: NonNegativeInt = 500
     """Evaluation images with more objects and longer descriptions (synthetic only)."""
-    n_eval_ood: int = 500
+    n_eval_ood: NonNegativeInt = 500
     """Evaluation images under fog and noise: the out-of-distribution test (synthetic only)."""
-    captions_per_image: int = 2
+    captions_per_image: PositiveInt = 2
     """Clean reference descriptions written per image (COCO-style captions file)."""
-    noisy_captions_per_image: int = 2
+    noisy_captions_per_image: NonNegativeInt = 2
     """Noisy descriptions written per sft image for training the base policy."""
     noise: NoiseParams = field(default_factory=NoiseParams)
     """Noisy-caption generator rates."""
@@ -96,39 +121,39 @@ class DataParams:
 
 @dataclass
 class TinyArchParams:
-    patch_size: int = 8
+    patch_size: PositiveInt = 8
     """Vision patch size; (image_size / patch_size)^2 image tokens."""
-    vision_hidden: int = 64
+    vision_hidden: PositiveInt = 64
     """CLIP-style vision tower hidden size."""
-    vision_layers: int = 2
+    vision_layers: PositiveInt = 2
     """CLIP-style vision tower layers."""
-    text_hidden: int = 128
+    text_hidden: PositiveInt = 128
     """Llama-style language model hidden size."""
-    text_layers: int = 2
+    text_layers: PositiveInt = 2
     """Llama-style language model layers."""
-    heads: int = 4
+    heads: PositiveInt = 4
     """Attention heads in both towers."""
 
 
 @dataclass
 class TinyTrainParams:
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Sequences per optimiser step."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Peak learning rate of the shared clean-caption pre-training (AdamW, warm-up then cosine)."""
-    branch_lr: float = 5e-4
+    branch_lr: PositiveFloat = 5e-4
     """Peak learning rate of the policy and verifier branches."""
-    pretrain_steps: int = 2400
+    pretrain_steps: NonNegativeInt = 2400
     """Steps of clean-caption pre-training shared by policy and verifier."""
-    policy_steps: int = 1200
+    policy_steps: NonNegativeInt = 1200
     """Steps of the policy branch: noisy captions mixed with packed yes/no questions."""
-    policy_qa_share: float = 0.25
+    policy_qa_share: Probability = 0.25
     """Share of policy-branch steps that are packed yes/no question batches."""
-    verifier_steps: int = 2600
+    verifier_steps: NonNegativeInt = 2600
     """Steps of the LVLM verifier branch: clean captions mixed 50/50 with packed yes/no questions."""
-    detector_steps: int = 450
+    detector_steps: NonNegativeInt = 450
     """Steps of the detector verifier (a small CNN predicting each shape's presence, colour, size and position). About 450 steps gives an imperfect judge (~90% yes/no accuracy, like LLaVA-1.5 on POPE); 1500 gives ~99.8%."""
-    eval_images: int = 500
+    eval_images: PositiveInt = 500
     """Held-out eval images used for the stage-01 report."""
 
 
@@ -156,19 +181,19 @@ class ModelParams:
 
 @dataclass
 class SamplingParams:
-    samples_per_image: int = 4
+    samples_per_image: PositiveInt = 4
     """K: responses sampled per feedback image."""
-    n_images: int = 0
+    n_images: NonNegativeInt = 0
     """Feedback images to sample for (0 = every image of the feedback split)."""
     prompt: str = "Describe this image in detail."
     """The instruction (LLaVA-1.5's detailed-description prompt), wrapped in the model's chat template."""
-    temperature: float = 1.0
+    temperature: PositiveFloat = 1.0
     """Sampling temperature."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Bounds(gt=0, le=1)] = 1.0
     """Nucleus sampling threshold (1.0 = off)."""
-    max_new_tokens: int = 64
+    max_new_tokens: PositiveInt = 64
     """Longest response in tokens."""
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     """Prompts per generate call."""
     engine: Literal["auto", "generate", "static", "graph", "compile"] = "auto"
     """How responses are decoded (fgaif_utils.rollout): "auto" = a CUDA-graph static-cache decode on GPUs, transformers generate elsewhere."""
@@ -182,11 +207,11 @@ class FeedbackParams:
     """LLM for fact extraction (paper: gpt-3.5-turbo-0125; alternative gpt-4o-2024-08-06)."""
     llm_base_url: str = ""
     """OpenAI-compatible endpoint (vLLM, Ollama, LM Studio); "" = the OpenAI API. The key comes from OPENAI_API_KEY only."""
-    concurrency: int = 8
+    concurrency: PositiveInt = 8
     """Parallel LLM / vision requests."""
-    max_retries: int = 5
+    max_retries: NonNegativeInt = 5
     """Retries (exponential backoff) on 429, 5xx, timeouts and connection errors."""
-    timeout_s: float = 60.0
+    timeout_s: PositiveFloat = 60.0
     """Seconds before one request counts as timed out."""
     verifier: Literal["detector", "hf", "openai-vision"] = "detector"
     """Who answers the yes/no questions: the tiny detector verifier, an HF LVLM (models.verifier; "tiny" = stage 01's LVLM verifier), or an OpenAI-compatible vision endpoint."""
@@ -196,21 +221,21 @@ class FeedbackParams:
     """Endpoint for the openai-vision verifier (e.g. vLLM serving LLaVA-1.5); "" = the OpenAI API."""
     question_suffix: str = ""
     """Appended to every verifier question (LLaVA-1.5 short answers: " Answer the question using a single word or phrase.")."""
-    verifier_batch_size: int = 128
+    verifier_batch_size: PositiveInt = 128
     """Questions per verifier forward pass (hf backend)."""
     existence_gate: bool = False
     """Attribute and relation facts about a shape the verifier judged absent are not judged for their own type (n/a), as in the ground-truth scorer: the object label carries that error. false = the paper's literal rule (every answer counts, so a red ring that is not there is an object and an attribute hallucination)."""
-    report_records: int = 150
+    report_records: NonNegativeInt = 150
     """Responses shown in labels_report.html (metrics always use all)."""
 
 
 @dataclass
 class TypeEpochs:
-    object: int = 0
+    object: NonNegativeInt = 0
     """Most epochs of the object reward model; 0 = reward.epochs."""
-    attribute: int = 0
+    attribute: NonNegativeInt = 0
     """Most epochs of the attribute reward model; 0 = reward.epochs."""
-    relation: int = 0
+    relation: NonNegativeInt = 0
     """Most epochs of the relation reward model; 0 = reward.epochs."""
 
 
@@ -218,37 +243,37 @@ class TypeEpochs:
 class RewardParams:
     backbone: str = "pretrained"
     """Reward-model backbone: "pretrained", "policy" or "verifier_lvlm" (a stage-01 model of the tiny world), a hub id (paper: llava-hf/llava-1.5-13b-hf, larger than the policy) or a local llava-hf folder. It must share the policy's tokenizer."""
-    lora_r: int = 64
+    lora_r: PositiveInt = 64
     """LoRA rank of each reward model's adapter on the language model (paper: 64)."""
-    lora_alpha: int = 16
+    lora_alpha: PositiveInt = 16
     """LoRA alpha (paper: 16)."""
-    lora_dropout: float = 0.0
+    lora_dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0
     """Dropout on the LoRA inputs."""
-    lr: float = 2e-5
+    lr: PositiveFloat = 2e-5
     """Adam learning rate (paper: 2e-5)."""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """The learning rate over training: "constant" (paper) or "linear" (from lr down to 0 at the last step of `epochs`)."""
-    batch_size: int = 4
+    batch_size: PositiveInt = 4
     """Responses per optimiser step (paper: 4)."""
     class_weights: Literal["none", "balanced"] = "none"
     """Cross-entropy class weights: "none" (paper) or "balanced" (N / (3 * N_class) from each type's training labels, at most 10). With existence_gate the hallucinated class is rare for attribute and relation, and unweighted models rarely predict it (README)."""
-    epochs: int = 100
+    epochs: PositiveInt = 100
     """Most epochs per reward model (paper: up to 100, with early stopping)."""
     type_epochs: TypeEpochs = field(default_factory=TypeEpochs)
     """Most epochs of one type's reward model where it should differ from `epochs` (0 = `epochs`)."""
-    patience: int = 3
+    patience: PositiveInt = 3
     """Early stopping: epochs without a better dev macro-F1 (against the AI labels) before training stops."""
-    dev_fraction: float = 0.1
+    dev_fraction: Annotated[float, Bounds(gt=0, lt=1)] = 0.1
     """Share of the feedback images whose responses form the dev split (early stopping)."""
-    test_fraction: float = 0.2
+    test_fraction: Annotated[float, Bounds(gt=0, lt=1)] = 0.2
     """Share of the feedback images whose responses are held out for the reported metrics."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less GPU memory, slower)."""
-    eval_batch_size: int = 32
+    eval_batch_size: PositiveInt = 32
     """Responses per forward pass when scoring (times 3 in the mixed-adapter pass)."""
-    checkpoint_every: int = 500
+    checkpoint_every: PositiveInt = 500
     """Steps between training checkpoints in the stage cache (there is also one at every epoch end)."""
-    report_records: int = 40
+    report_records: NonNegativeInt = 40
     """Scored held-out responses shown in scored_examples.html."""
     holistic: bool = False
     """Ablation: train ONE reward model on "any hallucination" labels (1 if any type is hallucinated) instead of the three; PPO then uses it alone."""
@@ -260,107 +285,107 @@ class RewardParams:
 
 @dataclass
 class RewardWeights:
-    object: float = 1.0
+    object: NonNegativeFloat = 1.0
     """Weight of the object-existence reward model (0 switches it off: the no-object ablation)."""
-    attribute: float = 1.0
+    attribute: NonNegativeFloat = 1.0
     """Weight of the attribute reward model."""
-    relation: float = 1.0
+    relation: NonNegativeFloat = 1.0
     """Weight of the relation reward model."""
 
 
 @dataclass
 class PpoParams:
-    steps: int = 100
+    steps: PositiveInt = 100
     """PPO iterations (each: one rollout batch, scoring, then `epochs` passes of minibatch updates)."""
-    rollout_batch: int = 256
+    rollout_batch: PositiveInt = 256
     """Responses sampled per iteration (paper: 256)."""
-    samples_per_image: int = 1
+    samples_per_image: PositiveInt = 1
     """Responses per prompt image within a rollout batch."""
-    minibatch_size: int = 64
+    minibatch_size: PositiveInt = 64
     """Responses per gradient step."""
-    epochs: int = 2
+    epochs: PositiveInt = 2
     """PPO epochs over each rollout batch (paper: 2)."""
-    lr: float = 1e-7
+    lr: PositiveFloat = 1e-7
     """Adam learning rate of the policy adapter and the value model (paper: 1e-7)."""
-    value_lr: float = 0.0
+    value_lr: NonNegativeFloat = 0.0
     """Learning rate of the value model; 0 = the same as `lr`."""
-    lora_r: int = 64
+    lora_r: PositiveInt = 64
     """LoRA rank of the policy adapter (language model only)."""
-    lora_alpha: int = 16
+    lora_alpha: PositiveInt = 16
     """LoRA alpha of the policy adapter."""
-    temperature: float = 1.0
+    temperature: PositiveFloat = 1.0
     """Rollout sampling temperature (paper: 1.0)."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Bounds(gt=0, le=1)] = 1.0
     """Rollout nucleus threshold (paper: 1.0)."""
-    max_new_tokens: int = 64
+    max_new_tokens: PositiveInt = 64
     """Longest rollout response in tokens."""
     rollout_engine: Literal["auto", "generate", "static", "graph", "compile"] = "auto"
     """How rollouts are decoded (fgaif_utils.rollout): "auto" = a CUDA-graph static-cache decode on GPUs, transformers generate elsewhere."""
-    beta: float = 0.1
+    beta: NonNegativeFloat = 0.1
     """KL coefficient: every response token gets -beta * (log pi - log pi_ref) (paper: 0.1)."""
-    gamma: float = 1.0
+    gamma: Probability = 1.0
     """GAE discount."""
-    lam: float = 0.95
+    lam: Probability = 0.95
     """GAE lambda."""
-    clip: float = 0.2
+    clip: PositiveFloat = 0.2
     """PPO ratio clip (paper: 0.2)."""
-    value_clip: float = 0.2
+    value_clip: PositiveFloat = 0.2
     """Clip of the value prediction around its rollout value."""
-    vf_coef: float = 0.5
+    vf_coef: NonNegativeFloat = 0.5
     """Weight of the value loss when the policy and value losses are summed."""
-    grad_clip: float = 1.0
+    grad_clip: PositiveFloat = 1.0
     """Gradient-norm clip per model."""
     weights: RewardWeights = field(default_factory=RewardWeights)
     """Per-type weights of the fine-grained rewards (+1 correct, -1 hallucinated, 0 n/a, times the weight)."""
     sparse: bool = False
     """Ablation: put the same total fine-grained reward on the response's last token only (the paper's sparse baseline)."""
-    reward_scale: float = 1.0
+    reward_scale: NonNegativeFloat = 1.0
     """Multiply the fine-grained rewards by this before adding the KL term."""
     whiten_rewards: bool = False
     """Whiten the fine-grained rewards over the rollout batch (shift and scale) before the KL term."""
     reward_repeats: bool = True
     """Score every sub-sentence, including exact repeats of an earlier one in the same response (the paper). False: a repeat earns no fine-grained reward, the smallest fix for the repetition hack that per-sub-sentence rewards invite (measured on tiny: README)."""
-    claim_bonus: float = 0.0
+    claim_bonus: NonNegativeFloat = 0.0
     """Counterweight against saying less (off in the paper profile): reward added on each sub-sentence the reward models judge correct for some type and hallucinated for none."""
     oracle_rewards: bool = False
     """A control, not FGAIF (synthetic world only): the ground-truth scorer's labels replace the reward models' (perfect feedback), to tell what the reward models get wrong from what the RL does with any reward."""
-    kl_budget: float = 0.0
+    kl_budget: NonNegativeFloat = 0.0
     """Stop when the mean per-token KL to the reference exceeds this (nats); 0 = no budget."""
     value_init: Literal["object_reward", "fresh"] = "object_reward"
     """Value model start (a fourth adapter on the reward models' backbone + a scalar head): the object reward model's LoRA weights (paper), or a fresh adapter."""
-    validate_every: int = 10
+    validate_every: PositiveInt = 10
     """Iterations between ground-truth/reward checks on the validation split (checkpoint choice, never the eval split)."""
-    validation_images: int = 200
+    validation_images: PositiveInt = 200
     """Validation images per check."""
-    checkpoint_every: int = 10
+    checkpoint_every: PositiveInt = 10
     """Iterations between resumable checkpoints (adapter, value model, optimisers, RNG)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less GPU memory, slower)."""
     launcher: Literal["none", "torchrun", "accelerate"] = "none"
     """Run the training function in the notebook's kernel ("none") or as a multi-process job."""
-    nproc: int = 1
+    nproc: PositiveInt = 1
     """Processes (GPUs) for torchrun / accelerate."""
-    report_images: int = 12
+    report_images: NonNegativeInt = 12
     """Eval-split images shown described before and after PPO."""
 
 
 @dataclass
 class EvaluateParams:
-    n_images: int = 500
+    n_images: PositiveInt = 500
     """Images per evaluation split (eval, eval_long, eval_ood; COCO: val2014) for descriptions and POPE."""
-    max_new_tokens: int = 64
+    max_new_tokens: PositiveInt = 64
     """Longest description in tokens (greedy)."""
-    batch_size: int = 100
+    batch_size: PositiveInt = 100
     """Images per generate call."""
-    pope_objects: int = 3
+    pope_objects: PositiveInt = 3
     """POPE: present and absent objects asked about per image (3 + 3 in Li et al. 2023)."""
     pope_suffix: str = ""
     """Appended to every POPE question (LLaVA-1.5 eval: " Answer the question using a single word or phrase.")."""
     pope_files: str = ""
     """A folder of official POPE question files (coco_pope_{random,popular,adversarial}.json); "" = build them here."""
-    bootstrap: int = 1000
+    bootstrap: PositiveInt = 1000
     """Bootstrap resamples (over images) for the confidence intervals and paired tests."""
-    confidence: float = 0.95
+    confidence: Annotated[float, Bounds(gt=0, lt=1)] = 0.95
     """Confidence level of the intervals."""
     compare_runs: list[str] = field(default_factory=list)
     """Other runs whose PPO policies are evaluated beside this one (the ablations), on the same images."""
@@ -372,7 +397,7 @@ class EvaluateParams:
     """MMHal-Bench folder (response_template.json + images), supplied by the user; "" = skip."""
     llava_bench_path: str = ""
     """LLaVA-Bench in-the-wild folder (questions.jsonl, context.jsonl, answers_gpt4.jsonl, images/); "" = skip."""
-    report_images: int = 12
+    report_images: NonNegativeInt = 12
     """Images shown side by side for every policy."""
 
 
@@ -380,9 +405,9 @@ class EvaluateParams:
 class Params:
     run: str = "tiny"
     """Default run name: artifacts go to outputs/<run>/<NN_stage>/."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seed for every random draw: the same params on the same machine give the same artifacts."""
-    num_threads: int = 2
+    num_threads: PositiveInt = 2
     """torch CPU threads (keep at the machine's core count; two torch jobs at once oversubscribe)."""
     description: str = ""
     """Free text: what this profile is for."""
@@ -422,7 +447,7 @@ def describe(cls=Params, prefix=""):
     """Every key with its type, default and documentation, one line each."""
     lines = []
     docs = _field_docs(cls)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         if dataclasses.is_dataclass(hints[f.name]):
@@ -436,6 +461,9 @@ def describe(cls=Params, prefix=""):
 
 def _type_name(tp):
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *extras = typing.get_args(tp)
+        return " ".join([_type_name(inner)] + [str(extra) for extra in extras if isinstance(extra, Bounds)])
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Union:
@@ -452,6 +480,13 @@ def _convert(value, tp, key, source):
         if not isinstance(value, dict):
             raise ParamsError(f"{source}: key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key + ".", source)
+    if origin is Annotated:
+        inner, *extras = typing.get_args(tp)
+        value = _convert(value, inner, key, source)
+        for bounds in extras:
+            if isinstance(bounds, Bounds) and not bounds.admits(value):
+                raise ParamsError(f"{source}: key '{key}' must be {bounds}, got {value!r}")
+        return value
     if origin is typing.Union:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -487,7 +522,7 @@ def _convert(value, tp, key, source):
 
 
 def _build(cls, mapping, prefix, source):
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in mapping:
         if key not in names:
@@ -556,9 +591,10 @@ def load(path, check_paths=True):
     mapping, files = read_yaml_chain(path)
     source = " <- ".join(reversed(files)) if len(files) > 1 else files[0]
     params = _build(Params, mapping, "", source)
-    for name, cap in dataclasses.asdict(params.reward.type_epochs).items():
-        if cap < 0:
-            raise ParamsError(f"{source}: key 'reward.type_epochs.{name}' must be 0 (= reward.epochs) or more")
+    held_out = params.reward.dev_fraction + params.reward.test_fraction
+    if held_out >= 1:
+        raise ParamsError(f"{source}: keys 'reward.dev_fraction' + 'reward.test_fraction' = {held_out:g} leave no "
+                          "feedback images to train the reward models on; their sum must be below 1")
     if check_paths:
         _check_paths(params, source)
     return params

@@ -150,7 +150,8 @@ def test_every_schema_field_is_documented():
 
 def test_describe_lists_every_leaf_key():
     lines = P.describe()
-    assert any(line.startswith("data.noise.p_object (float, default 0.2): ") for line in lines)
+    assert any(line.startswith("data.noise.p_object (float >= 0 and <= 1, default 0.2): ") for line in lines)
+    assert any(line.startswith("ppo.top_p (float > 0 and <= 1, default 1.0): ") for line in lines)
     assert any(line.startswith("models.dtype ('float32' | 'bfloat16' | 'float16', default 'float32')") for line in lines)
 
 
@@ -162,5 +163,38 @@ def test_type_epochs_override_one_reward_model_only(tmp_path):
     with pytest.raises(P.ParamsError, match=r"'reward\.type_epochs\.atribute'.*'reward\.type_epochs\.attribute'"):
         P.load(misspelt)
     negative = write(tmp_path, "negative.yaml", "reward:\n  type_epochs:\n    relation: -1\n")
-    with pytest.raises(P.ParamsError, match=r"negative\.yaml: key 'reward\.type_epochs\.relation' must be 0"):
+    with pytest.raises(P.ParamsError, match=r"negative\.yaml: key 'reward\.type_epochs\.relation' must be >= 0, got -1"):
         P.load(negative)
+
+
+@pytest.mark.parametrize("text, key, bound", [
+    ("seed: -1\n", "seed", ">= 0"),
+    ("reward:\n  epochs: 0\n", "reward.epochs", ">= 1"),
+    ("ppo:\n  steps: -5\n", "ppo.steps", ">= 1"),
+    ("ppo:\n  lr: 0\n", "ppo.lr", "> 0"),
+    ("ppo:\n  gamma: 1.5\n", "ppo.gamma", ">= 0 and <= 1"),
+    ("ppo:\n  top_p: 0.0\n", "ppo.top_p", "> 0 and <= 1"),
+    ("ppo:\n  weights:\n    attribute: -1\n", "ppo.weights.attribute", ">= 0"),
+    ("reward:\n  lora_dropout: 1.0\n", "reward.lora_dropout", ">= 0 and < 1"),
+    ("evaluate:\n  confidence: 95\n", "evaluate.confidence", "> 0 and < 1"),
+    ("data:\n  noise:\n    p_colour: 1.2\n", "data.noise.p_colour", ">= 0 and <= 1"),
+])
+def test_number_outside_its_bounds_names_key_bound_and_file(tmp_path, text, key, bound):
+    path = write(tmp_path, "bad.yaml", text)
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert f"{path}: key '{key}' must be {bound}, got " in str(err.value)
+
+
+def test_bounds_admit_their_limits(tmp_path):
+    path = write(tmp_path, "edge.yaml", "seed: 0\nppo:\n  gamma: 1\n  lam: 0\n  top_p: 1.0\n  beta: 0\n"
+                                       "  weights:\n    object: 0\nreward:\n  epochs: 1\n  lora_dropout: 0\n")
+    params = P.load(path)
+    assert (params.ppo.gamma, params.ppo.lam, params.ppo.beta, params.reward.epochs) == (1.0, 0.0, 0.0, 1)
+    assert isinstance(params.ppo.gamma, float)
+
+
+def test_held_out_fractions_leave_training_images(tmp_path):
+    path = write(tmp_path, "split.yaml", "reward:\n  dev_fraction: 0.5\n  test_fraction: 0.5\n")
+    with pytest.raises(P.ParamsError, match=r"split\.yaml: keys 'reward\.dev_fraction' \+ 'reward\.test_fraction' = 1 "):
+        P.load(path)
