@@ -595,6 +595,14 @@ def load(path, check_paths=True):
     if held_out >= 1:
         raise ParamsError(f"{source}: keys 'reward.dev_fraction' + 'reward.test_fraction' = {held_out:g} leave no "
                           "feedback images to train the reward models on; their sum must be below 1")
+    ppo = params.ppo
+    if ppo.rollout_batch % ppo.samples_per_image:
+        raise ParamsError(f"{source}: key 'ppo.rollout_batch' ({ppo.rollout_batch}) must be a multiple of "
+                          f"'ppo.samples_per_image' ({ppo.samples_per_image}): each prompt image is sampled that often")
+    prompt_images = ppo.rollout_batch // ppo.samples_per_image
+    if prompt_images > params.data.n_ppo:
+        raise ParamsError(f"{source}: key 'ppo.rollout_batch' asks for {prompt_images} distinct prompt images per "
+                          f"iteration, more than the {params.data.n_ppo} of 'data.n_ppo'")
     if check_paths:
         _check_paths(params, source)
     return params

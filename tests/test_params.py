@@ -81,14 +81,14 @@ def test_missing_extends_target(tmp_path):
 
 
 def test_extends_chain_overrides_key_by_key(tmp_path):
-    write(tmp_path, "base.yaml", "run: base\nseed: 1\ndata:\n  n_eval: 10\n  n_ppo: 20\n  noise:\n    p_object: 0.5\n")
+    write(tmp_path, "base.yaml", "run: base\nseed: 1\ndata:\n  n_eval: 10\n  n_ppo: 300\n  noise:\n    p_object: 0.5\n")
     write(tmp_path, "middle.yaml", "extends: base.yaml\nrun: middle\ndata:\n  n_eval: 11\n")
     leaf = write(tmp_path, "leaf.yaml", "extends: middle.yaml\ndata:\n  noise:\n    p_colour: 0.1\n")
     params = P.load(leaf)
     assert params.run == "middle"                    # from middle, overriding base
     assert params.seed == 1                          # from base
     assert params.data.n_eval == 11                  # middle overrides base inside a section
-    assert params.data.n_ppo == 20                   # base value kept beside the override
+    assert params.data.n_ppo == 300                  # base value kept beside the override
     assert params.data.noise.p_object == 0.5         # nested: base kept ...
     assert params.data.noise.p_colour == 0.1         # ... next to the leaf's override
     assert params.data.noise.p_relation == P.NoiseParams().p_relation   # default where nobody set it
@@ -198,3 +198,15 @@ def test_held_out_fractions_leave_training_images(tmp_path):
     path = write(tmp_path, "split.yaml", "reward:\n  dev_fraction: 0.5\n  test_fraction: 0.5\n")
     with pytest.raises(P.ParamsError, match=r"split\.yaml: keys 'reward\.dev_fraction' \+ 'reward\.test_fraction' = 1 "):
         P.load(path)
+
+
+def test_rollout_batch_fits_the_prompt_images(tmp_path):
+    uneven = write(tmp_path, "uneven.yaml", "ppo:\n  rollout_batch: 10\n  samples_per_image: 4\n")
+    with pytest.raises(P.ParamsError, match=r"uneven\.yaml: key 'ppo\.rollout_batch' \(10\) must be a multiple of "
+                                           r"'ppo\.samples_per_image' \(4\)"):
+        P.load(uneven)
+    too_many = write(tmp_path, "many.yaml", "data:\n  n_ppo: 30\nppo:\n  rollout_batch: 64\n  samples_per_image: 2\n")
+    with pytest.raises(P.ParamsError, match=r"many\.yaml: key 'ppo\.rollout_batch' asks for 32 .* the 30 of 'data\.n_ppo'"):
+        P.load(too_many)
+    exact = write(tmp_path, "exact.yaml", "data:\n  n_ppo: 32\nppo:\n  rollout_batch: 64\n  samples_per_image: 2\n")
+    assert P.load(exact).ppo.rollout_batch == 64
