@@ -570,6 +570,29 @@ def read_yaml_chain(path, _seen=()):
     return mapping, files
 
 
+def _check_across_keys(params, source):
+    """What no single field's bounds can say: keys that must agree with each other."""
+    world = params.data.world_params
+    for low, high, strict in (("min_objects", "max_objects", False), ("long_min_objects", "long_max_objects", False),
+                              ("radius_small", "radius_large", True)):
+        low_value, high_value = getattr(world, low), getattr(world, high)
+        if low_value > high_value or (strict and low_value == high_value):
+            raise ParamsError(f"{source}: key 'data.world_params.{low}' ({low_value}) must be "
+                              f"{'below' if strict else 'at most'} 'data.world_params.{high}' ({high_value})")
+    held_out = params.reward.dev_fraction + params.reward.test_fraction
+    if held_out >= 1:
+        raise ParamsError(f"{source}: keys 'reward.dev_fraction' + 'reward.test_fraction' = {held_out:g} leave no "
+                          "feedback images to train the reward models on; their sum must be below 1")
+    ppo = params.ppo
+    if ppo.rollout_batch % ppo.samples_per_image:
+        raise ParamsError(f"{source}: key 'ppo.rollout_batch' ({ppo.rollout_batch}) must be a multiple of "
+                          f"'ppo.samples_per_image' ({ppo.samples_per_image}): each prompt image is sampled that often")
+    prompt_images = ppo.rollout_batch // ppo.samples_per_image
+    if prompt_images > params.data.n_ppo:
+        raise ParamsError(f"{source}: key 'ppo.rollout_batch' asks for {prompt_images} distinct prompt images per "
+                          f"iteration, more than the {params.data.n_ppo} of 'data.n_ppo'")
+
+
 def _check_paths(params, source):
     data = params.data
     if data.world == "coco":
@@ -591,18 +614,7 @@ def load(path, check_paths=True):
     mapping, files = read_yaml_chain(path)
     source = " <- ".join(reversed(files)) if len(files) > 1 else files[0]
     params = _build(Params, mapping, "", source)
-    held_out = params.reward.dev_fraction + params.reward.test_fraction
-    if held_out >= 1:
-        raise ParamsError(f"{source}: keys 'reward.dev_fraction' + 'reward.test_fraction' = {held_out:g} leave no "
-                          "feedback images to train the reward models on; their sum must be below 1")
-    ppo = params.ppo
-    if ppo.rollout_batch % ppo.samples_per_image:
-        raise ParamsError(f"{source}: key 'ppo.rollout_batch' ({ppo.rollout_batch}) must be a multiple of "
-                          f"'ppo.samples_per_image' ({ppo.samples_per_image}): each prompt image is sampled that often")
-    prompt_images = ppo.rollout_batch // ppo.samples_per_image
-    if prompt_images > params.data.n_ppo:
-        raise ParamsError(f"{source}: key 'ppo.rollout_batch' asks for {prompt_images} distinct prompt images per "
-                          f"iteration, more than the {params.data.n_ppo} of 'data.n_ppo'")
+    _check_across_keys(params, source)
     if check_paths:
         _check_paths(params, source)
     return params

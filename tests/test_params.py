@@ -210,3 +210,20 @@ def test_rollout_batch_fits_the_prompt_images(tmp_path):
         P.load(too_many)
     exact = write(tmp_path, "exact.yaml", "data:\n  n_ppo: 32\nppo:\n  rollout_batch: 64\n  samples_per_image: 2\n")
     assert P.load(exact).ppo.rollout_batch == 64
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data:\n  world_params:\n    min_objects: 3\n    max_objects: 2\n",
+     "key 'data.world_params.min_objects' (3) must be at most 'data.world_params.max_objects' (2)"),
+    ("data:\n  world_params:\n    long_min_objects: 6\n",
+     "key 'data.world_params.long_min_objects' (6) must be at most 'data.world_params.long_max_objects' (5)"),
+    ("data:\n  world_params:\n    radius_small: 14\n",
+     "key 'data.world_params.radius_small' (14.0) must be below 'data.world_params.radius_large' (14.0)"),
+])
+def test_world_ranges_are_ordered(tmp_path, text, message):
+    path = write(tmp_path, "world.yaml", text)
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert f"{path}: {message}" in str(err.value)
+    equal = write(tmp_path, "equal.yaml", "data:\n  world_params:\n    min_objects: 2\n    max_objects: 2\n")
+    assert P.load(equal).data.world_params.min_objects == 2
