@@ -47,6 +47,8 @@ NonNegativeInt = Annotated[int, Bounds(ge=0)]
 PositiveFloat = Annotated[float, Bounds(gt=0)]
 NonNegativeFloat = Annotated[float, Bounds(ge=0)]
 Probability = Annotated[float, Bounds(ge=0, le=1)]
+OpenFraction = Annotated[float, Bounds(gt=0, lt=1)]     # a share that must leave something on both sides
+NucleusP = Annotated[float, Bounds(gt=0, le=1)]         # top-p: 1.0 = off, 0 would keep no token
 
 
 @dataclass
@@ -189,7 +191,7 @@ class SamplingParams:
     """The instruction (LLaVA-1.5's detailed-description prompt), wrapped in the model's chat template."""
     temperature: PositiveFloat = 1.0
     """Sampling temperature."""
-    top_p: Annotated[float, Bounds(gt=0, le=1)] = 1.0
+    top_p: NucleusP = 1.0
     """Nucleus sampling threshold (1.0 = off)."""
     max_new_tokens: PositiveInt = 64
     """Longest response in tokens."""
@@ -263,9 +265,9 @@ class RewardParams:
     """Most epochs of one type's reward model where it should differ from `epochs` (0 = `epochs`)."""
     patience: PositiveInt = 3
     """Early stopping: epochs without a better dev macro-F1 (against the AI labels) before training stops."""
-    dev_fraction: Annotated[float, Bounds(gt=0, lt=1)] = 0.1
+    dev_fraction: OpenFraction = 0.1
     """Share of the feedback images whose responses form the dev split (early stopping)."""
-    test_fraction: Annotated[float, Bounds(gt=0, lt=1)] = 0.2
+    test_fraction: OpenFraction = 0.2
     """Share of the feedback images whose responses are held out for the reported metrics."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less GPU memory, slower)."""
@@ -315,7 +317,7 @@ class PpoParams:
     """LoRA alpha of the policy adapter."""
     temperature: PositiveFloat = 1.0
     """Rollout sampling temperature (paper: 1.0)."""
-    top_p: Annotated[float, Bounds(gt=0, le=1)] = 1.0
+    top_p: NucleusP = 1.0
     """Rollout nucleus threshold (paper: 1.0)."""
     max_new_tokens: PositiveInt = 64
     """Longest rollout response in tokens."""
@@ -385,7 +387,7 @@ class EvaluateParams:
     """A folder of official POPE question files (coco_pope_{random,popular,adversarial}.json); "" = build them here."""
     bootstrap: PositiveInt = 1000
     """Bootstrap resamples (over images) for the confidence intervals and paired tests."""
-    confidence: Annotated[float, Bounds(gt=0, lt=1)] = 0.95
+    confidence: OpenFraction = 0.95
     """Confidence level of the intervals."""
     compare_runs: list[str] = field(default_factory=list)
     """Other runs whose PPO policies are evaluated beside this one (the ablations), on the same images."""
