@@ -89,14 +89,15 @@ def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
         return result
 
     if name in S.reused_stages(params):
-        source = S.final_dir(params.reuse_run, name)
-        manifest = S.read_manifest(source)
+        source = S.run_of(name, run, params)
+        manifest = S.read_manifest(S.final_dir(source, name))
         if manifest is None:
-            return fail(f"stage {name} is reused from run '{params.reuse_run}' (params key 'reuse_run'), which has "
-                        f"not run it: run `python -m fgaif_utils.pipeline PARAMS.yaml --run {params.reuse_run} "
+            return fail(f"stage {name} is reused from run '{source}' (params key 'reuse_run'), which has "
+                        f"not run it: run `python -m fgaif_utils.pipeline PARAMS.yaml --run {source} "
                         f"--stages {name[:2]}` first")
+        S.record_reuse(run, name, source)
         result.update(status="reused", rows=manifest.get("rows", {}), wall_s=round(time.monotonic() - t0, 2))
-        print(f"{name}: reused from run '{params.reuse_run}'", flush=True)
+        print(f"{name}: reused from run '{source}'", flush=True)
         return result
     try:
         fingerprint = S.fingerprint(params, name, run, shown_path, notebooks)

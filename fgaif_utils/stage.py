@@ -116,10 +116,27 @@ def reused_stages(params):
 
 
 def run_of(stage, run, params=None):
-    """The run whose outputs hold `stage` for `run`: params.reuse_run for the reused stages, else `run`."""
-    if params is not None and stage_spec(stage).name in reused_stages(params):
-        return params.reuse_run
-    return run
+    """The run whose outputs hold `stage` for `run`: for the reused stages params.reuse_run, or the run that one
+    read the stage from when it reused the stage itself (`record_reuse`), else `run`."""
+    if params is None or stage_spec(stage).name not in reused_stages(params):
+        return run
+    name, source, seen = stage_spec(stage).name, params.reuse_run, set()
+    while read_manifest(final_dir(source, name)) is None and reuse_pointer(source, name).is_file() \
+            and source not in seen:
+        seen.add(source)
+        source = check_run_name(reuse_pointer(source, name).read_text().strip())
+    return source
+
+
+def reuse_pointer(run, stage):
+    """outputs/<run>/.<stage>.reused: the run `run` read `stage` from, so that a run reusing it from `run` finds it."""
+    return outputs_root() / run / f".{stage_spec(stage).name}.reused"
+
+
+def record_reuse(run, stage, source):
+    pointer = reuse_pointer(run, stage)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    write_text(pointer, source + "\n")
 
 
 def partial_dir(run, stage):

@@ -329,6 +329,25 @@ def test_hashing_many_small_files_is_fast(tmp_path):
     assert hashes["00042.png"] == sha256(tmp_path / "00042.png")
 
 
+def test_reuse_follows_a_run_that_reused_the_stage_itself(ws, tmp_path):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+    assert ws.run(stages="00") == ["run"]
+    middle, last = tmp_path / "middle.yaml", tmp_path / "last.yaml"
+    middle.write_text(f"extends: {ws.params}\nrun: t2\nreuse_run: t\nreuse_stages: [00_data]\n")
+    last.write_text(f"extends: {ws.params}\nrun: t3\nreuse_run: t2\nreuse_stages: [00_data]\n")
+    results = pipeline.run_pipeline(last, notebooks_dir=ws.notebooks, stages="00-01")
+    assert [r["status"] for r in results] == ["fail"]           # t2 has neither run nor reused 00 yet
+    assert "reused from run 't2'" in results[0]["error"]
+    assert [r["status"] for r in pipeline.run_pipeline(middle, notebooks_dir=ws.notebooks, stages="00")] == ["reused"]
+    assert (ws.outputs / "t2" / ".00_data.reused").read_text() == "t\n"
+    results = pipeline.run_pipeline(last, notebooks_dir=ws.notebooks, stages="00-01")
+    assert [r["status"] for r in results] == ["reused", "run"]
+    m01 = json.loads((ws.outputs / "t3" / "01_base_models" / "manifest.json").read_text())
+    assert m01["inputs"] == {"00_data": ws.manifest("00_data")["artifacts_hash"]}
+    assert (ws.outputs / "t3" / ".00_data.reused").read_text() == "t\n"
+
+
 def test_a_run_reuses_stages_of_another_run(ws, tmp_path):
     ws.notebook("00_data", STAGE_00)
     ws.notebook("01_base_models", STAGE_01)
