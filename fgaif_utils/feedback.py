@@ -260,6 +260,71 @@ def label_summary(labelled, rows, extraction):
     return summary
 
 
+def judge_responses(records, extractor, verifier, cache, load_image, feedback_params, scenes_by_id=None):
+    """Fact rows of `records`, judged: extracted facts, the verifier's answer and verdict for each, the existence
+    gate when `feedback_params.existence_gate`, and with scene graphs (synthetic world) the truth of each fact.
+    Returns (rows, extraction)."""
+    extraction = extract_all_facts(records, extractor)
+    rows = verify_facts(fact_rows(records, extraction, feedback_params.question_suffix), verifier, load_image, cache)
+    if feedback_params.existence_gate:
+        rows = gate_on_existence(rows)
+    if scenes_by_id is not None:
+        rows = add_ground_truth(rows, scenes_by_id)
+    else:
+        for row in rows:
+            row["truth"] = None
+    return rows, extraction
+
+
+# ---------------------------------------------------------------------------------------------- 03: size twins
+
+def word_swaps(tokenizer, words_by_value):
+    """{token id: (value, swapped token id)} for one kind of attribute word ({value: [surface forms]}, e.g.
+    {"small": ["small", "little"], "large": ["large", "big"]}): each form swapped for the form at the same place
+    of the next value, cyclically (small <-> large, little <-> big; red -> blue -> ... -> red). Forms that are not
+    one known token of the tokenizer are left out."""
+    def one_token(word):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        return ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
+
+    values = list(words_by_value)
+    swaps = {}
+    for i, value in enumerate(values):
+        other = words_by_value[values[(i + 1) % len(values)]]
+        for k, form in enumerate(words_by_value[value]):
+            mine, theirs = one_token(form), one_token(other[min(k, len(other) - 1)])
+            if mine is not None and theirs is not None and mine != theirs:
+                swaps[mine] = (value, theirs)
+    return swaps
+
+
+def size_twins(records, tokenizer):
+    """Counterfactual twins (synthetic world): every response that says a size word, copied with each size word
+    flipped (small <-> large, little <-> big) and nothing else changed. The twin has the same number of tokens
+    and its sub-sentences close at the same tokens; it is labelled by the same extractor and verifier as any
+    response (`judge_responses`, `label_records`), so its labels are AI feedback too. A twin's object and relation
+    facts are its original's; its size facts are the opposite claims. Trained on beside the originals
+    (`reward.twin_share`), they make the size word independent of what else a sub-sentence gets wrong: in the
+    policy's samples "small" goes with more colour and existence errors, and a reward model that learns that
+    correlation pays the policy to stop saying "small" (README)."""
+    swaps = word_swaps(tokenizer, language.SIZE_WORDS)
+    decode = _decoder(tokenizer)
+    twins = []
+    for record in records:
+        if not any(t in swaps for t in record["token_ids"]):
+            continue
+        flipped = [swaps[t][1] if t in swaps else t for t in record["token_ids"]]
+        twin = response_record(record, record["sample_index"], flipped, decode(flipped), decode)
+        ends = [s["last_token"] for s in twin["subsentences"]]
+        if ends != [s["last_token"] for s in record["subsentences"]]:
+            raise ValueError(f"response {record['response_id']!r}: its size-flipped twin splits into sub-sentences "
+                             f"closing at tokens {ends}, the response at "
+                             f"{[s['last_token'] for s in record['subsentences']]}; a twin must keep them")
+        twin.update(response_id=f"{record['response_id']}~sizes", twin_of=record["response_id"])
+        twins.append(twin)
+    return twins
+
+
 # ---------------------------------------------------------------------------------------------- backends
 
 def make_extractor(feedback_params, cache_dir):

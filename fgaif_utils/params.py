@@ -227,6 +227,8 @@ class FeedbackParams:
     """Questions per verifier forward pass (hf backend)."""
     existence_gate: bool = False
     """Attribute and relation facts about a shape the verifier judged absent are not judged for their own type (n/a), as in the ground-truth scorer: the object label carries that error. false = the paper's literal rule (every answer counts, so a red ring that is not there is an object and an attribute hallucination)."""
+    size_twins: bool = False
+    """Synthetic world: also label a counterfactual twin of every response that says a size word, with each size word flipped (small <-> large) and nothing else changed, by the same extractor and verifier (fg_labels_twins.jsonl); reward.twin_share trains on them. Not in the paper."""
     report_records: NonNegativeInt = 150
     """Responses shown in labels_report.html (metrics always use all)."""
 
@@ -277,6 +279,8 @@ class RewardParams:
     """Steps between training checkpoints in the stage cache (there is also one at every epoch end)."""
     report_records: NonNegativeInt = 40
     """Scored held-out responses shown in scored_examples.html."""
+    twin_share: Annotated[float, Bounds(ge=0, lt=1)] = 0.0
+    """Chance that a training response with a size-flipped twin (feedback.size_twins) is replaced by the twin in a batch; dev and test stay as sampled. 0 = off (paper). Breaks the correlation between the word "small" and the errors it co-occurs with in the policy's samples (README)."""
     holistic: bool = False
     """Ablation: train ONE reward model on "any hallucination" labels (1 if any type is hallucinated) instead of the three; PPO then uses it alone."""
 
@@ -585,6 +589,12 @@ def _check_across_keys(params, source):
     if held_out >= 1:
         raise ParamsError(f"{source}: keys 'reward.dev_fraction' + 'reward.test_fraction' = {held_out:g} leave no "
                           "feedback images to train the reward models on; their sum must be below 1")
+    if params.feedback.size_twins and params.data.world != "synthetic":
+        raise ParamsError(f"{source}: key 'feedback.size_twins' needs data.world 'synthetic' (it flips the synthetic "
+                          f"world's size words), got {params.data.world!r}")
+    if params.reward.twin_share and not params.feedback.size_twins:
+        raise ParamsError(f"{source}: key 'reward.twin_share' ({params.reward.twin_share:g}) trains on size-flipped "
+                          "twins, which stage 03 labels only with 'feedback.size_twins: true'")
     ppo = params.ppo
     if ppo.rollout_batch % ppo.samples_per_image:
         raise ParamsError(f"{source}: key 'ppo.rollout_batch' ({ppo.rollout_batch}) must be a multiple of "

@@ -101,7 +101,8 @@ def examples_from_records(records, prompt, eos_id, vocab_size=None, n_types=3):
                 raise ValueError(f"{where}, sub-sentence {k}: labels must be {n_types} values in (-1, 0, 1), "
                                  f"got {sub.get('labels')!r}")
         has_truth = all(sub.get("gt_labels") is not None for sub in subs)
-        examples.append({"response_id": record.get("response_id"), "image_id": record["image_id"], "ids": ids,
+        examples.append({"response_id": record.get("response_id"), "twin_of": record.get("twin_of"),
+                         "image_id": record["image_id"], "ids": ids,
                          "positions": positions, "classes": [[v + 1 for v in sub["labels"]] for sub in subs],
                          "gt": [list(sub["gt_labels"]) for sub in subs] if has_truth else None})
     return examples
@@ -156,16 +157,46 @@ def token_loss(logits, labels, class_weights=None):
                                              ignore_index=IGNORE)
 
 
-def balanced_class_weights(examples, fact_type, n_classes=3, cap=10.0):
+def balanced_class_weights(examples, fact_type, n_classes=3, cap=10.0, twin_share=0.0):
     """w_c = N / (n_classes * N_c) over one type's training labels, at most `cap` (a class with a handful of
     examples, like object n/a, would otherwise dominate; an absent class gets the cap). Every class then weighs
     as much in the loss as if the classes were equally frequent: the hallucinated class is the rare one for
-    attribute and relation once facts about absent shapes do not count."""
+    attribute and relation once facts about absent shapes do not count. With `twin_share`, the counts are those
+    training will see on average: an example with a twin counts (1 - twin_share), its twin twin_share."""
     index = label_index(fact_type)
-    classes = np.array([c[index] for e in examples for c in e["classes"]], dtype=np.int64)
-    counts = np.bincount(classes, minlength=n_classes).astype(np.float64)
-    weights = np.minimum(len(classes) / (n_classes * np.maximum(counts, 1e-9)), cap)
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for e in examples:
+        seen = [(e, 1.0)] if not (twin_share and e.get("twin")) else [(e, 1.0 - twin_share), (e["twin"], twin_share)]
+        for example, share in seen:
+            np.add.at(counts, [c[index] for c in example["classes"]], share)
+    weights = np.minimum(counts.sum() / (n_classes * np.maximum(counts, 1e-9)), cap)
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def with_twins(chunk, twin_share, rng_key):
+    """The batch `chunk` with each example that has a twin replaced by it with probability `twin_share`, drawn
+    from a generator seeded by `rng_key` (seed, epoch, batch start: a resumed run draws the same)."""
+    if not twin_share:
+        return chunk
+    use_twin = np.random.default_rng(rng_key).random(len(chunk)) < twin_share
+    return [e["twin"] if flip and e.get("twin") else e for e, flip in zip(chunk, use_twin)]
+
+
+def attach_twins(examples, twin_examples):
+    """Give each example whose response has a size-flipped twin (stage 03, `feedback.size_twins`) that twin's
+    example as e["twin"]; returns how many got one. A twin must close its sub-sentences where its original does."""
+    by_original = {t["twin_of"]: t for t in twin_examples}
+    attached = 0
+    for e in examples:
+        twin = by_original.get(e["response_id"])
+        if twin is None:
+            continue
+        if twin["positions"] != e["positions"]:
+            raise ValueError(f"twin {twin['response_id']!r}: end markers at {twin['positions']}, its original "
+                             f"{e['response_id']!r} at {e['positions']}")
+        e["twin"] = twin
+        attached += 1
+    return attached
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -442,32 +473,13 @@ def evaluate(predicted, examples, types=FACT_TYPES):
 
 # ---------------------------------------------------------------------------------------------- word-swap probe
 
-def word_swaps(tokenizer, words_by_value):
-    """{token id: (value, swapped token id)} for one kind of attribute word ({value: [surface forms]}, e.g.
-    {"small": ["small", "little"], "large": ["large", "big"]}): each form swapped for the form at the same place
-    of the next value, cyclically (small <-> large, little <-> big; red -> blue -> ... -> red). Forms that are not
-    one known token of the tokenizer are left out."""
-    def one_token(word):
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        return ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
-
-    values = list(words_by_value)
-    swaps = {}
-    for i, value in enumerate(values):
-        other = words_by_value[values[(i + 1) % len(values)]]
-        for k, form in enumerate(words_by_value[value]):
-            mine, theirs = one_token(form), one_token(other[min(k, len(other) - 1)])
-            if mine is not None and theirs is not None and mine != theirs:
-                swaps[mine] = (value, theirs)
-    return swaps
-
-
 def word_swap_probe(rm, records, load_image, swaps, batch_size=64):
     """Does a reward model read the image, or the words? Every sub-sentence of `records` that the ground truth
-    calls correct for object and attribute and that holds exactly one word of `swaps` is scored alone (a
-    one-sub-sentence response) as written and with that word swapped, which makes its attribute wrong while the
-    object stays there. A model that looks at the image raises P(hallucinated) of the attribute type for the
-    swapped copy; where the object type rises too, it reads a wrong attribute as a sign of a made-up object.
+    calls correct for object and attribute and that holds exactly one word of `swaps` (feedback.word_swaps) is
+    scored alone (a one-sub-sentence response) as written and with that word swapped, which makes its attribute
+    wrong while the object stays there. A model that looks at the image raises P(hallucinated) of the attribute
+    type for the swapped copy; where the object type rises too, it reads a wrong attribute as a sign of a made-up
+    object.
     One row per written value: {"said", "n", type: {"p_written", "p_swapped", "rises"}} with the mean
     P(hallucinated) as written and swapped and the share of swaps that raised it."""
     cases = []   # (written value, image id, written token ids, swapped token ids)
@@ -541,10 +553,11 @@ def _load_state(folder, params, optimizer):
 
 def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_size, epochs, patience, seed,
                checkpoint_dir, checkpoint_every=500, grad_clip=1.0, eval_batch_size=64, stop_after=None,
-               class_weights=None, lr_schedule="constant"):
+               class_weights=None, lr_schedule="constant", twin_share=0.0):
     """Train one type's adapter and head with Adam on token-level cross-entropy at the markers (weighted per
     class when `class_weights`, a (3,) tensor, is given), at a learning rate that is constant or falls linearly to 0
-    at the last step of `epochs` (`lr_schedule`: a function of the step, so a resumed run needs no scheduler state);
+    at the last step of `epochs` (`lr_schedule`: a function of the step, so a resumed run needs no scheduler state),
+    each training example that has a twin (`attach_twins`) replaced by it with probability `twin_share`;
     after every epoch score macro-F1 on the dev examples against their AI labels, keep the best weights, stop after
     `patience` epochs without improvement (or `epochs`), and end with the best weights loaded.
 
@@ -581,6 +594,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
         model.train()
         for start in range(offset * batch_size, len(order), batch_size):
             chunk = [train_examples[i] for i in order[start:start + batch_size]]
+            chunk = with_twins(chunk, twin_share, [seed, epoch, start])
             batch = collate(chunk, rm.pad, type_index)
             logits = model(input_ids=batch["input_ids"].to(rm.device),
                            pixel_values=pixels([e["image_id"] for e in chunk]).to(rm.device))

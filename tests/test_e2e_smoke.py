@@ -72,6 +72,22 @@ def test_base_models_stage_artifacts_load_through_the_real_loader(smoke_run):
     assert profile["policy"]["greedy"]["n_descriptions"] == params.load(REPO / "params" / "smoke.yaml").models.tiny_train.eval_images
 
 
+def test_feedback_stage_labels_size_twins_that_the_reward_stage_trains_on(smoke_run):
+    run_dir, _, _ = smoke_run
+    responses = {r["response_id"]: r for r in stage.read_jsonl(run_dir / "03_ai_feedback" / "fg_labels.jsonl")}
+    twins = stage.read_jsonl(run_dir / "03_ai_feedback" / "fg_labels_twins.jsonl")
+    assert twins and all(t["response_id"] == t["twin_of"] + "~sizes" for t in twins)
+    for twin in twins:
+        original = responses[twin["twin_of"]]
+        assert len(twin["token_ids"]) == len(original["token_ids"]) and twin["token_ids"] != original["token_ids"]
+        # object labels do not depend on a size word (the verifier answers the same existence questions)
+        assert [s["labels"][0] for s in twin["subsentences"]] == [s["labels"][0] for s in original["subsentences"]]
+    summary = json.loads((run_dir / "03_ai_feedback" / "summary.json").read_text())
+    assert summary["twins"]["responses"] == len(twins)
+    executed = (run_dir / "04_reward_models" / "04_reward_models.ipynb").read_text()
+    assert "have a size-flipped twin, used with probability 0.5" in executed
+
+
 def test_a_notebook_runs_by_itself_from_the_notebooks_folder(tmp_path):
     """As in JupyterLab: kernel started in notebooks/, default work_dir (None), only params_path changed."""
     import os

@@ -182,3 +182,42 @@ def test_existence_gate_reads_negated_existence_and_mixed_answers():
     mixed = feedback.gate_on_existence([_row("a", 0, ring, True, True), _row("b", 0, ring_absent_said, False, False),
                                         _row("c", 1, ring, False, True), _row("d", 1, red_ring, False, False)])
     assert mixed[3]["gated_by"] is None and mixed[3]["counts_as"] is False   # answers disagree: no gate
+
+
+class AnswerKey:
+    """A verifier that says yes to exactly the questions of `true_facts`."""
+    def __init__(self, true_facts):
+        self.yes = {language.question_for_fact(f) for f in true_facts}
+
+    def answer(self, images, questions):
+        return ["yes" if q in self.yes else "no" for q in questions]
+
+
+def test_size_twins_flip_only_size_words_and_get_the_same_feedback(tokenizer, tmp_path):
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
+    texts = ["there is a small red heart . there is a little blue star .", "there is a red heart ."]
+    records = [feedback.response_record(SCENE, i, tokenizer(t, add_special_tokens=False).input_ids, t, decode)
+               for i, t in enumerate(texts)]
+    twins = feedback.size_twins(records, tokenizer)
+    assert len(twins) == 1                                   # the second response says no size word
+    [twin] = twins
+    assert twin["text"] == "there is a large red heart . there is a big blue star ."
+    assert twin["response_id"] == "7-0~sizes" and twin["twin_of"] == "7-0" and twin["image_id"] == 7
+    assert [s["last_token"] for s in twin["subsentences"]] == [s["last_token"] for s in records[0]["subsentences"]]
+    # the scene: a small red heart and a large blue star; the verifier is right about all of it
+    heart, star = ({"type": "object", "subject": s, "negated": False} for s in ("heart", "star"))
+    attribute = lambda shape, kind, value: {"type": "attribute", "subject": shape, "kind": kind, "value": value}
+    verifier = AnswerKey([heart, star, attribute("heart", "colour", "red"), attribute("heart", "size", "small"),
+                          attribute("star", "colour", "blue"), attribute("star", "size", "large")])
+    F = params.FeedbackParams(existence_gate=True)
+    extractor = feedback.make_extractor(F, tmp_path / "llm")
+    cache = feedback.AnswerCache(tmp_path / "answers.jsonl", ["key"])
+    labels = {}
+    for name, responses in (("original", records[:1]), ("twin", twins)):
+        rows, _ = feedback.judge_responses(responses, extractor, verifier, cache, lambda i: np.zeros((8, 8, 3)), F,
+                                           {7: SCENE})
+        [labelled] = feedback.label_records(responses, rows, {7: SCENE})
+        labels[name] = [(s["labels"], s["gt_labels"]) for s in labelled["subsentences"]]
+    # original: heart all right; "little blue star" is a wrong size. Twin: "large red heart" is wrong, the star right
+    assert labels["original"] == [([0, 0, -1], [0, 0, -1]), ([0, 1, -1], [0, 1, -1])]
+    assert labels["twin"] == [([0, 1, -1], [0, 1, -1]), ([0, 0, -1], [0, 0, -1])]

@@ -227,3 +227,17 @@ def test_world_ranges_are_ordered(tmp_path, text, message):
     assert f"{path}: {message}" in str(err.value)
     equal = write(tmp_path, "equal.yaml", "data:\n  world_params:\n    min_objects: 2\n    max_objects: 2\n")
     assert P.load(equal).data.world_params.min_objects == 2
+
+
+def test_size_twins_need_the_synthetic_world_and_twin_share_needs_them(tmp_path):
+    orphan = write(tmp_path, "orphan.yaml", "reward:\n  twin_share: 0.3\n")
+    with pytest.raises(P.ParamsError, match=r"orphan\.yaml: key 'reward\.twin_share' \(0\.3\) .* 'feedback\.size_twins: true'"):
+        P.load(orphan)
+    coco = write(tmp_path, "coco.yaml", "data:\n  world: coco\n  coco_root: /x\nfeedback:\n  size_twins: true\n")
+    with pytest.raises(P.ParamsError, match=r"coco\.yaml: key 'feedback\.size_twins' needs data\.world 'synthetic'"):
+        P.load(coco, check_paths=False)
+    whole = write(tmp_path, "whole.yaml", "feedback:\n  size_twins: true\nreward:\n  twin_share: 1\n")
+    with pytest.raises(P.ParamsError, match=r"reward\.twin_share"):
+        P.load(whole)
+    both = write(tmp_path, "both.yaml", "feedback:\n  size_twins: true\nreward:\n  twin_share: 0.5\n")
+    assert P.load(both).reward.twin_share == 0.5

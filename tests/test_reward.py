@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgaif_utils import models, params, reward, reward_viz
+from fgaif_utils import feedback, models, params, reward, reward_viz
 
 torch.set_num_threads(1)
 PROMPT = "Describe this image in detail."
@@ -264,10 +264,10 @@ def test_word_swaps_pair_each_form_with_the_next_value(tiny):
     processor, _ = tiny
     tok = processor.tokenizer
     one = lambda word: tok(word, add_special_tokens=False)["input_ids"][0]
-    sizes = reward.word_swaps(tok, {"small": ["small", "little"], "large": ["large", "big", "zzgiant"]})
+    sizes = feedback.word_swaps(tok, {"small": ["small", "little"], "large": ["large", "big", "zzgiant"]})
     assert sizes == {one("small"): ("small", one("large")), one("little"): ("small", one("big")),
                      one("large"): ("large", one("small")), one("big"): ("large", one("little"))}
-    colours = reward.word_swaps(tok, {"red": ["red"], "blue": ["blue"], "green": ["green"]})
+    colours = feedback.word_swaps(tok, {"red": ["red"], "blue": ["blue"], "green": ["green"]})
     assert colours == {one("red"): ("red", one("blue")), one("blue"): ("blue", one("green")),
                        one("green"): ("green", one("red"))}
 
@@ -292,7 +292,7 @@ def test_word_swap_probe_picks_truth_correct_sub_sentences_and_scores_them_alone
                record(3, ["i can see a large yellow circle ."], [[0, 0, -1]]),
                record(4, ["there is a little red heart ."], [[0, 1, -1]])]                # attribute wrong: out
     images = _images(5, seed=3)
-    swaps = reward.word_swaps(tok, {"small": ["small", "little"], "large": ["large", "big"]})
+    swaps = feedback.word_swaps(tok, {"small": ["small", "little"], "large": ["large", "big"]})
     rows = reward.word_swap_probe(rm, records, lambda image_id: images[image_id], swaps, batch_size=2)
     assert [(row["said"], row["n"]) for row in rows] == [("small", 1), ("large", 1)]
     # by hand: each kept sub-sentence alone, as written and with its size word swapped
@@ -395,3 +395,68 @@ def test_evaluate_reads_each_type_from_its_own_label_column():
     predicted = np.array([[1]])                                         # a relation-only model says hallucinated
     result = reward.evaluate(predicted, examples, ["relation"])
     assert result["relation"]["ai"]["f1"] == 1.0 and result["relation"]["gt"]["f1"] == 1.0
+
+
+def _with_all_twins(examples, twin_class):
+    """A twin for every example: the same sequence, every marker's classes set to `twin_class`."""
+    for e in examples:
+        e["twin"] = {**e, "response_id": f"{e['response_id']}~sizes", "twin_of": e["response_id"],
+                     "classes": [[twin_class] * 3 for _ in e["classes"]]}
+    return examples
+
+
+def test_balanced_weights_count_twins_at_their_share_by_hand():
+    # object type (column 0): the first response has a twin, the second none
+    examples = [{"classes": [[1, 0, 0], [2, 0, 0]], "twin": {"classes": [[1, 0, 0], [1, 0, 0]]}},
+                {"classes": [[0, 0, 0]]}]
+    # share 0.25: n/a 1, correct 0.75 * 1 + 0.25 * 2 = 1.25, hallucinated 0.75 * 1 = 0.75; N = 3
+    assert reward.balanced_class_weights(examples, "object", twin_share=0.25).tolist() == \
+        pytest.approx([3 / (3 * 1), 3 / (3 * 1.25), 3 / (3 * 0.75)])
+    assert reward.balanced_class_weights(examples, "object").tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_attach_twins_pairs_by_response_and_checks_the_markers():
+    examples = [{"response_id": "a", "positions": [3, 7]}, {"response_id": "b", "positions": [4]}]
+    twin = {"response_id": "a~sizes", "twin_of": "a", "positions": [3, 7]}
+    assert reward.attach_twins(examples, [twin]) == 1
+    assert examples[0]["twin"] is twin and "twin" not in examples[1]
+    with pytest.raises(ValueError, match="end markers"):
+        reward.attach_twins([{"response_id": "a", "positions": [3, 8]}], [twin])
+
+
+def test_with_twins_replaces_only_examples_that_have_one_at_about_the_share():
+    chunk = [{"id": i, "twin": {"id": -i}} if i % 2 else {"id": i} for i in range(4000)]
+    mixed = reward.with_twins(chunk, 0.3, [0, 1, 0])
+    twins_used = [m["id"] < 0 for m in mixed]
+    assert not any(used for used, e in zip(twins_used, chunk) if "twin" not in e)
+    assert sum(twins_used) / 2000 == pytest.approx(0.3, abs=0.03)
+    assert reward.with_twins(chunk, 0.3, [0, 1, 0]) == mixed            # the same key draws the same batch
+    assert reward.with_twins(chunk, 0.3, [0, 1, 8]) != mixed
+    assert reward.with_twins(chunk, 0.0, [0, 1, 0]) is chunk
+
+
+def _train_with_twins(processor, folder, checkpoints, twin_share, stop_after=None):
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["relation"])
+    records = _records(processor, 8)
+    for record in records:                        # originals all "correct", twins all "hallucinated"
+        for sub in record["subsentences"]:
+            sub["labels"] = [0, 0, 0]
+    train, dev = _with_all_twins(rm.examples(records[:6]), twin_class=2), rm.examples(records[6:])
+    images = _images(4)
+    pixels = lambda ids: reward.pixel_values(processor, [images[i] for i in ids])
+    history = reward.train_type(rm, "relation", train, dev, pixels, lr=3e-2, batch_size=2, epochs=3, patience=5,
+                                seed=0, checkpoint_dir=checkpoints, checkpoint_every=2, stop_after=stop_after,
+                                twin_share=twin_share)
+    predicted, probs = rm.predict(dev, pixels, types=["relation"])
+    return history, probs
+
+
+def test_training_with_twins_learns_their_labels_and_resumes(tiny, tmp_path):
+    processor, folder = tiny
+    _, probs_off = _train_with_twins(processor, folder, tmp_path / "off", twin_share=0.0)
+    straight, probs_on = _train_with_twins(processor, folder, tmp_path / "on", twin_share=0.9)
+    # the twins' "hallucinated" labels reach the model only when they are drawn
+    assert probs_off[..., 2].mean() < 0.2 < 0.8 < probs_on[..., 2].mean()
+    _train_with_twins(processor, folder, tmp_path / "cut", twin_share=0.9, stop_after=4)
+    resumed, _ = _train_with_twins(processor, folder, tmp_path / "cut", twin_share=0.9)
+    assert [x[1] for x in resumed["loss"]] == pytest.approx([x[1] for x in straight["loss"]], rel=1e-5)
