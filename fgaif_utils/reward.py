@@ -150,6 +150,31 @@ class PixelCache:
         return torch.stack([self.cache[i] for i in image_ids])
 
 
+class FeatureCache:
+    """features(image_ids) -> (B, N, D): what the reward backbone splices in at the N image tokens of each image —
+    the output of its frozen vision tower and projector — computed once per image id, `batch_size` images at a
+    time. The reward adapters sit on the language model only, so these features are the same for every type and
+    every step, and a training step with them skips the tower (synthetic world; at 336 px a COCO feedback set's
+    features would not fit in memory, so the real world keeps PixelCache)."""
+
+    def __init__(self, rm, processor, load_image, batch_size=64):
+        self.rm, self.processor, self.load_image, self.batch_size, self.cache = rm, processor, load_image, batch_size, {}
+
+    def __call__(self, image_ids):
+        missing = [i for i in dict.fromkeys(image_ids) if i not in self.cache]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            pixels = pixel_values(self.processor, [self.load_image(i) for i in chunk])
+            self.cache.update(zip(chunk, self.rm.model.base_model.model.image_features(pixels).cpu()))
+        return torch.stack([self.cache[i] for i in image_ids])
+
+
+def image_inputs(images):
+    """The forward keyword for a batch of images as the caches give them: (B, 3, H, W) pixel values (PixelCache,
+    pixel_values) or (B, N, D) projected vision features (FeatureCache)."""
+    return {"image_features" if images.dim() == 3 else "pixel_values": images}
+
+
 def token_loss(logits, labels, class_weights=None):
     """Token-level cross-entropy over the positions whose label is not IGNORE. logits (B, L, C), labels (B, L).
     Without class weights the mean; with them sum_i w[y_i] * nll_i / sum_i w[y_i]."""
@@ -226,10 +251,33 @@ class TokenRewardModel(torch.nn.Module):
         self.lvlm = lvlm
         self.score = torch.nn.Linear(lvlm.config.text_config.hidden_size, num_labels, device=lvlm.device)
 
-    def forward(self, input_ids, pixel_values, attention_mask=None):
-        hidden = self.lvlm.model(input_ids=input_ids, pixel_values=pixel_values.to(self.lvlm.dtype),
-                                 attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, image_features=None):
+        """Logits from the images as pixel values (B, 3, H, W), or as the features `image_features` computes from
+        them (B, N, D), spliced in at the image tokens as the LVLM does it (the same logits, without the tower)."""
+        if image_features is None:
+            hidden = self.lvlm.model(input_ids=input_ids, pixel_values=pixel_values.to(self.lvlm.dtype),
+                                     attention_mask=attention_mask, use_cache=False).last_hidden_state
+        else:
+            embeds = self.lvlm.get_input_embeddings()(input_ids)
+            image_slots = input_ids == self.lvlm.config.image_token_id
+            if int(image_slots.sum()) != image_features.shape[0] * image_features.shape[1]:
+                raise ValueError(f"{int(image_slots.sum())} image tokens in the batch, but image features for "
+                                 f"{image_features.shape[0]} images x {image_features.shape[1]} tokens")
+            embeds = embeds.masked_scatter(image_slots[..., None], image_features.to(embeds.device, embeds.dtype))
+            hidden = self.lvlm.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state
         return self.score(hidden.float())
+
+    @torch.no_grad()
+    def image_features(self, pixel_values):
+        """(B, N, D): the frozen vision tower + projector output for the N image tokens of each image."""
+        config = self.lvlm.config
+        out = self.lvlm.model.get_image_features(
+            pixel_values=pixel_values.to(self.lvlm.device, self.lvlm.dtype),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy)
+        features = getattr(out, "pooler_output", out)   # transformers 5.2x: an output object with a per-image list
+        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
 
 def lora_config(r, alpha, dropout=0.0):
@@ -293,19 +341,19 @@ class RewardModels:
         n_labels = 1 if self.types == ["holistic"] else len(FACT_TYPES)
         return examples_from_records(records, self.prompt, self.eos, len(self.processor.tokenizer), n_labels)
 
-    def logits(self, fact_type, input_ids, pixel_values):
-        """(B, L, 3) logits of one type's reward model."""
+    def logits(self, fact_type, input_ids, images):
+        """(B, L, 3) logits of one type's reward model; images as `image_inputs` takes them."""
         self.model.set_adapter(fact_type)
-        return self.model(input_ids=input_ids.to(self.device), pixel_values=pixel_values.to(self.device))
+        return self.model(input_ids=input_ids.to(self.device), **image_inputs(images.to(self.device)))
 
     @property
     def device(self):
         return self.model.base_model.model.lvlm.device
 
     @torch.no_grad()
-    def class_probs(self, batch, pixel_values, mixed=True, types=None):
+    def class_probs(self, batch, images, mixed=True, types=None):
         """(B, K, T, 3) class probabilities at the markers of a collated batch for `types` (default all; empty
-        slots hold anything).
+        slots hold anything); images as `image_inputs` takes them (pixel values or projected features).
 
         mixed=True runs the adapters in one forward over the batch repeated once per type (peft's
         `adapter_names=`); mixed=False switches adapters and runs one forward per type."""
@@ -315,12 +363,12 @@ class RewardModels:
         n = len(input_ids)
         if mixed and len(types) > 1:
             names = [name for name in types for _ in range(n)]
-            logits = self.model(input_ids=input_ids.repeat(len(types), 1),
-                                pixel_values=pixel_values.to(self.device).repeat(len(types), 1, 1, 1),
+            repeated = images.to(self.device).repeat(len(types), *[1] * (images.dim() - 1))
+            logits = self.model(input_ids=input_ids.repeat(len(types), 1), **image_inputs(repeated),
                                 adapter_names=names)
             per_type = logits.view(len(types), n, *logits.shape[1:])
         else:
-            per_type = torch.stack([self.logits(name, input_ids, pixel_values) for name in types])
+            per_type = torch.stack([self.logits(name, input_ids, images) for name in types])
         index = positions[None, :, :, None].expand(len(types), -1, -1, per_type.shape[-1])
         picked = per_type.gather(2, index)                      # (T, B, K, 3)
         return picked.softmax(-1).permute(1, 2, 0, 3).cpu()     # (B, K, T, 3)
@@ -352,7 +400,7 @@ class RewardModels:
 
     def predict(self, examples, pixels, batch_size=64, mixed=True, types=None):
         """(N, T) predicted labels in {-1, 0, 1} and (N, T, 3) probabilities over all sub-sentences of `examples`
-        in order, for `types` (default all); pixels(image_ids) gives their pixel values."""
+        in order, for `types` (default all); pixels(image_ids) gives their pixel values or features (the caches)."""
         probs = []
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
@@ -597,7 +645,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
             chunk = with_twins(chunk, twin_share, [seed, epoch, start])
             batch = collate(chunk, rm.pad, type_index)
             logits = model(input_ids=batch["input_ids"].to(rm.device),
-                           pixel_values=pixels([e["image_id"] for e in chunk]).to(rm.device))
+                           **image_inputs(pixels([e["image_id"] for e in chunk]).to(rm.device)))
             loss = token_loss(logits, batch["labels"].to(rm.device), class_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,4 +1,5 @@
-"""benchmarks/ppo_step.py runs end to end on the tiny LLaVA on the CPU (the 7B shape runs on a GPU machine)."""
+"""benchmarks/ppo_step.py and benchmarks/reward_step.py run end to end on the tiny LLaVA on the CPU (the 7B shape
+runs on a GPU machine)."""
 import json
 import os
 import subprocess
@@ -21,3 +22,16 @@ def test_ppo_step_benchmark_runs_tiny_on_the_cpu(tmp_path):
         assert all(p > 0 for p in phases) and sum(phases) <= row["total_s"] + 0.01
         assert 0 < row["mean_response_tokens"] <= results["info"]["settings"]["max_new_tokens"]
         assert row["peak_GB"] is None   # CPU: no GPU peak
+
+
+def test_reward_step_benchmark_trains_the_same_with_pixels_and_cached_features(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reward_step.py"), "--steps", "6", "--batch", "4",
+                           "--images", "10", "--dev", "8", "--threads", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| tower features (FeatureCache) |" in done.stdout
+    results = json.loads((tmp_path / "reward_step.json").read_text())
+    assert set(results["results"]) == {"pixels", "features"}
+    assert all(r["seconds"] > 0 for r in results["results"].values())
+    assert results["loss_gap"] < 1e-4   # the same training trajectory either way

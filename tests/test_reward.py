@@ -174,6 +174,48 @@ def test_three_adapters_on_one_base_match_three_separately_loaded_models(tiny, t
     assert reward.param_bytes(combined.model) == base_bytes + adapter_bytes
 
 
+def test_cached_vision_features_give_the_logits_and_gradients_of_the_pixel_path(tiny):
+    processor, folder = tiny
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8)
+    _randomise(rm, seed=2)
+    examples = rm.examples(_records(processor, 6))
+    batch = reward.collate(examples, rm.pad, type_index=0)
+    images = _images(4, seed=3)
+    image_ids = [e["image_id"] for e in examples]                       # 0 1 2 3 0 1: repeats hit the cache
+    loads = []
+    features = reward.FeatureCache(rm, processor, lambda i: loads.append(i) or images[i], batch_size=3)
+    cached = features(image_ids)
+    assert cached.shape == (6, 16, 32) and loads == [0, 1, 2, 3]
+    assert torch.equal(features(image_ids[::-1]), cached.flip(0)) and loads == [0, 1, 2, 3]
+    pixels = reward.pixel_values(processor, [images[i] for i in image_ids])
+    # the features are what the LVLM itself splices in: its image-token embeddings, read back through a hook
+    spliced = []
+    backbone = rm.model.base_model.model.lvlm
+    handle = backbone.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: spliced.append(kwargs["inputs_embeds"].detach()), with_kwargs=True)
+    with torch.no_grad():
+        rm.logits("object", batch["input_ids"], pixels)
+    handle.remove()
+    image_slots = batch["input_ids"] == backbone.config.image_token_id
+    assert torch.allclose(spliced[0][image_slots].view(6, 16, 32), cached, atol=1e-6)
+    with torch.no_grad():
+        for fact_type in reward.FACT_TYPES:
+            assert torch.allclose(rm.logits(fact_type, batch["input_ids"], cached),
+                                  rm.logits(fact_type, batch["input_ids"], pixels), atol=1e-5), fact_type
+    assert torch.allclose(rm.class_probs(batch, cached), rm.class_probs(batch, pixels), atol=1e-6)
+    rm.model.set_adapter("object")
+    grads = []
+    for images_in in (pixels, cached):
+        rm.model.zero_grad()
+        logits = rm.model(input_ids=batch["input_ids"], **reward.image_inputs(images_in))
+        reward.token_loss(logits, batch["labels"]).backward()
+        grads.append({n: p.grad.clone() for n, p in rm.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_B.object" in n for n in grads[0])
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
+    with pytest.raises(ValueError, match="image tokens"):
+        rm.logits("object", batch["input_ids"], cached[:5])
+
 def _train(processor, folder, checkpoints, stop_after=None, lr_schedule="constant"):
     rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"])
     records = _records(processor, 8)
