@@ -158,14 +158,15 @@ class FeatureCache:
     features would not fit in memory, so the real world keeps PixelCache)."""
 
     def __init__(self, rm, processor, load_image, batch_size=64):
-        self.rm, self.processor, self.load_image, self.batch_size, self.cache = rm, processor, load_image, batch_size, {}
+        self.rm, self.processor, self.load_image, self.batch_size = rm, processor, load_image, batch_size
+        self.cache = {}
 
     def __call__(self, image_ids):
         missing = [i for i in dict.fromkeys(image_ids) if i not in self.cache]
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             pixels = pixel_values(self.processor, [self.load_image(i) for i in chunk])
-            self.cache.update(zip(chunk, self.rm.model.base_model.model.image_features(pixels).cpu()))
+            self.cache.update(zip(chunk, self.rm.image_features(pixels).cpu()))
         return torch.stack([self.cache[i] for i in image_ids])
 
 
@@ -349,6 +350,10 @@ class RewardModels:
     @property
     def device(self):
         return self.model.base_model.model.lvlm.device
+
+    def image_features(self, pixel_values):
+        """(B, N, D): the frozen vision tower + projector features of the shared backbone."""
+        return self.model.base_model.model.image_features(pixel_values)
 
     @torch.no_grad()
     def class_probs(self, batch, images, mixed=True, types=None):

@@ -216,6 +216,7 @@ def test_cached_vision_features_give_the_logits_and_gradients_of_the_pixel_path(
     with pytest.raises(ValueError, match="image tokens"):
         rm.logits("object", batch["input_ids"], cached[:5])
 
+
 def _train(processor, folder, checkpoints, stop_after=None, lr_schedule="constant"):
     rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"])
     records = _records(processor, 8)
