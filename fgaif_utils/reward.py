@@ -361,9 +361,12 @@ class RewardModels:
         slots hold anything); images as `image_inputs` takes them (pixel values or projected features).
 
         mixed=True runs the adapters in one forward over the batch repeated once per type (peft's
-        `adapter_names=`); mixed=False switches adapters and runs one forward per type."""
+        `adapter_names=`); mixed=False switches adapters and runs one forward per type. Either way the frozen
+        tower sees each image once: pixel values become features before the per-type forwards."""
         self.model.eval()
         types = list(types or self.types)
+        if images.dim() == 4 and len(types) > 1:
+            images = self.image_features(images)
         input_ids, positions = batch["input_ids"].to(self.device), batch["positions"].clamp(min=0).to(self.device)
         n = len(input_ids)
         if mixed and len(types) > 1:

@@ -164,9 +164,21 @@ def test_three_adapters_on_one_base_match_three_separately_loaded_models(tiny, t
         assert torch.allclose(outputs[fact_type], expected, atol=1e-5), fact_type
         assert torch.allclose(before_save, expected, atol=1e-5), fact_type
     assert not torch.allclose(outputs["object"], outputs["attribute"], atol=1e-3)
+    tower_batches = []   # how many images the frozen vision tower sees per class_probs call
+    tower = combined.model.base_model.model.lvlm.model.vision_tower
+    handle = tower.register_forward_hook(lambda module, args, kwargs, out: tower_batches.append(
+        len(kwargs.get("pixel_values", args[0] if args else None))), with_kwargs=True)
     mixed = combined.class_probs(batch, pixels, mixed=True)
     switched = combined.class_probs(batch, pixels, mixed=False)
+    handle.remove()
+    assert tower_batches == [5, 5]   # once per image, not once per image and type
     assert torch.allclose(mixed, switched, atol=1e-5)
+    # against the separately loaded models' pixel-path logits, read at the markers
+    markers = batch["positions"].clamp(min=0)
+    for t, fact_type in enumerate(reward.FACT_TYPES):
+        at_markers = outputs[fact_type].gather(1, markers[..., None].expand(-1, -1, 3)).softmax(-1)
+        filled = batch["positions"] >= 0
+        assert torch.allclose(mixed[:, :, t][filled], at_markers[filled], atol=1e-5), fact_type
     # one backbone's parameters, plus the three adapters' own
     base_bytes = reward.param_bytes(_backbone(folder)[0])
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in combined.model.named_parameters()
