@@ -257,6 +257,8 @@ class RewardParams:
     """Adam learning rate (paper: 2e-5)."""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """The learning rate over training: "constant" (paper) or "linear" (from lr down to 0 at the last step of `epochs`)."""
+    ema_decay: Annotated[float, Bounds(ge=0, lt=1)] = 0.0
+    """Keep an exponential moving average of each adapter's weights (decay per step, warmed up as min(decay, (1 + step) / (10 + step))) and score, keep and save the average instead of the last step's weights; 0 = off (paper)."""
     batch_size: PositiveInt = 4
     """Responses per optimiser step (paper: 4)."""
     class_weights: Literal["none", "balanced"] = "none"

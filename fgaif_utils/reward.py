@@ -12,6 +12,7 @@ tokens expanded as the processor expands them, then the response with an EOS aft
 token. Batches are right-padded and get no attention mask: under causal attention no real token can see a pad
 to its right, so the mask changes nothing that is read, and on CPU the masked SDPA backward is ~8x slower.
 """
+import contextlib
 import json
 import math
 import os
@@ -580,13 +581,14 @@ def _adapter_params(model, name):
     return {n: p for n, p in model.named_parameters() if f".{name}." in n and ("lora_" in n or "modules_to_save" in n)}
 
 
-def _save_state(folder, params, best, optimizer, state):
+def _save_state(folder, params, best, optimizer, state, average=None):
     from safetensors.torch import save_file
     save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, folder / "adapter.safetensors.tmp")
     os.replace(folder / "adapter.safetensors.tmp", folder / "adapter.safetensors")
-    if best is not None:
-        save_file(best, folder / "best.safetensors.tmp")
-        os.replace(folder / "best.safetensors.tmp", folder / "best.safetensors")
+    for name, weights in (("best", best), ("average", average)):
+        if weights is not None:
+            save_file({n: w.detach().cpu().contiguous() for n, w in weights.items()}, folder / f"{name}.safetensors.tmp")
+            os.replace(folder / f"{name}.safetensors.tmp", folder / f"{name}.safetensors")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
     os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
     state = dict(state, torch_rng=torch.get_rng_state().tolist())
@@ -594,7 +596,7 @@ def _save_state(folder, params, best, optimizer, state):
     os.replace(folder / "state.json.tmp", folder / "state.json")
 
 
-def _load_state(folder, params, optimizer):
+def _load_state(folder, params, optimizer, average=None):
     from safetensors.torch import load_file
     state = json.loads((folder / "state.json").read_text())
     weights = load_file(folder / "adapter.safetensors")
@@ -602,6 +604,12 @@ def _load_state(folder, params, optimizer):
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])
+        if average is not None:
+            if not (folder / "average.safetensors").is_file():
+                raise ValueError(f"{folder}: a checkpoint without weight averages, resumed with ema_decay > 0")
+            saved = load_file(folder / "average.safetensors")
+            for n, w in average.items():
+                w.copy_(saved[n])
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     return state, best
@@ -609,19 +617,23 @@ def _load_state(folder, params, optimizer):
 
 def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_size, epochs, patience, seed,
                checkpoint_dir, checkpoint_every=500, grad_clip=1.0, eval_batch_size=64, stop_after=None,
-               class_weights=None, lr_schedule="constant", twin_share=0.0):
+               class_weights=None, lr_schedule="constant", twin_share=0.0, ema_decay=0.0, after_epoch=None):
     """Train one type's adapter and head with Adam on token-level cross-entropy at the markers (weighted per
     class when `class_weights`, a (3,) tensor, is given), at a learning rate that is constant or falls linearly to 0
     at the last step of `epochs` (`lr_schedule`: a function of the step, so a resumed run needs no scheduler state),
     each training example that has a twin (`attach_twins`) replaced by it with probability `twin_share`;
     after every epoch score macro-F1 on the dev examples against their AI labels, keep the best weights, stop after
-    `patience` epochs without improvement (or `epochs`), and end with the best weights loaded.
+    `patience` epochs without improvement (or `epochs`), and end with the best weights loaded. With `ema_decay` > 0
+    the weights scored and kept are an exponential moving average of the steps' weights (decay warmed up as
+    min(ema_decay, (1 + step) / (10 + step)), so the initial adapter fades within the first steps); training goes
+    on from the last step's weights. `after_epoch(entry)`, when given, runs after each dev scoring with the scored
+    weights loaded and may add keys to that epoch's dev entry (benchmarks/reward_epochs.py scores the test split).
 
     Checkpoints (adapter weights, best weights, optimizer, torch RNG, logs) go into `checkpoint_dir` at every
     epoch end and every `checkpoint_every` steps; a call finds them and continues the same trajectory (batch
     order comes from (seed, epoch)), or, when training had finished, just loads the result. `stop_after` ends
     after that many steps with a checkpoint (simulates an interruption). Returns the history dict: "loss"
-    [[step, loss]], "dev" [{"epoch", "step", "macro_f1", "accuracy"}], "best_epoch", "stopped_early", "done"."""
+    [[step, loss]], "dev" [{"epoch", "step", "macro_f1", "accuracy", "halluc_f1"}], "best_epoch", "stopped_early", "done"."""
     model, type_index = rm.model, label_index(fact_type)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -634,9 +646,10 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     state = {"step": 0, "loss": [], "dev": [], "best_f1": -1.0, "best_epoch": None, "bad_epochs": 0,
              "stopped_early": False, "done": False}
     best = None
+    average = {n: p.detach().clone() for n, p in params.items()} if ema_decay else None
     torch.manual_seed(seed)
     if (checkpoint_dir / "state.json").is_file():
-        state, best = _load_state(checkpoint_dir, params, optimizer)
+        state, best = _load_state(checkpoint_dir, params, optimizer, average)
     steps_per_epoch = math.ceil(len(train_examples) / batch_size)
     total_steps = epochs * steps_per_epoch
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"reward model: {fact_type}",
@@ -662,25 +675,33 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
                 group["lr"] = learning_rate(lr, lr_schedule, state["step"], total_steps)
             optimizer.step()
             state["step"] += 1
+            if average is not None:   # average <- decay * average + (1 - decay) * weights
+                decay = min(ema_decay, state["step"] / (9 + state["step"]))
+                with torch.no_grad():
+                    for n, p in params.items():
+                        average[n].lerp_(p, 1.0 - decay)
             state["loss"].append([state["step"], loss.item()])
             bar.update(1)
             if state["step"] % steps_per_epoch == 0:
-                best = _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, state, best,
-                                  epoch, epochs, patience)
+                with _loaded(params, average):
+                    best = _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, state, best,
+                                      epoch, epochs, patience)
+                    if after_epoch is not None:
+                        after_epoch(state["dev"][-1])
                 bar.set_postfix(dev_macro_f1=f"{state['dev'][-1]['macro_f1']:.3f}")
-                _save_state(checkpoint_dir, params, best, optimizer, state)
+                _save_state(checkpoint_dir, params, best, optimizer, state, average)
                 model.train()
                 if state["done"]:
                     break
             elif state["step"] % checkpoint_every == 0:
-                _save_state(checkpoint_dir, params, best, optimizer, state)
+                _save_state(checkpoint_dir, params, best, optimizer, state, average)
             if stop_after is not None and state["step"] >= stop_after:
-                _save_state(checkpoint_dir, params, best, optimizer, state)
+                _save_state(checkpoint_dir, params, best, optimizer, state, average)
                 bar.close()
                 model.eval()
                 return _history(state)
     bar.close()
-    _save_state(checkpoint_dir, params, best, optimizer, state)
+    _save_state(checkpoint_dir, params, best, optimizer, state, average)
     if best is not None:
         with torch.no_grad():
             for n, p in params.items():
@@ -689,6 +710,24 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
         p.requires_grad_(False)
     model.eval()
     return _history(state)
+
+
+@contextlib.contextmanager
+def _loaded(params, weights):
+    """`weights` (a dict like params, or None for no change) in the parameters for the block, then the old back."""
+    if weights is None:
+        yield
+        return
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
 
 
 def learning_rate(lr, schedule, step, total_steps):
@@ -706,7 +745,9 @@ def _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, sta
     reference = np.array([c[label_index(fact_type)] for e in dev_examples for c in e["classes"]]) - 1
     metrics = label_metrics(predicted[:, 0], reference)
     f1 = metrics["macro_f1"] or 0.0
-    state["dev"].append({"epoch": epoch + 1, "step": state["step"], "macro_f1": f1, "accuracy": metrics["accuracy"]})
+    # halluc_f1 is recorded, not used: it shows how far the selection rule (macro-F1) and the class PPO rewards part
+    state["dev"].append({"epoch": epoch + 1, "step": state["step"], "macro_f1": f1, "accuracy": metrics["accuracy"],
+                         "halluc_f1": metrics["f1"]})
     if f1 > state["best_f1"]:
         state.update(best_f1=f1, best_epoch=epoch + 1, bad_epochs=0)
         best = {n: p.detach().cpu().clone() for n, p in params.items()}

@@ -23,8 +23,8 @@ def _fmt(value, digits=3):
 
 
 def learning_curves(histories, window=20):
-    """Per type: training loss (moving average) against steps, and dev macro-F1 after each epoch (right axis),
-    the kept (best) epoch marked."""
+    """Per type: training loss (moving average) against steps, and dev macro-F1 (which picks the kept epoch, marked)
+    and hallucination-class F1 after each epoch (right axis)."""
     fig = Figure(figsize=(4.3 * len(histories), 3.2))
     axes = fig.subplots(1, len(histories), squeeze=False)[0]
     for ax, (fact_type, history) in zip(axes, histories.items()):
@@ -39,11 +39,14 @@ def learning_curves(histories, window=20):
         right = ax.twinx()
         right.plot([d["step"] for d in history["dev"]], [d["macro_f1"] for d in history["dev"]], "o-", color="tab:orange",
                    markersize=3, label="dev macro-F1")
+        halluc = [(d["step"], d["halluc_f1"]) for d in history["dev"] if d.get("halluc_f1") is not None]
+        if halluc:   # histories written before the field existed have none
+            right.plot(*zip(*halluc), "s--", color="tab:red", markersize=3, linewidth=1, label="dev hallucination F1")
         best = [d for d in history["dev"] if d["epoch"] == history["best_epoch"]]
         if best:
             right.axvline(best[0]["step"], color="grey", linestyle=":", linewidth=1)
         right.set_ylim(0, 1)
-        right.set_ylabel("dev macro-F1 (AI labels)")
+        right.set_ylabel("dev F1 (AI labels)")
         stop = "early stop" if history["stopped_early"] else "all epochs"
         ax.set_title(f"{fact_type}: best epoch {history['best_epoch']} ({stop})", fontsize=9)
         lines = ax.get_legend_handles_labels()

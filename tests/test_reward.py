@@ -229,7 +229,7 @@ def test_cached_vision_features_give_the_logits_and_gradients_of_the_pixel_path(
         rm.logits("object", batch["input_ids"], cached[:5])
 
 
-def _train(processor, folder, checkpoints, stop_after=None, lr_schedule="constant"):
+def _train(processor, folder, checkpoints, stop_after=None, lr_schedule="constant", **train_kwargs):
     rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"])
     records = _records(processor, 8)
     train, dev = rm.examples(records[:6]), rm.examples(records[6:])
@@ -237,8 +237,30 @@ def _train(processor, folder, checkpoints, stop_after=None, lr_schedule="constan
     pixels = lambda ids: reward.pixel_values(processor, [images[i] for i in ids])
     history = reward.train_type(rm, "relation", train, dev, pixels, lr=1e-2, batch_size=2, epochs=3, patience=5,
                                 seed=0, checkpoint_dir=checkpoints, checkpoint_every=2, stop_after=stop_after,
-                                lr_schedule=lr_schedule)
+                                lr_schedule=lr_schedule, **train_kwargs)
     return rm, history
+
+
+def test_the_dev_history_holds_what_the_kept_weights_score_and_the_plot_draws_it(tiny, tmp_path):
+    processor, folder = tiny
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object"])
+    records = _records(processor, 8, seed=3)
+    records[6]["subsentences"][0]["labels"][0], records[7]["subsentences"][0]["labels"][0] = 1, 0   # a dev reference with both classes
+    train, dev = rm.examples(records[:6]), rm.examples(records[6:])
+    images = _images(4)
+    pixels = lambda ids: reward.pixel_values(processor, [images[i] for i in ids])
+    history = reward.train_type(rm, "object", train, dev, pixels, lr=3e-2, batch_size=2, epochs=1, patience=5,
+                                seed=0, checkpoint_dir=tmp_path / "ck")
+    predicted, _ = rm.predict(dev, pixels, types=["object"])   # one epoch: the kept weights are that epoch's
+    reference = np.array([c[0] for e in dev for c in e["classes"]]) - 1
+    expected = reward.label_metrics(predicted[:, 0], reference)
+    assert expected["f1"] is not None
+    (entry,) = history["dev"]
+    assert entry["halluc_f1"] == pytest.approx(expected["f1"]) and entry["macro_f1"] == pytest.approx(expected["macro_f1"])
+    right = reward_viz.learning_curves({"object": history}).axes[1]
+    curves = [line for line in right.get_lines() if not line.get_label().startswith("_")]   # not the best-epoch marker
+    assert [line.get_label() for line in curves] == ["dev macro-F1", "dev hallucination F1"]
+    assert list(curves[1].get_ydata()) == pytest.approx([expected["f1"]])
 
 
 def test_a_resumed_training_run_continues_the_same_trajectory(tiny, tmp_path):
@@ -278,6 +300,49 @@ def test_linear_learning_rate_by_hand_and_a_resumed_run_keeps_the_schedule(tiny,
     assert [x[1] for x in log_resumed["loss"]] == pytest.approx([x[1] for x in log_straight["loss"]], rel=1e-5)
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_weight_averaging_by_hand_and_the_kept_weights_are_the_average(tiny, tmp_path):
+    from safetensors.torch import load_file
+    processor, folder = tiny
+    decay = 0.3
+    fresh = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"])
+    initial = {n: p.detach().clone() for n, p in reward._adapter_params(fresh.model, "relation").items()}
+    # one step at a time (each call resumes the checkpoint and stops after one more step): the step's weights and average
+    weights, averages = [], []
+    for step in range(1, 10):
+        _, history = _train(processor, folder, tmp_path / "steps", stop_after=step, ema_decay=decay)
+        weights.append(load_file(tmp_path / "steps" / "adapter.safetensors"))
+        averages.append(load_file(tmp_path / "steps" / "average.safetensors"))
+    assert history["done"] and history["step"] == 9
+    expected = initial
+    for step, (w, a) in enumerate(zip(weights, averages), start=1):
+        rate = 1 - min(decay, step / (9 + step))            # 0.9, 0.82, 0.75, then 0.7 from step 4
+        expected = {n: expected[n] + rate * (w[n] - expected[n]) for n in expected}
+        for n in expected:
+            assert torch.allclose(a[n], expected[n], atol=1e-6), (step, n)
+    # a straight run scores and keeps the averages, goes on training from the raw weights, and matches the resumed run
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"])
+    params = reward._adapter_params(rm.model, "relation")
+    scored = []
+    records = _records(processor, 8)
+    images = _images(4)
+    pixels = lambda ids: reward.pixel_values(processor, [images[i] for i in ids])
+    straight = reward.train_type(rm, "relation", rm.examples(records[:6]), rm.examples(records[6:]), pixels, lr=1e-2,
+                                 batch_size=2, epochs=3, patience=5, seed=0, checkpoint_dir=tmp_path / "straight",
+                                 checkpoint_every=2, ema_decay=decay,
+                                 after_epoch=lambda entry: scored.append({n: p.detach().clone() for n, p in params.items()}))
+    assert [d["macro_f1"] for d in straight["dev"]] == pytest.approx([d["macro_f1"] for d in history["dev"]])
+    for epoch, seen in enumerate(scored, start=1):
+        for n in seen:
+            assert torch.allclose(seen[n], averages[3 * epoch - 1][n], atol=1e-6), (epoch, n)
+    assert any(not torch.allclose(averages[8][n], weights[8][n], atol=1e-4) for n in initial)   # averaging did something
+    kept = averages[3 * straight["best_epoch"] - 1]
+    for n, p in params.items():
+        assert torch.allclose(p, kept[n], atol=1e-6), n
+    with pytest.raises(ValueError, match="without weight averages"):
+        _train(processor, folder, tmp_path / "a-plain", stop_after=2)
+        _train(processor, folder, tmp_path / "a-plain", ema_decay=decay)
 
 
 def test_save_and_load_round_trip_after_training(tiny, tmp_path):
