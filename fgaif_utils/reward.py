@@ -601,15 +601,11 @@ def _load_state(folder, params, optimizer, average=None):
     state = json.loads((folder / "state.json").read_text())
     weights = load_file(folder / "adapter.safetensors")
     best = load_file(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n])
-        if average is not None:
-            if not (folder / "average.safetensors").is_file():
-                raise ValueError(f"{folder}: a checkpoint without weight averages, resumed with ema_decay > 0")
-            saved = load_file(folder / "average.safetensors")
-            for n, w in average.items():
-                w.copy_(saved[n])
+    _assign(params, weights)
+    if average is not None:
+        if not (folder / "average.safetensors").is_file():
+            raise ValueError(f"{folder}: a checkpoint without weight averages, resumed with ema_decay > 0")
+        _assign(average, load_file(folder / "average.safetensors"))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     return state, best
@@ -703,9 +699,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     bar.close()
     _save_state(checkpoint_dir, params, best, optimizer, state, average)
     if best is not None:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(best[n].to(p.device))
+        _assign(params, best)
     for p in params.values():
         p.requires_grad_(False)
     model.eval()
@@ -719,15 +713,18 @@ def _loaded(params, weights):
         yield
         return
     saved = {n: p.detach().clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n])
+    _assign(params, weights)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
+        _assign(params, saved)
+
+
+def _assign(tensors, values):
+    """Copy values[name] into each of `tensors` in place (to its device), outside autograd."""
+    with torch.no_grad():
+        for n, t in tensors.items():
+            t.copy_(values[n].to(t.device))
 
 
 def learning_rate(lr, schedule, step, total_steps):
