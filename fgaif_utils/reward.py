@@ -398,6 +398,7 @@ class RewardModels:
             else:
                 seq, pos = marked_sequence(self.prompt, list(ids), list(ends), self.eos, f"response {i}")
                 todo.append((i, {"ids": seq, "positions": pos}))
+        todo.sort(key=lambda item: len(item[1]["ids"]))   # similar lengths share a batch: less padding
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             batch = collate([e for _, e in chunk], self.pad)
@@ -410,12 +411,14 @@ class RewardModels:
     def predict(self, examples, pixels, batch_size=64, mixed=True, types=None):
         """(N, T) predicted labels in {-1, 0, 1} and (N, T, 3) probabilities over all sub-sentences of `examples`
         in order, for `types` (default all); pixels(image_ids) gives their pixel values or features (the caches)."""
-        probs = []
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+        by_length = sorted(range(len(examples)), key=lambda i: len(examples[i]["ids"]))   # less padding per batch
+        probs = [None] * len(examples)
+        for start in range(0, len(by_length), batch_size):
+            rows = by_length[start:start + batch_size]
+            chunk = [examples[i] for i in rows]
             p = self.class_probs(collate(chunk, self.pad), pixels([e["image_id"] for e in chunk]), mixed, types)
-            for row, e in enumerate(chunk):
-                probs.append(p[row, :len(e["positions"])])
+            for row, (i, e) in enumerate(zip(rows, chunk)):
+                probs[i] = p[row, :len(e["positions"])]
         probs = torch.cat(probs).numpy() if probs else np.zeros((0, len(types or self.types), 3), np.float32)
         return probs.argmax(-1) - 1, probs
 
@@ -530,13 +533,13 @@ def evaluate(predicted, examples, types=FACT_TYPES):
 
 # ---------------------------------------------------------------------------------------------- word-swap probe
 
-def word_swap_probe(rm, records, load_image, swaps, batch_size=64):
+def word_swap_probe(rm, records, pixels, swaps, batch_size=64):
     """Does a reward model read the image, or the words? Every sub-sentence of `records` that the ground truth
     calls correct for object and attribute and that holds exactly one word of `swaps` (feedback.word_swaps) is
     scored alone (a one-sub-sentence response) as written and with that word swapped, which makes its attribute
     wrong while the object stays there. A model that looks at the image raises P(hallucinated) of the attribute
     type for the swapped copy; where the object type rises too, it reads a wrong attribute as a sign of a made-up
-    object.
+    object. pixels(image_ids) gives the images as the caches do (FeatureCache: each image through the tower once).
     One row per written value: {"said", "n", type: {"p_written", "p_swapped", "rises"}} with the mean
     P(hallucinated) as written and swapped and the share of swaps that raised it."""
     cases = []   # (written value, image id, written token ids, swapped token ids)
@@ -552,10 +555,13 @@ def word_swap_probe(rm, records, load_image, swaps, batch_size=64):
             cases.append((value, record["image_id"], tokens, tokens[:hits[0]] + [other] + tokens[hits[0] + 1:]))
     if not cases:
         return []
-    images = [load_image(image_id) for _, image_id, _, _ in cases]
-    scores = rm.score(images + images, [c[2] for c in cases] + [c[3] for c in cases],
-                      [[len(c[2]) - 1] for c in cases] * 2, batch_size)
-    hallucinated = np.array([s["probs"][0, :, 2] for s in scores])     # (2N, T)
+    alone = []   # each case as written, then each as swapped: a one-sub-sentence response with its end marker
+    for tokens in [c[2] for c in cases] + [c[3] for c in cases]:
+        alone.append(dict(zip(("ids", "positions"), marked_sequence(rm.prompt, tokens, [len(tokens) - 1], rm.eos))))
+    for example, (_, image_id, _, _) in zip(alone, cases + cases):
+        example["image_id"] = image_id
+    _, probs = rm.predict(alone, pixels, batch_size)
+    hallucinated = probs[:, :, 2]                                       # (2N, T)
     written, swapped = hallucinated[:len(cases)], hallucinated[len(cases):]
     rows = []
     for value in dict.fromkeys(c[0] for c in cases):

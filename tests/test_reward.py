@@ -378,6 +378,11 @@ def test_scoring_api_is_batched_and_consistent(tiny, tmp_path):
         assert set(np.unique(a["labels"])) <= {-1, 0, 1}
     with pytest.raises(ValueError, match="as many"):
         rm.score(images[:2], ids, ends)
+    # predict (the dev and probe scoring) batches by length too: its rows come back in the examples' order
+    examples = [dict(e, image_id=k) for k, e in enumerate(rm.examples(records))]   # record k was scored on image k
+    assert len({len(e["ids"]) for e in examples}) > 2
+    _, probs = rm.predict(examples, reward.PixelCache(processor, lambda image_id: images[image_id]), batch_size=2)
+    assert np.allclose(probs, np.concatenate([s["probs"] for s in one_by_one[:5]]), atol=1e-5)
 
 
 def test_word_swaps_pair_each_form_with_the_next_value(tiny):
@@ -413,7 +418,8 @@ def test_word_swap_probe_picks_truth_correct_sub_sentences_and_scores_them_alone
                record(4, ["there is a little red heart ."], [[0, 1, -1]])]                # attribute wrong: out
     images = _images(5, seed=3)
     swaps = feedback.word_swaps(tok, {"small": ["small", "little"], "large": ["large", "big"]})
-    rows = reward.word_swap_probe(rm, records, lambda image_id: images[image_id], swaps, batch_size=2)
+    features = reward.FeatureCache(rm, processor, lambda image_id: images[image_id])
+    rows = reward.word_swap_probe(rm, records, features, swaps, batch_size=2)
     assert [(row["said"], row["n"]) for row in rows] == [("small", 1), ("large", 1)]
     # by hand: each kept sub-sentence alone, as written and with its size word swapped
     written = [ids("there is a small red heart ."), ids("i can see a large yellow circle .")]
@@ -425,7 +431,7 @@ def test_word_swap_probe_picks_truth_correct_sub_sentences_and_scores_them_alone
             assert row[name]["p_written"] == pytest.approx(p_written, abs=1e-6)
             assert row[name]["p_swapped"] == pytest.approx(p_swapped, abs=1e-6)
             assert row[name]["rises"] == float(p_swapped > p_written)
-    assert reward.word_swap_probe(rm, records[1:3], lambda image_id: images[image_id], swaps) == []
+    assert reward.word_swap_probe(rm, records[1:3], features, swaps) == []
     table = reward_viz.word_swap_markdown({"size": rows}).splitlines()
     assert len(table) == 4 and table[2].startswith("| size | small | 1 | ")
     assert table[2].endswith(f"{rows[0]['attribute']['p_swapped']:.3f} | {rows[0]['attribute']['rises']:.2f} |")
