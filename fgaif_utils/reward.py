@@ -556,10 +556,9 @@ def word_swap_probe(rm, records, pixels, swaps, batch_size=64):
     if not cases:
         return []
     alone = []   # each case as written, then each as swapped: a one-sub-sentence response with its end marker
-    for tokens in [c[2] for c in cases] + [c[3] for c in cases]:
-        alone.append(dict(zip(("ids", "positions"), marked_sequence(rm.prompt, tokens, [len(tokens) - 1], rm.eos))))
-    for example, (_, image_id, _, _) in zip(alone, cases + cases):
-        example["image_id"] = image_id
+    for (_, image_id, _, _), tokens in zip(cases + cases, [c[2] for c in cases] + [c[3] for c in cases]):
+        ids, positions = marked_sequence(rm.prompt, tokens, [len(tokens) - 1], rm.eos)
+        alone.append({"image_id": image_id, "ids": ids, "positions": positions})
     _, probs = rm.predict(alone, pixels, batch_size)
     hallucinated = probs[:, :, 2]                                       # (2N, T)
     written, swapped = hallucinated[:len(cases)], hallucinated[len(cases):]
