@@ -62,8 +62,9 @@ def build_trainer(args, device):
     rm_lvlm, rm_processor, _, _ = build(device)
     torch.manual_seed(args.seed)
     policy = models.add_lora(policy_lvlm, r=args.lora_r, alpha=args.lora_alpha, adapter_name=ppo.POLICY_ADAPTER)
-    if args.gradient_checkpointing:
-        reward.enable_gradient_checkpointing(policy_lvlm)   # what ppo.policy_model does for the stage
+    if args.gradient_checkpointing:   # on both backbones, as ppo.run_job does: the value adapter trains through rm's
+        reward.enable_gradient_checkpointing(policy_lvlm)
+        reward.enable_gradient_checkpointing(rm_lvlm)
     rm = reward.RewardModels.create(rm_lvlm, rm_processor, prompt_text, r=args.reward_lora_r,
                                     alpha=args.reward_lora_alpha, seed=args.seed)
     head = ppo.add_value_adapter(rm, "object_reward", seed=args.seed)
@@ -140,7 +141,8 @@ def parse_args(argv=None):
     parser.add_argument("--reward-lora-alpha", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1, help="untimed PPO steps before each engine's timed step")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="on the policy backbone (default: on for 7B, where minibatch 16 needs it; off for tiny)")
+                        help="on the policy and reward/value backbones, as stage 05 with ppo.gradient_checkpointing "
+                             "(default: on for 7B, where minibatch 16 needs it; off for tiny)")
     parser.add_argument("--suppress-eos", action="store_true",
                         help="every response exactly --max-new-tokens long (rollout stop_at_eos=False)")
     parser.add_argument("--seed", type=int, default=0)

@@ -194,6 +194,12 @@ def test_the_benchmark_runs_tiny_on_the_cpu(monkeypatch, capsys, tmp_path):
     results = json.loads((tmp_path / "rollout_bench.json").read_text())
     assert all(r["identical_rows"] == r["rows"] and r["max_logprob_error"] < 1e-4
                for r in results["check"].values())
+    assert {(r["batch"], r["engine"]) for r in results["rows"]} == {(2, "generate"), (2, "static")}
+
+    monkeypatch.setattr("sys.argv", ["rollout.py", "--tiny", "--device", "cpu", "--batches", "2", "--check-only"])
+    benchmark.main()   # the exact-agreement check alone (device_check.sh runs it at the 7B shape in float32)
+    results = json.loads((tmp_path / "rollout_bench.json").read_text())
+    assert results["rows"] == [] and set(results["check"]) == {"generate", "static"}
 
 
 def test_graph_bookkeeping_with_a_simulated_cuda_graph(tiny, monkeypatch):
