@@ -4,6 +4,7 @@ Every role (policy, reference, verifier, reward and value backbones) is a llava-
 `load_lvlm`: LLaVA-1.5 from the hub or a local folder in the real profile, the tiny models that stage 01
 trains and saves in the same format in the embedded default.
 """
+import math
 import os
 from pathlib import Path
 
@@ -89,10 +90,41 @@ def build_tiny_llava(arch, image_size, tokenizer, seed=0):
                          vision_feature_select_strategy="default")
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if arch.vision_position_init == "sincos":
+        side = image_size // arch.patch_size
+        code = sincos_position_code(side, arch.vision_hidden) * arch.vision_position_scale
+        table = vision_position_table(model)
+        with torch.no_grad():   # row 0 of the table is CLIP's class token, which has no patch position
+            table[1:] = code
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def vision_position_table(model):
+    """The CLIP tower's position-embedding weight (class token first), wherever this transformers version nests it."""
+    tower = model.model.vision_tower
+    return dict(tower.named_parameters())[
+        next(name for name, _ in tower.named_parameters() if name.endswith("embeddings.position_embedding.weight"))]
+
+
+def sincos_position_code(side, dim):
+    """(side * side, dim) code of patch (row, column), row-major: the first half of the dimensions are sines and
+    cosines of the row at dim / 4 frequencies from one cycle per grid to one per patch pair, the second half the same of
+    the column; scaled to standard deviation 1."""
+    if dim % 4:
+        raise ValueError(f"the sincos position code needs a hidden size divisible by 4, got {dim}")
+    frequencies = torch.logspace(0, 1, dim // 4, base=side / 2) * (2 * math.pi / side)   # radians per patch
+    grid = torch.arange(side, dtype=torch.float32)
+    rows, cols = grid.repeat_interleave(side), grid.repeat(side)
+
+    def waves(x):
+        angles = x[:, None] * frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    code = torch.cat([waves(rows), waves(cols)], 1)
+    return code / code.std()
 
 
 def save_lvlm(model, processor, folder):

@@ -135,6 +135,13 @@ class TinyArchParams:
     """Llama-style language model layers."""
     heads: PositiveInt = 4
     """Attention heads in both towers."""
+    vision_position_init: Literal["default", "sincos"] = "default"
+    """Start of the vision tower's patch position embeddings: "default" (CLIP's, std 0.02: training never grows them, so
+    the image tokens carry no patch position and relations cannot be learned) or "sincos" (a fixed-frequency 2D sine /
+    cosine code of row and column, still trained, scaled to `vision_position_scale`). Same llava-hf format either way."""
+    vision_position_scale: PositiveFloat = 0.3
+    """Standard deviation of the "sincos" position code (the patch embeddings start near 0.23, so 0.3 leaves both
+    visible after the tower's first layer norm)."""
 
 
 @dataclass

@@ -26,6 +26,58 @@ def _images(n, size=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+def test_sincos_position_code_by_hand():
+    code = models.sincos_position_code(4, 8)   # 4 x 4 patches, 8 dims: 2 frequencies, sin + cos, row then column
+    assert code.shape == (16, 8) and abs(float(code.std()) - 1) < 1e-5
+    raw = code * 0   # rebuild by hand: frequencies 2*pi/4 * (4/2)**(0, 1) = pi/2 and pi radians per patch
+    for patch in range(16):
+        row, col = divmod(patch, 4)
+        raw[patch] = torch.tensor([np.sin(np.pi / 2 * row), np.sin(np.pi * row), np.cos(np.pi / 2 * row), np.cos(np.pi * row),
+                                   np.sin(np.pi / 2 * col), np.sin(np.pi * col), np.cos(np.pi / 2 * col), np.cos(np.pi * col)])
+    torch.testing.assert_close(code, raw / raw.std(), atol=1e-5, rtol=0)
+    assert len({tuple(np.round(c, 4)) for c in code.tolist()}) == 16   # every patch has its own code
+    with pytest.raises(ValueError, match="divisible by 4"):
+        models.sincos_position_code(4, 6)
+
+
+def _position_probe():
+    """benchmarks/position_probe.py as a module (its ridge probe is what the README's R^2 figures come from)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "position_probe.py"
+    spec = importlib.util.spec_from_file_location("position_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ridge_probe_by_hand():
+    probe = _position_probe()
+    features = np.array([[0.0], [1.0], [2.0], [3.0]])
+    train = np.array([True, True, False, False])
+    # fit on x = 0, 1 with y = 2x and lambda 1: slope 0.5 * 2 / (0.5 + 1) = 2/3 about the means (0.5, 1);
+    # predictions at x = 2, 3 are 2 and 2.667 against 4 and 6, whose mean is 5: R^2 = 1 - (4 + 11.11) / 2
+    assert probe.ridge_r2(features, 2 * features[:, 0], train) == pytest.approx(1 - (4 + (6 - 8 / 3) ** 2) / 2)
+
+
+def test_sincos_start_puts_patch_positions_into_the_image_tokens(tmp_path):
+    arch = params.TinyArchParams(vision_position_init="sincos", vision_position_scale=0.3)
+    tokenizer = models.build_tiny_tokenizer()
+    default = models.build_tiny_llava(params.TinyArchParams(), 64, tokenizer, seed=0).eval()
+    coded = models.build_tiny_llava(arch, 64, tokenizer, seed=0).eval()
+    table, default_table = models.vision_position_table(coded), models.vision_position_table(default)
+    torch.testing.assert_close(table[1:], models.sincos_position_code(8, 64) * 0.3)
+    torch.testing.assert_close(table[0], default_table[0])   # the class token keeps CLIP's start
+    images = _images(100, size=64, seed=3)   # noise: high-contrast content in every patch (measured 0.69 / 0.01)
+    probe = _position_probe()
+    coded_r2, default_r2 = probe.patch_position_r2(coded, images)["all"], probe.patch_position_r2(default, images)["all"]
+    assert min(coded_r2) > 0.5 and max(default_r2) < 0.1
+    processor = models.build_tiny_processor(tokenizer, 64, 8)
+    models.save_lvlm(coded, processor, tmp_path / "coded")   # plain llava-hf format: the one loader reads it back
+    loaded, _ = models.load_lvlm(str(tmp_path / "coded"), device="cpu")
+    torch.testing.assert_close(models.vision_position_table(loaded), table)
+
+
 def test_chat_prompt_is_llava15_format(tiny):
     _, processor, _ = tiny
     assert models.chat_prompt(processor, "Describe this image in detail.") == \
