@@ -104,9 +104,8 @@ def build_tiny_llava(arch, image_size, tokenizer, seed=0):
 
 def vision_position_table(model):
     """The CLIP tower's position-embedding weight (class token first), wherever this transformers version nests it."""
-    tower = model.model.vision_tower
-    return dict(tower.named_parameters())[
-        next(name for name, _ in tower.named_parameters() if name.endswith("embeddings.position_embedding.weight"))]
+    return next(weight for name, weight in model.model.vision_tower.named_parameters()
+                if name.endswith("embeddings.position_embedding.weight"))
 
 
 def sincos_position_code(side, dim):

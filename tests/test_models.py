@@ -32,8 +32,7 @@ def test_sincos_position_code_by_hand():
     raw = code * 0   # rebuild by hand: frequencies 2*pi/4 * (4/2)**(0, 1) = pi/2 and pi radians per patch
     for patch in range(16):
         row, col = divmod(patch, 4)
-        raw[patch] = torch.tensor([np.sin(np.pi / 2 * row), np.sin(np.pi * row), np.cos(np.pi / 2 * row), np.cos(np.pi * row),
-                                   np.sin(np.pi / 2 * col), np.sin(np.pi * col), np.cos(np.pi / 2 * col), np.cos(np.pi * col)])
+        raw[patch] = torch.tensor([f(np.pi * k * x) for x in (row, col) for f in (np.sin, np.cos) for k in (0.5, 1)])
     torch.testing.assert_close(code, raw / raw.std(), atol=1e-5, rtol=0)
     assert len({tuple(np.round(c, 4)) for c in code.tolist()}) == 16   # every patch has its own code
     with pytest.raises(ValueError, match="divisible by 4"):
