@@ -28,12 +28,8 @@ MODEL_FOLDERS = ("policy", "pretrained", "verifier_lvlm")
 @torch.no_grad()
 def image_tokens(model, images):
     """(images, patches, hidden): the projector's output for uint8 images (N, H, W, 3)."""
-    pixel_values = models.pixel_values_from_uint8(np.stack(images)).float()
-    tokens = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-1,
-                                            vision_feature_select_strategy="default")
-    tokens = getattr(tokens, "pooler_output", tokens)   # transformers versions differ in what they return
-    tokens = torch.stack(list(tokens)) if isinstance(tokens, (list, tuple)) else tokens
-    return tokens.reshape(len(images), -1, tokens.shape[-1]).double().numpy()
+    tokens = models.image_features(model, models.pixel_values_from_uint8(np.stack(images)))
+    return tokens.double().numpy()
 
 
 def ridge_r2(features, targets, train_rows, ridge=1.0):

@@ -102,6 +102,17 @@ def build_tiny_llava(arch, image_size, tokenizer, seed=0):
     return model
 
 
+def image_features(lvlm, pixel_values):
+    """(B, N, D): the vision tower + projector output a LlavaForConditionalGeneration splices in at the N image
+    tokens of each image, as its config selects them."""
+    config = lvlm.config
+    out = lvlm.model.get_image_features(pixel_values=pixel_values.to(lvlm.device, lvlm.dtype),
+                                        vision_feature_layer=config.vision_feature_layer,
+                                        vision_feature_select_strategy=config.vision_feature_select_strategy)
+    features = getattr(out, "pooler_output", out)   # transformers 5.2x: an output object with a per-image list
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+
 def vision_position_table(model):
     """The CLIP tower's position-embedding weight (class token first), wherever this transformers version nests it."""
     return next(weight for name, weight in model.model.vision_tower.named_parameters()

@@ -273,13 +273,7 @@ class TokenRewardModel(torch.nn.Module):
     @torch.no_grad()
     def image_features(self, pixel_values):
         """(B, N, D): the frozen vision tower + projector output for the N image tokens of each image."""
-        config = self.lvlm.config
-        out = self.lvlm.model.get_image_features(
-            pixel_values=pixel_values.to(self.lvlm.device, self.lvlm.dtype),
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy)
-        features = getattr(out, "pooler_output", out)   # transformers 5.2x: an output object with a per-image list
-        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        return models.image_features(self.lvlm, pixel_values)
 
 
 def lora_config(r, alpha, dropout=0.0):
