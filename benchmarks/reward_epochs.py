@@ -81,7 +81,9 @@ def main():
             def score_test(entry):
                 predicted, _ = rm.predict(examples["test"], cache, R.eval_batch_size, types=[fact_type])
                 metrics = reward.evaluate(predicted, examples["test"], [fact_type])[fact_type]
-                entry.update(test_f1_gt=metrics["gt"]["f1"], test_f1_ai=metrics["ai"]["f1"], wall=time.monotonic())
+                entry.update(test_f1_gt=metrics["gt"]["f1"], test_f1_ai=metrics["ai"]["f1"],
+                             test_accuracy_gt=metrics["gt"]["applicable_accuracy"],
+                             majority_gt=metrics["baseline_gt"]["majority_accuracy"], wall=time.monotonic())
 
             t0 = time.monotonic()
             with tempfile.TemporaryDirectory() as checkpoints:
@@ -100,12 +102,13 @@ def main():
 
     print(f"\nreward models per epoch, run {run} ({args.params}), {R.epochs} epochs by the profile; "
           "test = held-out images, F1 of the hallucination class\n")
-    print("| ema decay | type | epoch | dev macro-F1 (AI) | dev halluc. F1 (AI) | test F1 vs truth | test F1 vs AI | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| ema decay | type | epoch | dev macro-F1 (AI) | dev halluc. F1 (AI) | test F1 vs truth | test F1 vs AI | test accuracy vs truth (majority) | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         mark = " (kept)" if row["kept"] else ""
         print(f"| {row['ema_decay']:g} | {row['type']} | {row['epoch']}{mark} | {row['macro_f1']:.3f} | "
-              f"{row['halluc_f1']:.3f} | **{row['test_f1_gt']:.3f}** | {row['test_f1_ai']:.3f} | {row['seconds']} |")
+              f"{row['halluc_f1']:.3f} | **{row['test_f1_gt']:.3f}** | {row['test_f1_ai']:.3f} | "
+              f"{row['test_accuracy_gt']:.3f} ({row['majority_gt']:.3f}) | {row['seconds']} |")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "reward_epochs.json").write_text(json.dumps(rows, indent=1))
 

@@ -39,15 +39,19 @@ def test_sincos_position_code_by_hand():
         models.sincos_position_code(4, 6)
 
 
-def _position_probe():
-    """benchmarks/position_probe.py as a module (its ridge probe is what the README's R^2 figures come from)."""
+def _benchmark(name):
+    """benchmarks/<name>.py as a module (the README's probe and curriculum figures come from these scripts)."""
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "position_probe.py"
-    spec = importlib.util.spec_from_file_location("position_probe", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _position_probe():
+    return _benchmark("position_probe")
 
 
 def test_ridge_probe_by_hand():
@@ -57,6 +61,16 @@ def test_ridge_probe_by_hand():
     # fit on x = 0, 1 with y = 2x and lambda 1: slope 0.5 * 2 / (0.5 + 1) = 2/3 about the means (0.5, 1);
     # predictions at x = 2, 3 are 2 and 2.667 against 4 and 6, whose mean is 5: R^2 = 1 - (4 + 11.11) / 2
     assert probe.ridge_r2(features, 2 * features[:, 0], train) == pytest.approx(1 - (4 + (6 - 8 / 3) ** 2) / 2)
+
+
+def test_ridge_classifier_by_hand():
+    probe = _position_probe()
+    features = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0], [0.9, 0.0], [0.0, 0.8]])
+    classes = np.array([0, 1, 0, 1, 0, 1])
+    train = np.array([True, True, True, True, False, False])
+    assert probe.ridge_class_accuracy(features, classes, train) == 1.0            # separable: both held out right
+    assert probe.ridge_class_accuracy(features, 1 - classes, train) == 1.0        # labels swapped: still right
+    assert probe.ridge_class_accuracy(features, np.array([0, 1, 0, 1, 1, 0]), train) == 0.0   # held-out labels flipped
 
 
 def test_sincos_start_puts_patch_positions_into_the_image_tokens(tmp_path):
@@ -75,6 +89,33 @@ def test_sincos_start_puts_patch_positions_into_the_image_tokens(tmp_path):
     models.save_lvlm(coded, processor, tmp_path / "coded")   # plain llava-hf format: the one loader reads it back
     loaded, _ = models.load_lvlm(str(tmp_path / "coded"), device="cpu")
     torch.testing.assert_close(models.vision_position_table(loaded), table)
+
+
+def _scene(*objects):
+    from fgaif_utils import world
+    objects = [{"shape": shape, "colour": "red", "size": "large", "cx": cx, "cy": cy} for shape, cx, cy in objects]
+    return {"objects": objects, "relations": world.scene_relations(objects)}
+
+
+def test_curriculum_questions_answer_from_the_scene_geometry():
+    curriculum = _benchmark("question_curriculum")
+    rng = np.random.default_rng(0)
+    two = _scene(("circle", 10.0, 30.0), ("square", 50.0, 34.0))   # circle left of square (40 px), y differs by 4
+    where = {q: a for q, a, _ in curriculum.questions_of("where", two, rng, n=40)}
+    assert where == {"what is the circle on ?": "left", "what is the square on ?": "right"}
+    half = set((q, a) for q, a, _ in curriculum.questions_of("half", two, rng, n=60))
+    assert half == {("is the circle on the left ?", "yes"), ("is the circle on the right ?", "no"),
+                    ("is the square on the right ?", "yes"), ("is the square on the left ?", "no")}
+    rel = set((q, a) for q, a, _ in curriculum.questions_of("rel", two, rng, n=20))
+    assert rel == {("what is the circle to the square ?", "left"), ("what is the square to the circle ?", "right")}
+    # the single-object kinds skip scenes with more objects; objects near the midline get no side question
+    assert curriculum.questions_of("where1", two, rng) == [] and curriculum.questions_of("half1", two, rng) == []
+    near_midline = _scene(("star", 30.0, 10.0))
+    assert curriculum.questions_of("where1", near_midline, rng, n=10) == []
+    assert curriculum.questions_of("rel", near_midline, rng) == []   # one object: no relation stated
+    assert [a for _, a, _ in curriculum.questions_of("where1", _scene(("star", 50.0, 10.0)), rng, n=3)] == ["right"] * 3
+    with pytest.raises(ValueError, match="unknown question kind"):
+        curriculum.questions_of("size1", two, rng)
 
 
 def test_chat_prompt_is_llava15_format(tiny):
