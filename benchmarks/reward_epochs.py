@@ -72,7 +72,8 @@ def main():
             lvlm, processor = models.load_lvlm(reward.backbone_path(R.backbone, models_dir, True), dtype=P.models.dtype,
                                                device=P.models.device, local_files_only=True)
             rm = reward.RewardModels.create(lvlm, processor, P.sampling.prompt, R.lora_r, R.lora_alpha, R.lora_dropout,
-                                            types=reward.FACT_TYPES, seed=P.seed)   # stage 04's initialisation
+                                            types=reward.FACT_TYPES, seed=P.seed,   # stage 04's initialisation
+                                            claim_words=vars(R.claim_words))
             cache = reward.FeatureCache(rm, processor, load_image, R.eval_batch_size)
             examples = {name: rm.examples(rs) for name, rs in splits.items()}
             weights = (reward.balanced_class_weights(examples["train"], fact_type)

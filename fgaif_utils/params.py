@@ -251,6 +251,16 @@ class TypeEpochs:
 
 
 @dataclass
+class ClaimWords:
+    object: list[list[str]] = field(default_factory=list)
+    """Claim words of the object reward model's head ([] = the plain 3-way head); see `relation`."""
+    attribute: list[list[str]] = field(default_factory=list)
+    """Claim words of the attribute reward model's head ([] = the plain 3-way head); see `relation`."""
+    relation: list[list[str]] = field(default_factory=list)
+    """Claim words of the relation reward model's head, one list of surface forms per value (tiny: [[left], [right], [above], [below, under]]), each form one token of the tokenizer; [] = the plain 3-way head (paper). The head then names the value at each end marker and p(correct) is the stated word's probability (reward.three_class_logits)."""
+
+
+@dataclass
 class RewardParams:
     backbone: str = "pretrained"
     """Reward-model backbone: "pretrained", "policy" or "verifier_lvlm" (a stage-01 model of the tiny world), a hub id (paper: llava-hf/llava-1.5-13b-hf, larger than the policy) or a local llava-hf folder. It must share the policy's tokenizer."""
@@ -290,6 +300,8 @@ class RewardParams:
     """Scored held-out responses shown in scored_examples.html."""
     twin_share: Annotated[float, Bounds(ge=0, lt=1)] = 0.0
     """Chance that a training response with a size-flipped twin (feedback.size_twins) is replaced by the twin in a batch; dev and test stay as sampled. 0 = off (paper). Breaks the correlation between the word "small" and the errors it co-occurs with in the policy's samples (README)."""
+    claim_words: ClaimWords = field(default_factory=ClaimWords)
+    """Per type, the words whose value its head names instead of judging the sub-sentence directly (off in the paper profile; README "Relations: naming instead of judging")."""
     holistic: bool = False
     """Ablation: train ONE reward model on "any hallucination" labels (1 if any type is hallucinated) instead of the three; PPO then uses it alone."""
 

@@ -11,6 +11,13 @@ Sequences are built from the sampled token ids, never by re-tokenising text: the
 tokens expanded as the processor expands them, then the response with an EOS after each sub-sentence's last
 token. Batches are right-padded and get no attention mask: under causal attention no real token can see a pad
 to its right, so the mask changes nothing that is read, and on CPU the masked SDPA backward is ~8x slower.
+
+Claim words (`reward.claim_words`, optional per type): a head can instead name the value of its type's claim, one
+logit per claim word ("left", "right", "above", "below" for relation), beside the n/a logit; where a sub-sentence
+states one of those words, p(correct) is the probability of the stated word and p(hallucinated) that of the others
+(`three_class_logits`). The comparison with the stated word is then built in and the model learns to name the
+relation, which has a gradient from the start; the plain head must learn the XOR of stated word and image, which has
+none (README "Relations: an XOR the gradient does not see").
 """
 import contextlib
 import json
@@ -81,9 +88,44 @@ def label_index(fact_type):
     return FACT_TYPES.index(fact_type) if fact_type in FACT_TYPES else 0
 
 
-def examples_from_records(records, prompt, eos_id, vocab_size=None, n_types=3):
+def claim_indices(token_ids, last_tokens, claim_ids):
+    """(K, T) per sub-sentence and type: the index of the claim word of that type the sub-sentence states (its last
+    one), or -1. claim_ids: one {token id: word index} per type (empty: the type has no claim words)."""
+    claims, start = [], 0
+    for last in last_tokens:
+        tokens = token_ids[start:last + 1]
+        row = []
+        for ids in claim_ids:
+            found = [ids[t] for t in tokens if t in ids]
+            row.append(found[-1] if found else -1)
+        claims.append(row)
+        start = last + 1
+    return claims
+
+
+def claim_token_ids(tokenizer, claim_words, types):
+    """One {token id: word index} per type from `claim_words` ({type: [[surface forms of word 0], ...]}): every
+    form must be a single token (with or without a leading space) of the tokenizer, or it is an error."""
+    tables = []
+    for fact_type in types:
+        table = {}
+        for index, forms in enumerate((claim_words or {}).get(fact_type) or []):
+            for form in forms:
+                ids = {tuple(tokenizer.encode(text, add_special_tokens=False)) for text in (form, " " + form)}
+                single = [i[0] for i in ids if len(i) == 1 and i[0] != tokenizer.unk_token_id]
+                if not single:
+                    raise ValueError(f"reward.claim_words.{fact_type}: {form!r} is not one token of the tokenizer "
+                                     f"({sorted(ids)})")
+                for token in single:
+                    table[token] = index
+        tables.append(table)
+    return tables
+
+
+def examples_from_records(records, prompt, eos_id, vocab_size=None, n_types=3, claim_ids=None):
     """One training/eval example per fg_labels record that has sub-sentences: ids, marker positions, AI labels
-    shifted to classes (K, 3) and ground-truth labels (K, 3) in {-1, 0, 1} or None."""
+    shifted to classes (K, 3), ground-truth labels (K, 3) in {-1, 0, 1} or None, and with `claim_ids`
+    (claim_token_ids) the stated claim word per sub-sentence and type (K, T), -1 where none."""
     examples = []
     for record in records:
         where = f"fg_labels record {record.get('response_id')!r}"
@@ -106,12 +148,15 @@ def examples_from_records(records, prompt, eos_id, vocab_size=None, n_types=3):
                          "image_id": record["image_id"], "ids": ids,
                          "positions": positions, "classes": [[v + 1 for v in sub["labels"]] for sub in subs],
                          "gt": [list(sub["gt_labels"]) for sub in subs] if has_truth else None})
+        if claim_ids is not None:
+            examples[-1]["claims"] = claim_indices(record["token_ids"], [s["last_token"] for s in subs], claim_ids)
     return examples
 
 
 def collate(examples, pad_id, type_index=None):
     """Right-padded input_ids (B, L); marker positions (B, K) with -1 in empty slots; with `type_index`, token
-    labels (B, L): the class of that type at each marker, IGNORE everywhere else."""
+    labels (B, L): the class of that type at each marker, IGNORE everywhere else; where the examples carry claims,
+    token claims (B, L, T): the stated claim word of each type at each marker, -1 everywhere else."""
     width = max(len(e["ids"]) for e in examples)
     slots = max(len(e["positions"]) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -123,6 +168,11 @@ def collate(examples, pad_id, type_index=None):
         if type_index is not None:
             labels[row, e["positions"]] = torch.tensor([c[type_index] for c in e["classes"]])
     batch = {"input_ids": input_ids, "positions": positions}
+    if examples and "claims" in examples[0]:
+        claims = torch.full((len(examples), width, len(examples[0]["claims"][0])), -1, dtype=torch.long)
+        for row, e in enumerate(examples):
+            claims[row, e["positions"]] = torch.tensor(e["claims"])
+        batch["claims"] = claims
     if type_index is not None:
         batch["labels"] = labels
     return batch
@@ -182,6 +232,20 @@ def token_loss(logits, labels, class_weights=None):
     Without class weights the mean; with them sum_i w[y_i] * nll_i / sum_i w[y_i]."""
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=class_weights,
                                              ignore_index=IGNORE)
+
+
+def three_class_logits(logits, claims=None):
+    """(..., 3) logits of n/a / correct / hallucinated from a head's outputs (..., C). C = 3: the outputs. C > 3
+    (claim words): outputs [n/a, correct, hallucinated, word_0 .. word_{C-4}]; where `claims` (...) names a stated
+    word c >= 0, [n/a, word_c, logsumexp of the other words] (softmax: p(correct) is the stated word's share of the
+    softmax over n/a and the words), elsewhere the first three outputs."""
+    if logits.shape[-1] == 3 or claims is None:
+        return logits[..., :3]
+    words = logits[..., 3:]
+    stated = claims.clamp(min=0).to(logits.device)[..., None]
+    others = words.scatter(-1, stated, float("-inf")).logsumexp(-1, keepdim=True)
+    compare = torch.cat([logits[..., :1], words.gather(-1, stated), others], -1)
+    return torch.where((claims >= 0).to(logits.device)[..., None], compare, logits[..., :3])
 
 
 def balanced_class_weights(examples, fact_type, n_classes=3, cap=10.0, twin_share=0.0):
@@ -294,51 +358,75 @@ def param_bytes(module):
 class RewardModels:
     """One frozen backbone, one peft adapter + head per fact type, and the sequence layout they all read."""
 
-    def __init__(self, peft_model, processor, prompt_text, types=FACT_TYPES):
+    def __init__(self, peft_model, processor, prompt_text, types=FACT_TYPES, claim_words=None):
         self.model, self.processor, self.types = peft_model, processor, list(types)
+        self.claim_words = {t: [list(forms) for forms in words] for t, words in (claim_words or {}).items()
+                            if t in self.types and words}
+        self.claim_ids = claim_token_ids(processor.tokenizer, self.claim_words, self.types) if self.claim_words else None
         self.prompt = prompt_ids(processor, prompt_text)
         self.eos = processor.tokenizer.eos_token_id
         pad = processor.tokenizer.pad_token_id
         self.pad = self.eos if pad is None else pad
         self.model.eval()
 
+    @staticmethod
+    def head_width(claim_words, types):
+        """Outputs of every type's head: 3, or 3 + the most claim words of a type (the heads share one shape)."""
+        return 3 + max([len((claim_words or {}).get(t) or []) for t in types] + [0])
+
     @classmethod
-    def create(cls, lvlm, processor, prompt_text, r, alpha, dropout=0.0, types=FACT_TYPES, seed=0):
-        """Fresh adapters and heads (seeded) on a backbone loaded with models.load_lvlm."""
+    def create(cls, lvlm, processor, prompt_text, r, alpha, dropout=0.0, types=FACT_TYPES, seed=0, claim_words=None):
+        """Fresh adapters and heads (seeded) on a backbone loaded with models.load_lvlm; `claim_words` as
+        `reward.claim_words` ({type: [[forms of word 0], ...]}, see three_class_logits)."""
         from peft import get_peft_model
         torch.manual_seed(seed)
-        model = get_peft_model(TokenRewardModel(lvlm), lora_config(r, alpha, dropout), adapter_name=types[0])
+        model = get_peft_model(TokenRewardModel(lvlm, cls.head_width(claim_words, types)),
+                               lora_config(r, alpha, dropout), adapter_name=types[0])
         for name in types[1:]:
             model.add_adapter(name, lora_config(r, alpha, dropout))
         for name in types:   # a different head per type, from a seed of its own
             torch.manual_seed(seed * 1000 + types.index(name))
             head = model.base_model.model.score.modules_to_save[name]
             head.reset_parameters()
-        return cls(model, processor, prompt_text, types)
+        return cls(model, processor, prompt_text, types, claim_words)
 
     @classmethod
     def load(cls, lvlm, processor, prompt_text, folder, types=FACT_TYPES):
-        """The adapters that `save` wrote into folder/<type>/, on one backbone."""
+        """The adapters that `save` wrote into folder/<type>/ (and its claim words, folder/claim_words.json), on one
+        backbone."""
         from peft import PeftModel
         folder = Path(folder)
         for name in types:
             if not (folder / name / "adapter_config.json").is_file():
                 raise FileNotFoundError(f"no reward-model adapter {name!r} in {folder} (expected {folder / name})")
-        model = PeftModel.from_pretrained(TokenRewardModel(lvlm), folder / types[0], adapter_name=types[0])
+        claims_file = folder / "claim_words.json"
+        saved = json.loads(claims_file.read_text()) if claims_file.is_file() else {}
+        claim_words, width = saved.get("claim_words", {}), saved.get("head_width", 3)
+        model = PeftModel.from_pretrained(TokenRewardModel(lvlm, width), folder / types[0], adapter_name=types[0])
         for name in types[1:]:
             model.load_adapter(folder / name, adapter_name=name)
-        return cls(model, processor, prompt_text, types)
+        return cls(model, processor, prompt_text, types, claim_words)
 
     def save(self, folder):
-        """Each adapter (LoRA weights + head) as a peft folder folder/<type>/."""
+        """Each adapter (LoRA weights + head) as a peft folder folder/<type>/; with claim words, claim_words.json."""
         self.model.save_pretrained(str(folder), selected_adapters=self.types)
+        width = self.model.base_model.model.score.original_module.out_features
+        if width != 3:
+            Path(folder, "claim_words.json").write_text(json.dumps({"claim_words": self.claim_words,
+                                                                    "head_width": width}, indent=1))
 
     def examples(self, records):
         n_labels = 1 if self.types == ["holistic"] else len(FACT_TYPES)
-        return examples_from_records(records, self.prompt, self.eos, len(self.processor.tokenizer), n_labels)
+        return examples_from_records(records, self.prompt, self.eos, len(self.processor.tokenizer), n_labels,
+                                     self.claim_ids)
+
+    def type_logits(self, head_logits, fact_type, batch):
+        """(..., 3) class logits of `fact_type` from its head's outputs over a collated batch (three_class_logits)."""
+        claims = batch.get("claims")
+        return three_class_logits(head_logits, None if claims is None else claims[..., self.types.index(fact_type)])
 
     def logits(self, fact_type, input_ids, images):
-        """(B, L, 3) logits of one type's reward model; images as `image_inputs` takes them."""
+        """(B, L, C) head outputs of one type's reward model (C = head_width); images as `image_inputs` takes them."""
         self.model.set_adapter(fact_type)
         return self.model(input_ids=input_ids.to(self.device), **image_inputs(images.to(self.device)))
 
@@ -372,7 +460,8 @@ class RewardModels:
             per_type = logits.view(len(types), n, *logits.shape[1:])
         else:
             per_type = torch.stack([self.logits(name, input_ids, images) for name in types])
-        index = positions[None, :, :, None].expand(len(types), -1, -1, per_type.shape[-1])
+        per_type = torch.stack([self.type_logits(logits, name, batch) for logits, name in zip(per_type, types)])
+        index = positions[None, :, :, None].expand(len(types), -1, -1, 3)
         picked = per_type.gather(2, index)                      # (T, B, K, 3)
         return picked.softmax(-1).permute(1, 2, 0, 3).cpu()     # (B, K, T, 3)
 
@@ -392,6 +481,8 @@ class RewardModels:
             else:
                 seq, pos = marked_sequence(self.prompt, list(ids), list(ends), self.eos, f"response {i}")
                 todo.append((i, {"ids": seq, "positions": pos}))
+                if self.claim_ids is not None:
+                    todo[-1][1]["claims"] = claim_indices(list(ids), list(ends), self.claim_ids)
         todo.sort(key=lambda item: len(item[1]["ids"]))   # similar lengths share a batch: less padding
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
@@ -662,7 +753,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
             batch = collate(chunk, rm.pad, type_index)
             logits = model(input_ids=batch["input_ids"].to(rm.device),
                            **image_inputs(pixels([e["image_id"] for e in chunk]).to(rm.device)))
-            loss = token_loss(logits, batch["labels"].to(rm.device), class_weights)
+            loss = token_loss(rm.type_logits(logits, fact_type, batch), batch["labels"].to(rm.device), class_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)

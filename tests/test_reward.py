@@ -586,3 +586,64 @@ def test_training_with_twins_learns_their_labels_and_resumes(tiny, tmp_path):
     _train_with_twins(processor, folder, tmp_path / "cut", twin_share=0.9, stop_after=4)
     resumed, _ = _train_with_twins(processor, folder, tmp_path / "cut", twin_share=0.9)
     assert [x[1] for x in resumed["loss"]] == pytest.approx([x[1] for x in straight["loss"]], rel=1e-5)
+
+
+RELATION_WORDS = {"relation": [["left"], ["right"], ["above"], ["below", "under"]]}
+
+
+def test_claim_word_logits_by_hand():
+    head = torch.tensor([[0.0, 5.0, -5.0, 1.0, 2.0, 0.0, -1.0]] * 2)   # n/a, correct, hallucinated, 4 words
+    logits = reward.three_class_logits(head, torch.tensor([1, -1]))
+    z = np.exp([0.0, 1.0, 2.0, 0.0, -1.0]).sum()
+    # stated word 1: p(n/a) = e^0 / Z, p(correct) = e^2 / Z, p(hallucinated) = (e^1 + e^0 + e^-1) / Z
+    assert np.allclose(logits[0].softmax(-1).numpy(), [1 / z, np.exp(2.0) / z, (np.e + 1 + np.exp(-1.0)) / z])
+    assert torch.equal(logits[1], head[1, :3])   # no stated word: the plain three outputs
+    assert torch.equal(reward.three_class_logits(head[:, :3], torch.tensor([1, -1])), head[:, :3])
+
+
+def test_claim_indices_name_the_stated_word_of_each_sub_sentence(tiny):
+    processor, _ = tiny
+    tok = processor.tokenizer
+    ids = tok("the star is left of the ring . there is a heart under the box . a red heart .",
+              add_special_tokens=False).input_ids
+    ends = [k for k, t in enumerate(ids) if t == tok.convert_tokens_to_ids(".")]
+    tables = reward.claim_token_ids(tok, RELATION_WORDS, ["object", "relation"])
+    assert tables[0] == {} and sorted(tables[1].values()) == [0, 1, 2, 3, 3]
+    assert reward.claim_indices(ids, ends, tables) == [[-1, 0], [-1, 3], [-1, -1]]
+    with pytest.raises(ValueError, match="claim_words.relation: 'sideways'"):
+        reward.claim_token_ids(tok, {"relation": [["sideways"]]}, ["relation"])
+
+
+def _brightness_records(processor, n):
+    """'the star is left of the ring .' / '... right of ...': correct iff the image's brightness matches the word
+    (bright: left, dark: right). Neither the word nor the image alone says the label: an XOR."""
+    tok = processor.tokenizer
+    records = []
+    for i in range(n):
+        word = ["left", "right"][(i // 2) % 2]
+        ids = tok(f"the star is {word} of the ring .", add_special_tokens=False).input_ids
+        truth = 0 if (word == "left") == (i % 2 == 0) else 1
+        records.append({"response_id": f"b{i}", "image_id": i % 2, "token_ids": ids,
+                        "subsentences": [{"last_token": len(ids) - 1, "labels": [-1, -1, truth],
+                                          "gt_labels": [-1, -1, truth]}]})
+    return records
+
+
+def test_a_claim_word_head_learns_the_xor_and_round_trips(tiny, tmp_path):
+    processor, folder = tiny
+    images = np.stack([np.full((32, 32, 3), 230, np.uint8), np.full((32, 32, 3), 20, np.uint8)])
+    pixels = reward.pixel_values(processor, images)
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object", "relation"],
+                                    seed=0, claim_words=RELATION_WORDS)
+    examples = rm.examples(_brightness_records(processor, 8))
+    assert [e["claims"] for e in examples[:4]] == [[[-1, 0]], [[-1, 0]], [[-1, 1]], [[-1, 1]]]
+    reward.train_type(rm, "relation", examples, examples, lambda ids: pixels[list(ids)], lr=0.05, batch_size=4,
+                      epochs=15, patience=20, seed=0, checkpoint_dir=tmp_path / "ckpt")
+    predicted, probs = rm.predict(examples, lambda ids: pixels[list(ids)], types=["relation"])
+    assert predicted[:, 0].tolist() == [e["classes"][0][2] - 1 for e in examples]
+    rm.save(tmp_path / "rm")
+    loaded = reward.RewardModels.load(_backbone(folder)[0], processor, PROMPT, tmp_path / "rm", types=["object", "relation"])
+    assert loaded.claim_words == RELATION_WORDS
+    scored = loaded.score(images[[0, 1, 0, 1]], [r["token_ids"] for r in _brightness_records(processor, 4)],
+                          [[len(r["token_ids"]) - 1] for r in _brightness_records(processor, 4)])
+    assert np.allclose(np.stack([s["probs"][0, 1] for s in scored]), probs[:4, 0], atol=1e-5)
