@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run ablations seeds test smoke lab clean-outputs
+.PHONY: setup run ablations seeds grounded-seeds test smoke lab clean-outputs
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ seeds: setup
 	for split in eval eval_ood; do $(PY) -m fgaif_utils.evaluate outputs/tiny-seeds/06_evaluate/records.jsonl \
 	  --split $$split --group base=base --group fgaif=fgaif,tiny-s1,tiny-s2 \
 	  --group sparse=tiny-sparse,tiny-sparse-s1,tiny-sparse-s2 --pair fgaif:base --pair fgaif:sparse || exit 1; done
+
+# The same over params/grounded/ (after the steps in params/grounded/naming.yaml's header): the grounded-naming run's
+# sparse ablation and PPO seeds 1 and 2 of both, stage 06 over all six policies, the seed-pooled comparison.
+GROUNDED_RUNS := sparse s1 sparse-s1 s2 sparse-s2
+grounded-seeds: setup
+	for r in $(GROUNDED_RUNS); do $(PY) -m fgaif_utils.pipeline params/grounded/$$r.yaml --stages 05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/grounded/seeds.yaml --stages 06
+	for split in eval eval_long eval_ood; do $(PY) -m fgaif_utils.evaluate outputs/tiny-grounded-seeds/06_evaluate/records.jsonl \
+	  --split $$split --group base=base --group fgaif=fgaif,tiny-grounded-s1,tiny-grounded-s2 \
+	  --group sparse=tiny-grounded-sparse,tiny-grounded-sparse-s1,tiny-grounded-sparse-s2 \
+	  --pair fgaif:base --pair fgaif:sparse || exit 1; done
 
 smoke: setup
 	$(PY) -m fgaif_utils.pipeline params/smoke.yaml

@@ -263,7 +263,7 @@ class ClaimWords:
 @dataclass
 class RewardParams:
     backbone: str = "pretrained"
-    """Reward-model backbone: "pretrained", "policy" or "verifier_lvlm" (a stage-01 model of the tiny world), a hub id (paper: llava-hf/llava-1.5-13b-hf, larger than the policy) or a local llava-hf folder. It must share the policy's tokenizer."""
+    """Reward-model backbone: "pretrained", "policy" or "verifier_lvlm" (a stage-01 model of the tiny world), a hub id (paper: llava-hf/llava-1.5-13b-hf, larger than the policy) or a local llava-hf folder ("outputs/..." is under the repo root and checked when stage 04 runs: a model a benchmark wrote). It must share the policy's tokenizer."""
     lora_r: PositiveInt = 64
     """LoRA rank of each reward model's adapter on the language model (paper: 64)."""
     lora_alpha: PositiveInt = 16

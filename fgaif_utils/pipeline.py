@@ -149,6 +149,15 @@ def print_summary(results):
     sys.stdout.flush()
 
 
+def record_available_reuses(params, run):
+    """Point every reused stage that its source holds at that source, selected or not: a run that reuses a stage
+    from a run that itself reused it must find it, even when that middle run was started with `--stages 01-03`."""
+    for name in S.reused_stages(params):
+        source = S.run_of(name, run, params)
+        if S.read_manifest(S.final_dir(source, name)) is not None:
+            S.record_reuse(run, name, source)
+
+
 def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=None):
     """Run the selected stages in order; returns one result dict per stage visited.
 
@@ -163,6 +172,7 @@ def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=
     selected = select_stages(stages)
     notebooks = Path(notebooks_dir or S.notebooks_dir()).resolve()
     print(f"pipeline: params {path}, run '{run}', outputs {S.outputs_root() / run}", flush=True)
+    record_available_reuses(params, run)
     results = []
     with kernel_env(notebooks):
         for spec in selected:

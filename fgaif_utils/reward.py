@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models
+from . import params as P
 
 FACT_TYPES = ["object", "attribute", "relation"]
 CLASS_NAMES = ["n/a", "correct", "hallucinated"]
@@ -297,11 +298,18 @@ TINY_BACKBONES = ("pretrained", "policy", "verifier_lvlm")
 
 def backbone_path(backbone, models_dir, local_files_only=True):
     """The folder of the reward backbone: a stage-01 model of the tiny world by name, else a hub id in the local
-    cache or a local llava-hf folder (models.resolve_checkpoint)."""
+    cache or a local llava-hf folder (models.resolve_checkpoint). "outputs/..." is a model this project wrote
+    outside the stages (a benchmark's `--save`), found under the repo root wherever the notebook runs."""
     if backbone in TINY_BACKBONES:
         folder = Path(models_dir) / backbone
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"reward.backbone {backbone!r}: stage 01 wrote no model {folder}")
+        return str(folder)
+    if backbone.startswith("outputs/"):
+        folder = P.REPO_ROOT / backbone
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"reward.backbone {backbone!r}: no llava-hf model at {folder}; the params "
+                                    f"file's header names the command that writes it")
         return str(folder)
     return models.resolve_checkpoint(backbone, local_files_only)
 

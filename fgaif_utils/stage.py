@@ -198,7 +198,13 @@ def params_subset(params, stage):
     return {key: everything[key] for key in stage_spec(stage).sections if key in everything}
 
 
-def missing_stage_error(stage, needed, run, params_path=None, params_run=None):
+def missing_stage_error(stage, needed, run, params_path=None, params_run=None, reused_by=None):
+    """What to run when `needed` of run `run` is missing; `reused_by`: the run that reads it from `run` (reuse_run),
+    whose params file is then not the one to run it with."""
+    if reused_by is not None and reused_by != run:
+        return StageError(f"stage {stage_spec(stage).name} of run '{reused_by}' reuses {needed} from run '{run}' "
+                          f"(params key 'reuse_run'), which has neither run nor reused it: run `python -m "
+                          f"fgaif_utils.pipeline <the params file of run '{run}'> --stages {needed[:2]}` first")
     command = f"python -m fgaif_utils.pipeline {params_path or 'PARAMS.yaml'} --stages {needed[:2]}"
     if run != params_run:
         command += f" --run {run}"
@@ -212,7 +218,7 @@ def upstream_hashes(stage, run, params_path=None, params_run=None, params=None):
         source = run_of(name, run, params)
         manifest = read_manifest(final_dir(source, name))
         if manifest is None:
-            raise missing_stage_error(stage, name, source, params_path, params_run)
+            raise missing_stage_error(stage, name, source, params_path, params_run, reused_by=run)
         hashes[name] = manifest["artifacts_hash"]
     return hashes
 
@@ -357,7 +363,7 @@ class StageContext:
         source = run_of(name, self.run, self.params)
         folder = final_dir(source, name)
         if read_manifest(folder) is None:
-            raise missing_stage_error(self.stage, name, source, self.params_path, self.params.run)
+            raise missing_stage_error(self.stage, name, source, self.params_path, self.params.run, self.run)
         return folder
 
     def path(self, name):

@@ -196,6 +196,17 @@ def test_missing_upstream_names_what_to_run(ws, capsys):
     assert "needs 00_data of run 'other'" in capsys.readouterr().err
 
 
+def test_a_missing_reused_upstream_names_the_run_that_must_make_it(ws, tmp_path, capsys):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(f"extends: {ws.params}\nrun: t2\nreuse_run: t\nreuse_stages: [00_data]\n")
+    assert pipeline.main([str(overlay), "--stages", "01"]) == 1
+    assert ("stage 01_base_models of run 't2' reuses 00_data from run 't' (params key 'reuse_run'), which has "
+            "neither run nor reused it: run `python -m fgaif_utils.pipeline <the params file of run 't'> "
+            "--stages 00` first") in capsys.readouterr().err
+
+
 def test_select_stages():
     names = lambda spec: [s.name for s in pipeline.select_stages(spec)]
     assert names("00-03") == ["00_data", "01_base_models", "02_sample_responses", "03_ai_feedback"]
@@ -346,6 +357,21 @@ def test_reuse_follows_a_run_that_reused_the_stage_itself(ws, tmp_path):
     m01 = json.loads((ws.outputs / "t3" / "01_base_models" / "manifest.json").read_text())
     assert m01["inputs"] == {"00_data": ws.manifest("00_data")["artifacts_hash"]}
     assert (ws.outputs / "t3" / ".00_data.reused").read_text() == "t\n"
+
+
+def test_a_middle_run_records_its_reuse_even_when_the_reused_stage_is_not_selected(ws, tmp_path):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+    assert ws.run(stages="00") == ["run"]
+    middle, last = tmp_path / "middle.yaml", tmp_path / "last.yaml"
+    middle.write_text(f"extends: {ws.params}\nrun: t2\nreuse_run: t\nreuse_stages: [00_data]\n")
+    last.write_text(f"extends: {ws.params}\nrun: t3\nreuse_run: t2\nreuse_stages: [00_data, 01_base_models]\n")
+    assert [r["status"] for r in pipeline.run_pipeline(middle, notebooks_dir=ws.notebooks, stages="01")] == ["run"]
+    assert (ws.outputs / "t2" / ".00_data.reused").read_text() == "t\n"
+    assert [r["status"] for r in pipeline.run_pipeline(last, notebooks_dir=ws.notebooks, stages="00-01")] == \
+        ["reused", "reused"]
+    assert (ws.outputs / "t3" / ".00_data.reused").read_text() == "t\n"
+    assert (ws.outputs / "t3" / ".01_base_models.reused").read_text() == "t2\n"
 
 
 def test_a_run_reuses_stages_of_another_run(ws, tmp_path):

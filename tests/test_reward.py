@@ -647,3 +647,16 @@ def test_a_claim_word_head_learns_the_xor_and_round_trips(tiny, tmp_path):
     scored = loaded.score(images[[0, 1, 0, 1]], [r["token_ids"] for r in _brightness_records(processor, 4)],
                           [[len(r["token_ids"]) - 1] for r in _brightness_records(processor, 4)])
     assert np.allclose(np.stack([s["probs"][0, 1] for s in scored]), probs[:4, 0], atol=1e-5)
+
+
+def test_a_backbone_under_outputs_is_found_from_the_repo_root_wherever_the_notebook_runs(tiny, tmp_path,
+                                                                                          monkeypatch):
+    processor, folder = tiny
+    monkeypatch.setattr(params, "REPO_ROOT", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"outputs/curriculum/grounded.*params file's header"):
+        reward.backbone_path("outputs/curriculum/grounded", tmp_path / "models")
+    (tmp_path / "outputs" / "curriculum").mkdir(parents=True)
+    (tmp_path / "outputs" / "curriculum" / "grounded").symlink_to(folder)
+    monkeypatch.chdir(tmp_path / "outputs")        # JupyterLab runs a notebook in its own folder
+    assert reward.backbone_path("outputs/curriculum/grounded", tmp_path / "models") == \
+        str(tmp_path / "outputs" / "curriculum" / "grounded")
