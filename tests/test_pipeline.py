@@ -340,13 +340,19 @@ def test_hashing_many_small_files_is_fast(tmp_path):
     assert hashes["00042.png"] == sha256(tmp_path / "00042.png")
 
 
-def test_reuse_follows_a_run_that_reused_the_stage_itself(ws, tmp_path):
+def _reuse_chain(ws, tmp_path, last_reuses):
+    """Run t with stage 00 done; overlays t2 (reuses 00 from t) and t3 (reuses `last_reuses` from t2)."""
     ws.notebook("00_data", STAGE_00)
     ws.notebook("01_base_models", STAGE_01)
     assert ws.run(stages="00") == ["run"]
     middle, last = tmp_path / "middle.yaml", tmp_path / "last.yaml"
     middle.write_text(f"extends: {ws.params}\nrun: t2\nreuse_run: t\nreuse_stages: [00_data]\n")
-    last.write_text(f"extends: {ws.params}\nrun: t3\nreuse_run: t2\nreuse_stages: [00_data]\n")
+    last.write_text(f"extends: {ws.params}\nrun: t3\nreuse_run: t2\nreuse_stages: [{last_reuses}]\n")
+    return middle, last
+
+
+def test_reuse_follows_a_run_that_reused_the_stage_itself(ws, tmp_path):
+    middle, last = _reuse_chain(ws, tmp_path, "00_data")
     results = pipeline.run_pipeline(last, notebooks_dir=ws.notebooks, stages="00-01")
     assert [r["status"] for r in results] == ["fail"]           # t2 has neither run nor reused 00 yet
     assert "reused from run 't2'" in results[0]["error"]
@@ -360,12 +366,7 @@ def test_reuse_follows_a_run_that_reused_the_stage_itself(ws, tmp_path):
 
 
 def test_a_middle_run_records_its_reuse_even_when_the_reused_stage_is_not_selected(ws, tmp_path):
-    ws.notebook("00_data", STAGE_00)
-    ws.notebook("01_base_models", STAGE_01)
-    assert ws.run(stages="00") == ["run"]
-    middle, last = tmp_path / "middle.yaml", tmp_path / "last.yaml"
-    middle.write_text(f"extends: {ws.params}\nrun: t2\nreuse_run: t\nreuse_stages: [00_data]\n")
-    last.write_text(f"extends: {ws.params}\nrun: t3\nreuse_run: t2\nreuse_stages: [00_data, 01_base_models]\n")
+    middle, last = _reuse_chain(ws, tmp_path, "00_data, 01_base_models")
     assert [r["status"] for r in pipeline.run_pipeline(middle, notebooks_dir=ws.notebooks, stages="01")] == ["run"]
     assert (ws.outputs / "t2" / ".00_data.reused").read_text() == "t\n"
     assert [r["status"] for r in pipeline.run_pipeline(last, notebooks_dir=ws.notebooks, stages="00-01")] == \
