@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run ablations seeds grounded-seeds test smoke lab clean-outputs
+.PHONY: setup run ablations seeds grounded-seeds batch-seeds test smoke lab clean-outputs
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,19 @@ grounded-seeds: setup
 	  --split $$split --group base=base --group fgaif=fgaif,tiny-grounded-s1,tiny-grounded-s2 \
 	  --group sparse=tiny-grounded-sparse,tiny-grounded-sparse-s1,tiny-grounded-sparse-s2 \
 	  --pair fgaif:base --pair fgaif:sparse || exit 1; done
+
+# The paper's rollout batch (256 responses per iteration, minibatches of 128: tiny's number of gradient steps) over
+# params/batch/, after `make run`: FGAIF and sparse at PPO seeds 0-2, tiny's FGAIF seeds 1-2 where `make seeds` has
+# not trained them, stage 06 over all nine policies and the base, then the seed-pooled comparison.
+BATCH_RUNS := fgaif sparse s1 sparse-s1 s2 sparse-s2
+batch-seeds: setup
+	for r in tiny-s1 tiny-s2; do $(PY) -m fgaif_utils.pipeline params/seeds/$$r.yaml --stages 05 || exit 1; done
+	for r in $(BATCH_RUNS); do $(PY) -m fgaif_utils.pipeline params/batch/$$r.yaml --stages 05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/batch/seeds.yaml --stages 06
+	for split in eval eval_long eval_ood; do $(PY) -m fgaif_utils.evaluate outputs/tiny-b256-seeds/06_evaluate/records.jsonl \
+	  --split $$split --group base=base --group b256=fgaif,tiny-b256-s1,tiny-b256-s2 \
+	  --group b256sparse=tiny-b256-sparse,tiny-b256-sparse-s1,tiny-b256-sparse-s2 --group tiny=tiny,tiny-s1,tiny-s2 \
+	  --pair b256:base --pair b256:b256sparse --pair b256:tiny --pair tiny:base || exit 1; done
 
 smoke: setup
 	$(PY) -m fgaif_utils.pipeline params/smoke.yaml
