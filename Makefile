@@ -9,6 +9,11 @@ STAGES ?=
 
 .PHONY: setup run ablations seeds grounded-seeds batch-seeds test smoke lab clean-outputs
 
+# $(call pooled,RUN,SPLITS,GROUPS AND PAIRS): the seed-pooled comparison of RUN's stage 06 records on each split
+# (evaluate.seed_pooled_tests; images and seeds resampled). A comma inside an argument is written $(comma).
+comma := ,
+pooled = for split in $(2); do $(PY) -m fgaif_utils.evaluate outputs/$(1)/06_evaluate/records.jsonl --split $$split $(3) || exit 1; done
+
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -40,9 +45,8 @@ SEED_RUNS := tiny-s1 tiny-sparse-s1 tiny-s2 tiny-sparse-s2
 seeds: setup
 	for r in $(SEED_RUNS); do $(PY) -m fgaif_utils.pipeline params/seeds/$$r.yaml --stages 05 || exit 1; done
 	$(PY) -m fgaif_utils.pipeline params/seeds/tiny-seeds.yaml --stages 06
-	for split in eval eval_ood; do $(PY) -m fgaif_utils.evaluate outputs/tiny-seeds/06_evaluate/records.jsonl \
-	  --split $$split --group base=base --group fgaif=fgaif,tiny-s1,tiny-s2 \
-	  --group sparse=tiny-sparse,tiny-sparse-s1,tiny-sparse-s2 --pair fgaif:base --pair fgaif:sparse || exit 1; done
+	$(call pooled,tiny-seeds,eval eval_ood,--group base=base --group fgaif=fgaif$(comma)tiny-s1$(comma)tiny-s2 \
+	  --group sparse=tiny-sparse$(comma)tiny-sparse-s1$(comma)tiny-sparse-s2 --pair fgaif:base --pair fgaif:sparse)
 
 # The same over params/grounded/ (after the steps in params/grounded/naming.yaml's header): the grounded-naming run's
 # sparse ablation and PPO seeds 1 and 2 of both, stage 06 over all six policies, the seed-pooled comparison.
@@ -50,10 +54,10 @@ GROUNDED_RUNS := sparse s1 sparse-s1 s2 sparse-s2
 grounded-seeds: setup
 	for r in $(GROUNDED_RUNS); do $(PY) -m fgaif_utils.pipeline params/grounded/$$r.yaml --stages 05 || exit 1; done
 	$(PY) -m fgaif_utils.pipeline params/grounded/seeds.yaml --stages 06
-	for split in eval eval_long eval_ood; do $(PY) -m fgaif_utils.evaluate outputs/tiny-grounded-seeds/06_evaluate/records.jsonl \
-	  --split $$split --group base=base --group fgaif=fgaif,tiny-grounded-s1,tiny-grounded-s2 \
-	  --group sparse=tiny-grounded-sparse,tiny-grounded-sparse-s1,tiny-grounded-sparse-s2 \
-	  --pair fgaif:base --pair fgaif:sparse || exit 1; done
+	$(call pooled,tiny-grounded-seeds,eval eval_long eval_ood,--group base=base \
+	  --group fgaif=fgaif$(comma)tiny-grounded-s1$(comma)tiny-grounded-s2 \
+	  --group sparse=tiny-grounded-sparse$(comma)tiny-grounded-sparse-s1$(comma)tiny-grounded-sparse-s2 \
+	  --pair fgaif:base --pair fgaif:sparse)
 
 # The paper's rollout batch (256 responses per iteration, minibatches of 128: tiny's number of gradient steps) over
 # params/batch/, after `make run`: FGAIF and sparse at PPO seeds 0-2, tiny's FGAIF seeds 1-2 where `make seeds` has
@@ -63,10 +67,9 @@ batch-seeds: setup
 	for r in tiny-s1 tiny-s2; do $(PY) -m fgaif_utils.pipeline params/seeds/$$r.yaml --stages 05 || exit 1; done
 	for r in $(BATCH_RUNS); do $(PY) -m fgaif_utils.pipeline params/batch/$$r.yaml --stages 05 || exit 1; done
 	$(PY) -m fgaif_utils.pipeline params/batch/seeds.yaml --stages 06
-	for split in eval eval_long eval_ood; do $(PY) -m fgaif_utils.evaluate outputs/tiny-b256-seeds/06_evaluate/records.jsonl \
-	  --split $$split --group base=base --group b256=fgaif,tiny-b256-s1,tiny-b256-s2 \
-	  --group b256sparse=tiny-b256-sparse,tiny-b256-sparse-s1,tiny-b256-sparse-s2 --group tiny=tiny,tiny-s1,tiny-s2 \
-	  --pair b256:base --pair b256:b256sparse --pair b256:tiny --pair tiny:base || exit 1; done
+	$(call pooled,tiny-b256-seeds,eval eval_long eval_ood,--group base=base --group b256=fgaif$(comma)tiny-b256-s1$(comma)tiny-b256-s2 \
+	  --group b256sparse=tiny-b256-sparse$(comma)tiny-b256-sparse-s1$(comma)tiny-b256-sparse-s2 \
+	  --group tiny=tiny$(comma)tiny-s1$(comma)tiny-s2 --pair b256:base --pair b256:b256sparse --pair b256:tiny --pair tiny:base)
 
 smoke: setup
 	$(PY) -m fgaif_utils.pipeline params/smoke.yaml
