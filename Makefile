@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run ablations seeds grounded-seeds batch-seeds test smoke lab clean-outputs
+.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds test smoke lab clean-outputs
 
 # $(call pooled,RUN,SPLITS,GROUPS AND PAIRS): the seed-pooled comparison of RUN's stage 06 records on each split
 # (evaluate.seed_pooled_tests; images and seeds resampled). A comma inside an argument is written $(comma).
@@ -70,6 +70,20 @@ batch-seeds: setup
 	$(call pooled,tiny-b256-seeds,eval eval_long eval_ood,--group base=base --group b256=fgaif$(comma)tiny-b256-s1$(comma)tiny-b256-s2 \
 	  --group b256sparse=tiny-b256-sparse$(comma)tiny-b256-sparse-s1$(comma)tiny-b256-sparse-s2 \
 	  --group tiny=tiny$(comma)tiny-s1$(comma)tiny-s2 --pair b256:base --pair b256:b256sparse --pair b256:tiny --pair tiny:base)
+
+# A world whose descriptions state the size of 70% of the objects (params/words/): every stage of its own run, the
+# sparse ablation and PPO seeds 1-2 of both, stage 06 over the six policies and the base, the seed-pooled comparison
+# (with wrong attributes and size claims per description beside the per-claim rates).
+WORDS_RUNS := sparse s1 sparse-s1 s2 sparse-s2
+WORDS_METRICS := object_halluc,attribute_halluc,colour_halluc,size_halluc,relation_halluc,coverage,attribute_errors,size_claims
+words-seeds: setup
+	$(PY) -m fgaif_utils.pipeline params/words/fgaif.yaml --stages 00-05
+	for r in $(WORDS_RUNS); do $(PY) -m fgaif_utils.pipeline params/words/$$r.yaml --stages 05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/words/seeds.yaml --stages 06
+	$(call pooled,tiny-words-seeds,eval eval_long eval_ood,--metrics $(WORDS_METRICS) --group base=base \
+	  --group fgaif=fgaif$(comma)tiny-words-s1$(comma)tiny-words-s2 \
+	  --group sparse=tiny-words-sparse$(comma)tiny-words-sparse-s1$(comma)tiny-words-sparse-s2 \
+	  --pair fgaif:base --pair fgaif:sparse)
 
 smoke: setup
 	$(PY) -m fgaif_utils.pipeline params/smoke.yaml

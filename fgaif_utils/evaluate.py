@@ -329,13 +329,17 @@ METRICS = {
     "chair_i": ({"chair_hallucinated": 1}, {"chair_mentioned": 1}),
     "chair_recall": ({"chair_covered": 1}, {"chair_truth": 1}),
     "words": ({"n_words": 1}, {"images": 1}),
+    # Per description, not per claim: a policy that states fewer sizes changes the attribute rate's mix of
+    # colour and size claims; its wrong attributes per description do not depend on that mix.
+    "attribute_errors": ({"n_attribute_false": 1}, {"images": 1}),
+    "size_claims": ({"n_size_judged": 1}, {"images": 1}),
     **{name: d for sampler in POPE_SAMPLERS for name, d in _pope_metric_defs(sampler).items()},
     "mmhal_score": ({"mmhal_rating": 1}, {"mmhal_rated": 1}),
     "mmhal_halluc": ({"mmhal_hallucinated": 1}, {"mmhal_rated": 1}),
     "llava_bench_relative": ({"llava_model_score": 100}, {"llava_reference_score": 1}),
 }
 LOWER_IS_BETTER = {"object_halluc", "attribute_halluc", "colour_halluc", "size_halluc", "relation_halluc",
-                   "chair_s", "chair_i", "mmhal_halluc"}
+                   "attribute_errors", "chair_s", "chair_i", "mmhal_halluc"}
 SCORER_COUNT_KEYS = ("n_object_judged", "n_object_false", "n_attribute_judged", "n_attribute_false",
                      "n_colour_judged", "n_colour_false", "n_size_judged", "n_size_false", "n_relation_judged",
                      "n_relation_false", "n_covered", "n_scene_objects", "n_words", "n_sentences")

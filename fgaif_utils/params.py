@@ -85,6 +85,10 @@ class WorldParams:
     """Probability that a new object is the co-occurrence partner of one already placed (when that partner is absent)."""
     max_relations: NonNegativeInt = 2
     """Most relation sentences in a reference description (eval_long states up to twice as many)."""
+    size_word_p: Probability = 1.0
+    """Probability that a noun phrase of the world's descriptions (clean and noisy) states the object's size; 1 = always (tiny), lower lets a policy leave out what it cannot see (params/experiments/optional-words.yaml)."""
+    colour_word_p: Probability = 1.0
+    """Probability that a noun phrase states the object's colour; 1 = always (tiny)."""
     fog_strength: Probability = 0.55
     """eval_ood: blend weight of the grey fog overlay (0 = none, 1 = only fog)."""
     fog_noise_std: NonNegativeFloat = 18.0

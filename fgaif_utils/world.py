@@ -250,18 +250,36 @@ def _word(forms, rng):
     return forms[0]
 
 
-def _noun_phrase(obj, rng):
-    return f"a {_word(SIZE_WORDS[obj['size']], rng)} {obj['colour']} {_word(SHAPE_WORDS[obj['shape']], rng)}"
+def writing_style(world_params):
+    """The keyword arguments describe() and noisy_describe() take from WorldParams."""
+    return {"max_relations": world_params.max_relations, "size_word_p": world_params.size_word_p,
+            "colour_word_p": world_params.colour_word_p}
 
 
-def _existence_sentences(objects, rng):
+def _states(p, rng):
+    """Whether a noun phrase states an attribute written with probability p; p = 1 draws nothing, so the
+    always-stated default writes the same texts from the same seed as before these knobs existed."""
+    return p >= 1.0 or rng.random() < p
+
+
+def _noun_phrase(obj, rng, size_word_p=1.0, colour_word_p=1.0):
+    words = ["a"]
+    if _states(size_word_p, rng):
+        words.append(_word(SIZE_WORDS[obj["size"]], rng))
+    if _states(colour_word_p, rng):
+        words.append(obj["colour"])
+    words.append(_word(SHAPE_WORDS[obj["shape"]], rng))
+    return " ".join(words)
+
+
+def _existence_sentences(objects, rng, size_word_p=1.0, colour_word_p=1.0):
     """Every object once, in random order, in sentences of 1-3 noun phrases."""
     order = list(objects)
     rng.shuffle(order)
     sentences = []
     while order:
         k = rng.randint(1, min(3, len(order)))
-        phrases = [_noun_phrase(obj, rng) for obj in order[:k]]
+        phrases = [_noun_phrase(obj, rng, size_word_p, colour_word_p) for obj in order[:k]]
         order = order[k:]
         body = phrases[0] if k == 1 else " , ".join(phrases[:-1]) + " and " + phrases[-1]
         sentences.append(f"{rng.choice(EXISTENCE_LEADS)} {body} .")
@@ -294,24 +312,26 @@ def _relation_sentences(clauses, rng):
     return sentences
 
 
-def _compose(objects, clauses, rng):
-    sentences = _existence_sentences(objects, rng)
+def _compose(objects, clauses, rng, size_word_p=1.0, colour_word_p=1.0):
+    sentences = _existence_sentences(objects, rng, size_word_p, colour_word_p)
     if rng.random() < OPENER_P:
         sentences[0] = f"{rng.choice(OPENERS)} {sentences[0]}"
     return " ".join(sentences + _relation_sentences(clauses, rng))
 
 
-def describe(scene, rng, long=False, max_relations=2):
+def describe(scene, rng, long=False, max_relations=2, size_word_p=1.0, colour_word_p=1.0):
     """A clean reference description: existence sentences for every object, then up to `max_relations`
-    (twice that when `long`) stated relations. `rng` is a random.Random."""
+    (twice that when `long`) stated relations. Each noun phrase states the object's size with probability
+    `size_word_p` and its colour with `colour_word_p`. `rng` is a random.Random."""
     clauses = _pick_relations(scene["relations"], rng, max_relations * (2 if long else 1))
-    return _compose(scene["objects"], clauses, rng)
+    return _compose(scene["objects"], clauses, rng, size_word_p, colour_word_p)
 
 
-def noisy_describe(scene, rng, noise, long=False, max_relations=2):
+def noisy_describe(scene, rng, noise, long=False, max_relations=2, size_word_p=1.0, colour_word_p=1.0):
     """A description of a *claimed* scene that differs from the true one by independent injections
     (rates from NoiseParams). Returns (text, injections). Draw order is fixed: object, systematic colour
-    (one draw per small atypical-colour object), colour, relation; then the targets."""
+    (one draw per small atypical-colour object), colour, relation; then the targets. An injected colour can
+    go unwritten when the phrase omits the colour (`colour_word_p` < 1); it stays in `injections`."""
     claimed = [{"shape": o["shape"], "colour": o["colour"], "size": o["size"]} for o in scene["objects"]]
     object_hit = rng.random() < noise.p_object
     sys_hits = [rng.random() < noise.sys_colour if o["size"] == "small" and o["colour"] != TYPICAL_COLOUR[o["shape"]]
@@ -350,7 +370,7 @@ def noisy_describe(scene, rng, noise, long=False, max_relations=2):
                            "true_relation": clause["relation"], "claimed_relation": OPPOSITE[clause["relation"]]})
         clause["relation"] = OPPOSITE[clause["relation"]]
 
-    return _compose(claimed, clauses, rng), injections
+    return _compose(claimed, clauses, rng, size_word_p, colour_word_p), injections
 
 
 def noise_applicable(scene, injections):
@@ -427,7 +447,7 @@ def make_split(data_params, seed, split, n):
     for index in range(n):
         scene = sample_scene(scene_rng, world_params, long=long, image_id=offset + index, split=split)
         scene["fog"] = split == "eval_ood"
-        scene["captions"] = [describe(scene, caption_rng, long=long, max_relations=world_params.max_relations)
+        scene["captions"] = [describe(scene, caption_rng, long=long, **writing_style(world_params))
                              for _ in range(data_params.captions_per_image)]
         scenes.append(scene)
     return scenes
@@ -440,7 +460,7 @@ def make_noisy_captions(data_params, seed, scenes):
     for scene in scenes:
         for _ in range(data_params.noisy_captions_per_image):
             text, injections = noisy_describe(scene, rng, data_params.noise,
-                                              max_relations=data_params.world_params.max_relations)
+                                              **writing_style(data_params.world_params))
             records.append({"image_id": scene["image_id"], "caption": text, "injections": injections})
     return records
 

@@ -265,6 +265,22 @@ def test_summarise_and_paired_tests_align_images_and_pool_ratio_of_sums():
         E.paired_tests(tuned, "base")
 
 
+def test_attribute_errors_per_description_do_not_depend_on_the_claim_mix():
+    """Two descriptions each: the base states 4 attributes (2 of them sizes) with 1 and 2 wrong; the terse policy
+    leaves the sizes out and gets 1 of its 2 colours wrong in each. Per claim the terse policy looks worse (2/4
+    against 3/8); per description it makes fewer errors (1 against 1.5)."""
+    base = [_record("base", i, n_attribute_judged=4, n_attribute_false=1, n_size_judged=2) for i in range(2)]
+    terse = [_record("terse", i, n_attribute_judged=2, n_attribute_false=1, n_size_judged=0) for i in range(2)]
+    base[1]["counts"]["n_attribute_false"] = 2
+    summary = E.summarise(base + terse, n_resamples=50)
+    assert summary["base"]["eval"]["attribute_halluc"]["value"] == pytest.approx(3 / 8)
+    assert summary["terse"]["eval"]["attribute_halluc"]["value"] == pytest.approx(2 / 4)
+    assert summary["base"]["eval"]["attribute_errors"]["value"] == pytest.approx(3 / 2)
+    assert summary["terse"]["eval"]["attribute_errors"]["value"] == pytest.approx(2 / 2)
+    assert summary["base"]["eval"]["size_claims"]["value"] == pytest.approx(2)
+    assert summary["terse"]["eval"]["size_claims"]["value"] == 0
+
+
 def test_tables_figure_and_headline():
     records = [_record(p, i, n_object_judged=4, n_object_false=f, n_covered=2, n_scene_objects=3)
                for p, f in (("base", 2), ("fgaif", 0)) for i in range(10)]

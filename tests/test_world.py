@@ -434,3 +434,35 @@ def test_data_figures_draw(built):
         fig.savefig(buffer, format="png", dpi=40)
         assert buffer.getvalue().startswith(b"\x89PNG")
     assert len(viz.scene_grid(out, scenes, n=4).axes) == 4
+
+
+def test_optional_size_and_colour_words():
+    """size_word_p / colour_word_p: each noun phrase states the attribute at that rate, the true value when it
+    does, and the parser then finds exactly the stated attributes; p = 1 draws no random number (tiny's texts
+    stay what they were)."""
+    from fgaif_utils import facts
+    wp = WorldParams()
+    rng = random.Random(4)
+    scenes = [world.sample_scene(rng, wp) for _ in range(600)]
+    stated = Counter()
+    for scene in scenes:
+        text = world.describe(scene, rng, size_word_p=0.7, colour_word_p=0.4)
+        truth = {o["shape"]: o for o in scene["objects"]}
+        found = facts.parse_facts(text)
+        phrases = len(scene["objects"])
+        sizes = [f for f in found if f["type"] == "attribute" and f["kind"] == "size"]
+        colours = [f for f in found if f["type"] == "attribute" and f["kind"] == "colour"]
+        assert all(truth[f["subject"]]["size"] == f["value"] for f in sizes), text
+        assert all(truth[f["subject"]]["colour"] == f["value"] for f in colours), text
+        stated.update(phrases=phrases, sizes=len(sizes), colours=len(colours))
+    assert abs(stated["sizes"] / stated["phrases"] - 0.7) < 0.04, stated
+    assert abs(stated["colours"] / stated["phrases"] - 0.4) < 0.04, stated
+    never = world.describe(scenes[0], random.Random(2), size_word_p=0.0, colour_word_p=0.0)
+    assert not set(never.split()) & ({w for forms in SIZE_WORDS.values() for w in forms} | set(COLOURS)), never
+    text, _ = world.noisy_describe(scenes[1], random.Random(3), NoiseParams(), size_word_p=0.0)
+    assert not set(text.split()) & {w for forms in SIZE_WORDS.values() for w in forms}, text
+    before = random.Random(9)
+    after = random.Random(9)
+    assert world._states(1.0, after) and before.getstate() == after.getstate()
+    assert world.writing_style(WorldParams(size_word_p=0.5)) == {"max_relations": 2, "size_word_p": 0.5,
+                                                                 "colour_word_p": 1.0}
