@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds test smoke lab clean-outputs
+.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds oracle-seeds test smoke lab clean-outputs
 
 # $(call pooled,RUN,SPLITS,GROUPS AND PAIRS): the seed-pooled comparison of RUN's stage 06 records on each split
 # (evaluate.seed_pooled_tests; images and seeds resampled). A comma inside an argument is written $(comma).
@@ -84,6 +84,18 @@ words-seeds: setup
 	  --group fgaif=fgaif$(comma)tiny-words-s1$(comma)tiny-words-s2 \
 	  --group sparse=tiny-words-sparse$(comma)tiny-words-sparse-s1$(comma)tiny-words-sparse-s2 \
 	  --pair fgaif:base --pair fgaif:sparse)
+
+# Dense against sparse with perfect labels (params/oracle/, after `make run`): PPO for 30 iterations with the
+# ground-truth scorer's labels as rewards, per sub-sentence and on the last token, seeds 0-2 of each, stage 06 over
+# the six policies, tiny's FGAIF and the base, then the seed-pooled comparison.
+ORACLE_RUNS := dense sparse s1 sparse-s1 s2 sparse-s2
+oracle-seeds: setup
+	for r in $(ORACLE_RUNS); do $(PY) -m fgaif_utils.pipeline params/oracle/$$r.yaml --stages 05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/oracle/seeds.yaml --stages 06
+	$(call pooled,tiny-oracle30-seeds,eval eval_long eval_ood,--metrics $(WORDS_METRICS) --group base=base \
+	  --group dense=fgaif$(comma)tiny-oracle30-s1$(comma)tiny-oracle30-s2 \
+	  --group sparse=tiny-oracle30-sparse$(comma)tiny-oracle30-sparse-s1$(comma)tiny-oracle30-sparse-s2 \
+	  --pair dense:base --pair sparse:base --pair dense:sparse)
 
 smoke: setup
 	$(PY) -m fgaif_utils.pipeline params/smoke.yaml

@@ -338,8 +338,13 @@ METRICS = {
     "mmhal_halluc": ({"mmhal_hallucinated": 1}, {"mmhal_rated": 1}),
     "llava_bench_relative": ({"llava_model_score": 100}, {"llava_reference_score": 1}),
 }
+# Which way is better, for the verdicts of the comparison tables; the rest (words, size claims, POPE yes-ratio) have
+# no better direction.
 LOWER_IS_BETTER = {"object_halluc", "attribute_halluc", "colour_halluc", "size_halluc", "relation_halluc",
                    "attribute_errors", "chair_s", "chair_i", "mmhal_halluc"}
+HIGHER_IS_BETTER = {"coverage", "chair_recall", "mmhal_score", "llava_bench_relative",
+                    *(f"pope_{sampler}_{key}" for sampler in POPE_SAMPLERS
+                      for key in ("accuracy", "precision", "recall", "f1"))}
 SCORER_COUNT_KEYS = ("n_object_judged", "n_object_false", "n_attribute_judged", "n_attribute_false",
                      "n_colour_judged", "n_colour_false", "n_size_judged", "n_size_false", "n_relation_judged",
                      "n_relation_false", "n_covered", "n_scene_objects", "n_words", "n_sentences")
@@ -909,8 +914,26 @@ def judge_status_counts(records):
 
 # ============================================================================================ comparison
 
+def verdict(metric, test, alpha=0.05):
+    """"better" or "worse" for the first of the two compared (a − b) when the paired p is under `alpha` and the
+    metric has a better direction; "n.s." when p >= alpha; "" when the metric has no direction or was not measured."""
+    if not test or test.get("diff") is None or test.get("p") is None:
+        return ""
+    sign = -1 if metric in LOWER_IS_BETTER else 1 if metric in HIGHER_IS_BETTER else 0
+    if sign == 0:
+        return ""
+    if test["p"] >= alpha:
+        return "n.s."
+    return "better" if sign * test["diff"] > 0 else "worse"
+
+
 def _fmt(value, digits=3):
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _verdict_suffix(metric, test):
+    word = verdict(metric, test)
+    return f" {word}" if word in ("better", "worse") else ""
 
 
 def _cell(entry):
@@ -930,10 +953,11 @@ def _splits_and_metrics(summary):
 
 def results_markdown(summary, tests=None, confidence=0.95):
     """Per split, a table: one row per metric, one column per policy, "value [low, high]"; with `tests`
-    (paired_tests against the baseline), a column per compared policy with the difference and p."""
+    (paired_tests against the baseline), a column per compared policy with the difference, p and, where p < 0.05,
+    whether the policy is better or worse than the baseline on that metric."""
     tests = tests or {}
     lines = [f"Values with {confidence:.0%} bootstrap intervals (images resampled); Δ = policy − baseline, "
-             f"p = paired bootstrap, two-sided."]
+             f"p = paired bootstrap, two-sided; \"better\" / \"worse\" where p < 0.05."]
     for split, names in _splits_and_metrics(summary).items():
         policies = [p for p in summary if split in summary[p]]
         compared = [p for p in tests if split in tests[p]]
@@ -943,7 +967,8 @@ def results_markdown(summary, tests=None, confidence=0.95):
             cells = [_cell(summary[p][split].get(name)) for p in policies]
             for p in compared:
                 t = tests[p][split].get(name)
-                cells.append("–" if not t or t["diff"] is None else f"{t['diff']:+.3f} (p={t['p']:.3f})")
+                cells.append("–" if not t or t["diff"] is None else
+                             f"{t['diff']:+.3f} (p={t['p']:.3f})" + _verdict_suffix(name, t))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1192,15 +1217,17 @@ def main(argv=None):
         pairs.append((a, b))
     records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
     tests = seed_pooled_tests(records, groups, pairs, args.split, args.metrics.split(","), args.bootstrap)
-    print(f"split {args.split}; pooled over seeds; interval and p resample images (paired) and seeds")
+    print(f"split {args.split}; pooled over seeds; interval and p resample images (paired) and seeds; "
+          "better / worse: the first of the pair, where p < 0.05")
     print("| metric | " + " | ".join(f"{a} | {b} | {a} − {b} [95%] (p)" for a, b in pairs) + " |")
     print("|---|" + "---|---|---|" * len(pairs))
     for name in args.metrics.split(","):
         cells = []
         for pair in pairs:
             t = tests[pair][name]
-            cells += [_fmt(t["a"]), _fmt(t["b"]), "–" if t["diff"] is None else
-                      f"{t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] (p={t['p']:.3f})"]
+            difference = "–" if t["diff"] is None else \
+                f"{t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] (p={t['p']:.3f})" + _verdict_suffix(name, t)
+            cells += [_fmt(t["a"]), _fmt(t["b"]), difference]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

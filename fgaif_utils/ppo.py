@@ -149,6 +149,28 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
     return total(policy_loss), total(value_loss), total(approx_kl), total(clipped)
 
 
+def advantage_contrast(advantages, end_positions, labels, n_types):
+    """Credit assignment, measured: within each response that has both, the mean advantage of the tokens of
+    sub-sentences judged hallucinated (for some type) minus that of the tokens of sub-sentences judged correct (for
+    some type, hallucinated for none), averaged over those responses; None when no response has both. A
+    sub-sentence's tokens run from after the previous sub-sentence's last token to its own. Dense rewards make it
+    negative from the first iteration; a sparse reward only as far as the value model learns where the errors are."""
+    contrasts = []
+    for row, ends, lab in zip(advantages, end_positions, labels):
+        lab = np.asarray(lab).reshape(len(ends), n_types)
+        hallucinated, correct, start = [], [], 0
+        for k, end in enumerate(ends):
+            tokens = row[start:end + 1].tolist()
+            if (lab[k] == 1).any():
+                hallucinated += tokens
+            elif (lab[k] == 0).any():
+                correct += tokens
+            start = end + 1
+        if hallucinated and correct:
+            contrasts.append(np.mean(hallucinated) - np.mean(correct))
+    return float(np.mean(contrasts)) if contrasts else None
+
+
 def explained_variance(values, returns, mask):
     """1 - Var(returns - values) / Var(returns) over the masked tokens."""
     v, r = values[mask.bool()], returns[mask.bool()]
@@ -465,6 +487,8 @@ def rollout_stats(batch, reward_types, weights):
         "response_length": float(mask.sum() / n),
         "subsentences": float(np.mean([len(e) for e in batch.end_positions])),
         "explained_variance": explained_variance(batch.values, batch.returns, mask),
+        "advantage_contrast": advantage_contrast(batch.advantages.cpu(), batch.end_positions, batch.labels,
+                                                 len(reward_types)),
         "value_mean": float(batch.values.sum() / mask.sum()),
     })
     for j, t in enumerate(reward_types):

@@ -18,6 +18,7 @@ CURVES = [
     ("clip fraction", ["clip_fraction"]),
     ("value loss", ["value_loss"]),
     ("explained variance", ["explained_variance"]),
+    ("advantage: hallucinated − correct sub-sentences", ["advantage_contrast"]),
 ]
 
 
@@ -32,8 +33,8 @@ def _smooth(values, window):
 def training_curves(log, window=5):
     """One panel per diagnostic over PPO iterations (thin: raw, thick: moving average)."""
     rows = [r for r in log if r.get("iteration", 0) > 0 and "reward_total" in r]
-    fig = Figure(figsize=(13, 8.5))
-    axes = fig.subplots(3, 3).flatten()
+    fig = Figure(figsize=(17, 6.5))
+    axes = fig.subplots(2, 5).flatten()
     its = [r["iteration"] for r in rows]
     for ax, (title, keys) in zip(axes, CURVES):
         for key in keys:

@@ -298,6 +298,26 @@ def test_tables_figure_and_headline():
     assert checks["attribute_halluc lower"] is None
 
 
+
+def test_verdicts_read_each_metric_direction():
+    assert E.verdict("object_halluc", {"diff": -0.02, "p": 0.01}) == "better"
+    assert E.verdict("object_halluc", {"diff": +0.02, "p": 0.01}) == "worse"
+    assert E.verdict("coverage", {"diff": -0.02, "p": 0.01}) == "worse"
+    assert E.verdict("pope_random_f1", {"diff": +0.02, "p": 0.049}) == "better"
+    assert E.verdict("attribute_halluc", {"diff": -0.02, "p": 0.05}) == "n.s."
+    assert E.verdict("words", {"diff": -3.0, "p": 0.001}) == ""              # no better direction
+    assert E.verdict("pope_random_yes_ratio", {"diff": 0.2, "p": 0.001}) == ""
+    assert E.verdict("object_halluc", {"diff": None, "p": None}) == "" and E.verdict("object_halluc", None) == ""
+    assert not E.LOWER_IS_BETTER & E.HIGHER_IS_BETTER
+    assert (E.LOWER_IS_BETTER | E.HIGHER_IS_BETTER) <= set(E.METRICS)
+    # fewer false objects and less coverage: better on one, worse on the other, in the results table
+    records = [_record(p, i, n_object_judged=4, n_object_false=f, n_covered=c, n_scene_objects=4)
+               for p, f, c in (("base", 2, 4), ("fgaif", 0, 2)) for i in range(20)]
+    summary, tests = E.summarise(records, n_resamples=100), E.paired_tests(records, "base", n_resamples=100)
+    markdown = E.results_markdown(summary, tests)
+    assert "| object_halluc | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] | -0.500 (p=0.010) better |" in markdown
+    assert "| coverage | 1.000 [1.000, 1.000] | 0.500 [0.500, 0.500] | -0.500 (p=0.010) worse |" in markdown
+
 # ---------------------------------------------------------------------------------------------- judges
 
 SECRET = "sk-test-judge-NEVER-WRITE-ME"

@@ -34,6 +34,24 @@ def test_gae_on_three_tokens_by_hand():
     assert returns.tolist()[1] == pytest.approx([-0.148, -1.0, 0.0])
 
 
+def test_advantage_contrast_by_hand_dense_against_sparse():
+    """Two sub-sentences (tokens 0-2 judged correct, tokens 3-4 hallucinated), values 0, gamma = lambda = 1: the
+    advantage of a token is its reward-to-go. Dense: +1 at token 2, -1 at token 4, so tokens 0-2 get 0 and tokens
+    3-4 get -1: contrast -1. Sparse: the total 0 on token 4, every advantage 0: contrast 0."""
+    labels = [[[0, -1, -1], [1, -1, -1]]]
+    ends = [[2, 4]]
+    mask, values = torch.ones(1, 5), torch.zeros(1, 5)
+    for sparse, expected in ((False, -1.0), (True, 0.0)):
+        rewards = ppo.fine_grained_rewards(labels[0], ends[0], 5, np.ones(3), sparse=sparse)[None]
+        advantages, _ = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+        assert ppo.advantage_contrast(advantages, ends, labels, 3) == pytest.approx(expected)
+    # by hand, and a response without both kinds (all n/a, or all correct) does not count
+    advantages = torch.tensor([[1.0, 1.0, 1.0, -1.0, -3.0], [5.0, 5.0, 5.0, 5.0, 5.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    labels = [[[0, 0, -1], [-1, 1, -1]], [[-1, -1, -1], [-1, -1, -1]], [[0, -1, -1], [0, -1, -1]]]
+    assert ppo.advantage_contrast(advantages, [[2, 4]] * 3, labels, 3) == pytest.approx(-2.0 - 1.0)
+    assert ppo.advantage_contrast(advantages[1:], [[2, 4]] * 2, labels[1:], 3) is None
+
+
 def test_kl_term_is_subtracted():
     fine = torch.tensor([[0.0, 1.0]])
     logp, ref = torch.tensor([[-1.0, -0.5]]), torch.tensor([[-2.0, -0.5]])
