@@ -18,7 +18,7 @@ CURVES = [
     ("clip fraction", ["clip_fraction"]),
     ("value loss", ["value_loss"]),
     ("explained variance", ["explained_variance"]),
-    ("advantage: hallucinated − correct sub-sentences", ["advantage_contrast"]),
+    ("advantage: hallucinated − correct", ["advantage_contrast"]),
 ]
 
 
