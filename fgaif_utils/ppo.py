@@ -50,15 +50,19 @@ POLICY_ADAPTER = "policy"
 
 # ---------------------------------------------------------------------------------------------- equations
 
+def subsentence_slices(end_positions):
+    """Each sub-sentence's token slice: from after the previous sub-sentence's last token up to its own."""
+    starts = [0] + [end + 1 for end in end_positions[:-1]]
+    return [slice(start, end + 1) for start, end in zip(starts, end_positions)]
+
+
 def repeated_subsentences(token_ids, end_positions):
-    """For each sub-sentence, whether its tokens (from after the previous sub-sentence's last token up to its own)
-    repeat an earlier sub-sentence of the same response exactly."""
-    seen, repeated, start = set(), [], 0
-    for end in end_positions:
-        tokens = tuple(token_ids[start:end + 1])
+    """For each sub-sentence, whether its tokens repeat an earlier sub-sentence of the same response exactly."""
+    seen, repeated = set(), []
+    for span in subsentence_slices(end_positions):
+        tokens = tuple(token_ids[span])
         repeated.append(tokens in seen)
         seen.add(tokens)
-        start = end + 1
     return repeated
 
 
@@ -152,20 +156,18 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
 def advantage_contrast(advantages, end_positions, labels, n_types):
     """Credit assignment, measured: within each response that has both, the mean advantage of the tokens of
     sub-sentences judged hallucinated (for some type) minus that of the tokens of sub-sentences judged correct (for
-    some type, hallucinated for none), averaged over those responses; None when no response has both. A
-    sub-sentence's tokens run from after the previous sub-sentence's last token to its own. Dense rewards make it
-    negative from the first iteration; a sparse reward only as far as the value model learns where the errors are."""
+    some type, hallucinated for none), averaged over those responses; None when no response has both. Dense
+    rewards make it negative from the first iteration; a sparse reward only as far as the value model learns where
+    the errors are."""
     contrasts = []
     for row, ends, lab in zip(advantages, end_positions, labels):
         lab = np.asarray(lab).reshape(len(ends), n_types)
-        hallucinated, correct, start = [], [], 0
-        for k, end in enumerate(ends):
-            tokens = row[start:end + 1].tolist()
-            if (lab[k] == 1).any():
-                hallucinated += tokens
-            elif (lab[k] == 0).any():
-                correct += tokens
-            start = end + 1
+        hallucinated, correct = [], []
+        for span, sub_labels in zip(subsentence_slices(ends), lab):
+            if (sub_labels == 1).any():
+                hallucinated += row[span].tolist()
+            elif (sub_labels == 0).any():
+                correct += row[span].tolist()
         if hallucinated and correct:
             contrasts.append(np.mean(hallucinated) - np.mean(correct))
     return float(np.mean(contrasts)) if contrasts else None

@@ -298,7 +298,6 @@ def test_tables_figure_and_headline():
     assert checks["attribute_halluc lower"] is None
 
 
-
 def test_verdicts_read_each_metric_direction():
     assert E.verdict("object_halluc", {"diff": -0.02, "p": 0.01}) == "better"
     assert E.verdict("object_halluc", {"diff": +0.02, "p": 0.01}) == "worse"
@@ -317,6 +316,7 @@ def test_verdicts_read_each_metric_direction():
     markdown = E.results_markdown(summary, tests)
     assert "| object_halluc | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] | -0.500 (p=0.010) better |" in markdown
     assert "| coverage | 1.000 [1.000, 1.000] | 0.500 [0.500, 0.500] | -0.500 (p=0.010) worse |" in markdown
+
 
 # ---------------------------------------------------------------------------------------------- judges
 
