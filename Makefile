@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds oracle-seeds test smoke lab clean-outputs
+.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds oracle-seeds long-seeds long-oracle-seeds test smoke lab clean-outputs
 
 # $(call pooled,RUN,SPLITS,GROUPS AND PAIRS): the seed-pooled comparison of RUN's stage 06 records on each split
 # (evaluate.seed_pooled_tests; images and seeds resampled). A comma inside an argument is written $(comma).
@@ -76,6 +76,7 @@ batch-seeds: setup
 # (with wrong attributes and size claims per description beside the per-claim rates).
 WORDS_RUNS := sparse s1 sparse-s1 s2 sparse-s2
 WORDS_METRICS := object_halluc,attribute_halluc,colour_halluc,size_halluc,relation_halluc,coverage,attribute_errors,size_claims
+LONG_METRICS := $(WORDS_METRICS),sentences
 words-seeds: setup
 	$(PY) -m fgaif_utils.pipeline params/words/fgaif.yaml --stages 00-05
 	for r in $(WORDS_RUNS); do $(PY) -m fgaif_utils.pipeline params/words/$$r.yaml --stages 05 || exit 1; done
@@ -95,6 +96,30 @@ oracle-seeds: setup
 	$(call pooled,tiny-oracle30-seeds,eval eval_long eval_ood,--metrics $(WORDS_METRICS) --group base=base \
 	  --group dense=fgaif$(comma)tiny-oracle30-s1$(comma)tiny-oracle30-s2 \
 	  --group sparse=tiny-oracle30-sparse$(comma)tiny-oracle30-sparse-s1$(comma)tiny-oracle30-sparse-s2 \
+	  --pair dense:base --pair sparse:base --pair dense:sparse)
+
+# Dense against sparse on crowded scenes (params/long/, after `make run`): PPO on 4-5-object images with tiny's reward
+# models, FGAIF and sparse at seeds 0-2, stage 06 over the six policies, tiny's FGAIF and the base, the seed-pooled
+# comparison (eval_long is the crowded scenes' distribution).
+LONG_RUNS := sparse s1 sparse-s1 s2 sparse-s2
+long-seeds: setup
+	$(PY) -m fgaif_utils.pipeline params/long/fgaif.yaml --stages 00,05
+	for r in $(LONG_RUNS); do $(PY) -m fgaif_utils.pipeline params/long/$$r.yaml --stages 05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/long/seeds.yaml --stages 06
+	$(call pooled,tiny-long-seeds,eval_long eval eval_ood,--metrics $(LONG_METRICS) --group base=base \
+	  --group fgaif=fgaif$(comma)tiny-long-s1$(comma)tiny-long-s2 \
+	  --group sparse=tiny-long-sparse$(comma)tiny-long-sparse-s1$(comma)tiny-long-sparse-s2 \
+	  --group tiny=tiny --pair fgaif:base --pair sparse:base --pair fgaif:sparse --pair fgaif:tiny)
+
+# The same with ground-truth rewards for 30 iterations (params/long/oracle*.yaml, after `make long-seeds`): dense and
+# sparse at seeds 0-2, stage 06 over the six policies, the crowded-scene FGAIF and the base, the seed-pooled comparison.
+LONG_ORACLE_RUNS := oracle oracle-sparse oracle-s1 oracle-sparse-s1 oracle-s2 oracle-sparse-s2
+long-oracle-seeds: setup
+	for r in $(LONG_ORACLE_RUNS); do $(PY) -m fgaif_utils.pipeline params/long/$$r.yaml --stages 05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/long/oracle-seeds.yaml --stages 06
+	$(call pooled,tiny-long-oracle30-seeds,eval_long eval eval_ood,--metrics $(LONG_METRICS) --group base=base \
+	  --group dense=fgaif$(comma)tiny-long-oracle30-s1$(comma)tiny-long-oracle30-s2 \
+	  --group sparse=tiny-long-oracle30-sparse$(comma)tiny-long-oracle30-sparse-s1$(comma)tiny-long-oracle30-sparse-s2 \
 	  --pair dense:base --pair sparse:base --pair dense:sparse)
 
 smoke: setup

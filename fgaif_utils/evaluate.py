@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fgaif_utils import facts as facts_lib
-from fgaif_utils import language, llm, models, scorer
+from fgaif_utils import language, llm, models, scorer, segment
 from fgaif_utils.coco_synonyms import COCO_SYNONYMS, IRREGULAR_PLURALS, NOT_OBJECTS
 
 SYNTHETIC_SPLITS = ["eval", "eval_long", "eval_ood"]
@@ -329,6 +329,8 @@ METRICS = {
     "chair_i": ({"chair_hallucinated": 1}, {"chair_mentioned": 1}),
     "chair_recall": ({"chair_covered": 1}, {"chair_truth": 1}),
     "words": ({"n_words": 1}, {"images": 1}),
+    # Sentences per description: the summed per-sub-sentence reward pays a claim twice when it is split in two.
+    "sentences": ({"n_sentences": 1}, {"images": 1}),
     # Per description, not per claim: a policy that states fewer sizes changes the attribute rate's mix of
     # colour and size claims; its wrong attributes per description do not depend on that mix.
     "attribute_errors": ({"n_attribute_false": 1}, {"images": 1}),
@@ -338,8 +340,8 @@ METRICS = {
     "mmhal_halluc": ({"mmhal_hallucinated": 1}, {"mmhal_rated": 1}),
     "llava_bench_relative": ({"llava_model_score": 100}, {"llava_reference_score": 1}),
 }
-# Which way is better, for the verdicts of the comparison tables; the rest (words, size claims, POPE yes-ratio) have
-# no better direction.
+# Which way is better, for the verdicts of the comparison tables; the rest (words, sentences, size claims, POPE
+# yes-ratio) have no better direction.
 LOWER_IS_BETTER = {"object_halluc", "attribute_halluc", "colour_halluc", "size_halluc", "relation_halluc",
                    "attribute_errors", "chair_s", "chair_i", "mmhal_halluc"}
 HIGHER_IS_BETTER = {"coverage", "chair_recall", "mmhal_score", "llava_bench_relative",
@@ -625,6 +627,7 @@ def description_record(text, scene, vocabulary, synthetic):
         record["facts"] = score["facts"]
     else:
         counts["n_words"] = len(text.split())
+        counts["n_sentences"] = len(segment.split_sentences(text))
     record["counts"] = counts
     return record
 

@@ -75,6 +75,9 @@ class WorldParams:
     """Fewest objects in an eval_long scene."""
     long_max_objects: PositiveInt = 5
     """Most objects in an eval_long scene."""
+    long_splits: list[Literal["sft", "feedback", "ppo", "validation", "eval", "eval_long", "eval_ood"]] = field(
+        default_factory=lambda: ["eval_long"])
+    """Splits drawn like eval_long: long_min_objects..long_max_objects objects, reference descriptions with up to twice max_relations relations. eval_long always; adding ppo and validation trains PPO on crowded scenes and long descriptions (params/long/)."""
     radius_small: PositiveFloat = 9.0
     """Radius in pixels of a small object."""
     radius_large: PositiveFloat = 14.0
@@ -610,6 +613,9 @@ def _check_across_keys(params, source):
         if low_value > high_value or (strict and low_value == high_value):
             raise ParamsError(f"{source}: key 'data.world_params.{low}' ({low_value}) must be "
                               f"{'below' if strict else 'at most'} 'data.world_params.{high}' ({high_value})")
+    if "eval_long" not in world.long_splits:
+        raise ParamsError(f"{source}: key 'data.world_params.long_splits' ({world.long_splits}) must include "
+                          "'eval_long': that split is the long one by definition")
     held_out = params.reward.dev_fraction + params.reward.test_fraction
     if held_out >= 1:
         raise ParamsError(f"{source}: keys 'reward.dev_fraction' + 'reward.test_fraction' = {held_out:g} leave no "

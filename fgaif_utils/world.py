@@ -438,7 +438,7 @@ def _split_rng(seed, split, purpose):
 def make_split(data_params, seed, split, n):
     """The split's scenes with their clean captions (nothing drawn or written)."""
     world_params = data_params.world_params
-    long = split == "eval_long"
+    long = split in world_params.long_splits
     scene_rng, caption_rng = _split_rng(seed, split, "scenes"), _split_rng(seed, split, "captions")
     offset = (SPLITS.index(split) + 1) * IMAGE_ID_STRIDE
     if n >= IMAGE_ID_STRIDE:

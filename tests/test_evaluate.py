@@ -281,6 +281,27 @@ def test_attribute_errors_per_description_do_not_depend_on_the_claim_mix():
     assert summary["terse"]["eval"]["size_claims"]["value"] == 0
 
 
+def test_sentences_per_description_in_both_worlds():
+    """The same two sentences said as one or as two: the scorer's count (synthetic) and the plain one (COCO) agree,
+    and the 'sentences' metric averages them per description."""
+    scene = {"objects": [{"shape": "heart", "colour": "red", "size": "large", "cx": 20, "cy": 20, "radius": 14},
+                         {"shape": "star", "colour": "yellow", "size": "small", "cx": 45, "cy": 45, "radius": 9}]}
+    scene["relations"] = world.scene_relations(scene["objects"])
+    joined = "there is a large red heart and a small yellow star ."
+    split = "there is a large red heart . there is a small yellow star ."
+    for synthetic in (True, False):
+        counts = [E.description_record(text, scene, E.world_vocabulary(), synthetic)["counts"]
+                  for text in (joined, split)]
+        assert [c["n_sentences"] for c in counts] == [1, 2]
+    records = [{"policy": "base", "split": "eval", "image_id": 0,
+                **E.description_record(joined, scene, E.world_vocabulary(), True)},
+               {"policy": "split", "split": "eval", "image_id": 0,
+                **E.description_record(split, scene, E.world_vocabulary(), True)}]
+    summary = E.summarise(records, n_resamples=20)
+    assert summary["base"]["eval"]["sentences"]["value"] == 1 and summary["split"]["eval"]["sentences"]["value"] == 2
+    assert summary["base"]["eval"]["coverage"]["value"] == summary["split"]["eval"]["coverage"]["value"] == 1
+
+
 def test_tables_figure_and_headline():
     records = [_record(p, i, n_object_judged=4, n_object_false=f, n_covered=2, n_scene_objects=3)
                for p, f in (("base", 2), ("fgaif", 0)) for i in range(10)]

@@ -57,6 +57,17 @@ def test_wrong_type_names_key_and_file(tmp_path, text, key):
     assert f"'{key}'" in str(err.value) and str(path) in str(err.value)
 
 
+def test_long_splits_are_checked(tmp_path):
+    path = write(tmp_path, "bad.yaml", "data:\n  world_params:\n    long_splits: [ppo, evl]\n")
+    with pytest.raises(P.ParamsError, match=r"'data.world_params.long_splits\[1\]' must be one of"):
+        P.load(path)
+    path = write(tmp_path, "bad2.yaml", "data:\n  world_params:\n    long_splits: [ppo]\n")
+    with pytest.raises(P.ParamsError, match=r"'data.world_params.long_splits'.*must include 'eval_long'"):
+        P.load(path)
+    assert P.load(write(tmp_path, "ok.yaml", "data:\n  world_params:\n    long_splits: [ppo, eval_long]\n")
+                  ).data.world_params.long_splits == ["ppo", "eval_long"]
+
+
 def test_int_accepted_where_float_expected(tmp_path):
     params = P.load(write(tmp_path, "ok.yaml", "data:\n  noise:\n    p_object: 1\n"))
     assert params.data.noise.p_object == 1.0 and isinstance(params.data.noise.p_object, float)

@@ -169,6 +169,21 @@ def test_eval_long_has_more_objects(built):
     assert max(relation_counts) > params.world_params.max_relations  # long descriptions state more
 
 
+def test_long_splits_make_ppo_scenes_crowded():
+    """data.world_params.long_splits: a split listed there is drawn like eval_long (4-5 objects, up to twice the
+    relations in its reference descriptions); by default only eval_long is, and the ppo split keeps 1-4 objects."""
+    default = world.make_split(DataParams(**SMALL), 7, "ppo", 40)
+    crowded_params = DataParams(**SMALL, world_params=WorldParams(long_splits=["ppo", "eval_long"]))
+    crowded = world.make_split(crowded_params, 7, "ppo", 40)
+    default_counts = [len(s["objects"]) for s in default]
+    crowded_counts = [len(s["objects"]) for s in crowded]
+    assert min(default_counts) == 1 and max(default_counts) <= 4
+    assert min(crowded_counts) >= 3 and max(crowded_counts) == 5   # 3: a fifth object may not fit the canvas
+    assert max(len(parse(c)[1]) for s in crowded for c in s["captions"]) > crowded_params.world_params.max_relations
+    # the splits not listed are untouched
+    assert world.make_split(crowded_params, 7, "eval", 10) == world.make_split(DataParams(**SMALL), 7, "eval", 10)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' mask decoding under numpy 2
 def test_pycocotools_reads_what_the_scenes_say(built):
     out, _, _ = built
