@@ -381,8 +381,6 @@ class PpoParams:
     """Score every sub-sentence, including exact repeats of an earlier one in the same response (the paper). False: a repeat earns no fine-grained reward, the smallest fix for the repetition hack that per-sub-sentence rewards invite (measured on tiny: README)."""
     claim_bonus: NonNegativeFloat = 0.0
     """Counterweight against saying less (off in the paper profile): reward added on each sub-sentence the reward models judge correct for some type and hallucinated for none."""
-    split_neutral: bool = False
-    """Counterweight against sentence splitting (off in the paper profile): each sub-sentence's fine-grained reward (claim bonus included) is multiplied by the number of objects it names first in the response (at least 1), so two claims earn the same joined ("a X and a Y") or split in two; the paper's sum pays twice for the split (measured on tiny: README)."""
     oracle_rewards: bool = False
     """A control, not FGAIF (synthetic world only): the ground-truth scorer's labels replace the reward models' (perfect feedback), to tell what the reward models get wrong from what the RL does with any reward."""
     kl_budget: NonNegativeFloat = 0.0

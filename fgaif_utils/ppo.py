@@ -30,7 +30,6 @@ Several processes (torchrun / accelerate launch): every rank samples its share o
 are averaged across ranks by all-reduce after each backward, with losses normalised by the global number of
 tokens, so N ranks compute exactly the update one process would on the same global batch.
 """
-import bisect
 import json
 import math
 import os
@@ -78,36 +77,12 @@ def ground_truth_labels(token_ids, decode, scene):
     return np.array([sub["labels"] for sub in scored], dtype=np.int64).reshape(-1, len(reward.FACT_TYPES))
 
 
-def new_object_counts(token_ids, decode, vocabulary):
-    """For each sub-sentence (aligned to tokens as subsentence_end_positions aligns them), how many object
-    categories it names that no earlier sub-sentence of the response named (negated mentions do not count)."""
-    if not token_ids:
-        return []
-    aligned = segment.align_subsentences(token_ids, decode)
-    subsentence_ends = [entry["span"][1] for entry in aligned]
-    counts, seen = [0] * len(aligned), set()
-    for mention in vocabulary.mentions(decode(token_ids)):
-        if mention["negated"] or mention["category"] in seen:
-            continue
-        seen.add(mention["category"])
-        counts[min(bisect.bisect_right(subsentence_ends, mention["span"][0]), len(counts) - 1)] += 1
-    return counts
-
-
-def split_neutral_multipliers(token_ids, decode, vocabulary):
-    """`ppo.split_neutral`: each sub-sentence's reward counts once per object it adds to the response (at least
-    once), so "a red heart and a yellow star" earns what "a red heart. a yellow star." earns when both are right."""
-    return [max(1, count) for count in new_object_counts(token_ids, decode, vocabulary)]
-
-
-def fine_grained_rewards(labels, end_positions, n_actions, weights, sparse=False, claim_bonus=0.0, skip=None,
-                         multipliers=None):
+def fine_grained_rewards(labels, end_positions, n_actions, weights, sparse=False, claim_bonus=0.0, skip=None):
     """(n_actions,) rewards of one response: at each sub-sentence's last token, sum over types of
     weight * (+1 correct / -1 hallucinated / 0 n/a). `labels` (K, T) in {-1, 0, 1} (reward-model classes
     shifted), `end_positions` K token indices. `sparse`: the same total on the last action instead.
     `claim_bonus`: added at a sub-sentence judged correct for some type and hallucinated for none.
-    `skip`: K booleans, True for sub-sentences that earn nothing (repeats, when repeats are not rewarded).
-    `multipliers`: K factors for each sub-sentence's reward, bonus included (`ppo.split_neutral`)."""
+    `skip`: K booleans, True for sub-sentences that earn nothing (repeats, when repeats are not rewarded)."""
     rewards = torch.zeros(n_actions)
     labels = np.asarray(labels).reshape(len(end_positions), len(weights))
     for k, position in enumerate(end_positions):
@@ -117,8 +92,6 @@ def fine_grained_rewards(labels, end_positions, n_actions, weights, sparse=False
         value = float(np.dot(per_type, weights))
         if claim_bonus and (labels[k] == 0).any() and not (labels[k] == 1).any():
             value += claim_bonus
-        if multipliers is not None:
-            value *= multipliers[k]
         rewards[position] += value
     if sparse and n_actions:
         total = rewards.sum()
@@ -353,7 +326,6 @@ class Trainer:
         self.value_opt = torch.optim.Adam(list(self.value_params.values()), lr=settings.value_lr or settings.lr)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.oracle_scenes = None   # {image_id: scene}: the oracle control scores with the truth instead
-        self.vocabulary = None      # object words: ppo.split_neutral counts the objects each sub-sentence adds
 
     @property
     def device(self):
@@ -401,13 +373,9 @@ class Trainer:
         values = response_values(self.rm, self.value_head, input_ids, pixel_values, P) * mask
         skips = [None if s.reward_repeats else repeated_subsentences(ids, ends)
                  for ids, ends in zip(token_ids, end_positions)]
-        multipliers = [split_neutral_multipliers(ids, self.decode, self.vocabulary) if s.split_neutral else None
-                       for ids in token_ids]
         fine_grained = torch.stack([
-            _padded(fine_grained_rewards(lab, ends, len(a), self.weights, s.sparse, s.claim_bonus, skip, factors),
-                    mask.shape[1])
-            for lab, ends, a, skip, factors in zip(labels, end_positions, actions, skips, multipliers)
-        ]).to(self.device) * s.reward_scale
+            _padded(fine_grained_rewards(lab, ends, len(a), self.weights, s.sparse, s.claim_bonus, skip), mask.shape[1])
+            for lab, ends, a, skip in zip(labels, end_positions, actions, skips)]).to(self.device) * s.reward_scale
         if s.whiten_rewards:
             fine_grained = whiten(fine_grained, mask)
         rewards, kl = kl_penalised_rewards(fine_grained, logprobs, ref_logprobs, mask, s.beta)
@@ -718,9 +686,6 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
     validation_images = world.load_images(data_dir, validation_scenes)
     if s.oracle_rewards:
         trainer.oracle_scenes = {scene["image_id"]: scene for scene in prompt_scenes + validation_scenes}
-    if s.split_neutral:
-        from . import evaluate
-        trainer.vocabulary = evaluate.world_vocabulary() if P.data.world == "synthetic" else evaluate.coco_vocabulary()
     validate = validator(validation_scenes, validation_images, P.sampling.prompt, s.max_new_tokens,
                          P.evaluate.batch_size, P.data.world == "synthetic") if rank == 0 or world_size == 1 else None
     if world_size > 1:

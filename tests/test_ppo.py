@@ -319,34 +319,6 @@ def test_repeated_sub_sentences_earn_nothing_when_repeats_are_not_rewarded():
     assert rewards.tolist() == pytest.approx([0, 0, 0, 2, 0, 0, 0, 0, 0, 0, -1, 0])
 
 
-def test_split_neutral_pays_two_claims_the_same_joined_or_split():
-    """The same two correct claims as one sentence or as two: the paper's sum pays the split twice; with
-    ppo.split_neutral each sub-sentence counts once per object it adds (relation sentences and repeats once)."""
-    from fgaif_utils.evaluate import world_vocabulary
-    words = "there is a large red heart and small yellow star . the star is left of the heart . no ring".split()
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words + ["a"]))}
-    decode = lambda ids, inv={i: w for w, i in vocab.items()}: " ".join(inv[t] for t in ids)  # noqa: E731
-    encode = lambda text: [vocab[w] for w in text.split()]  # noqa: E731
-    joined = encode("there is a large red heart and a small yellow star . the star is left of the heart .")
-    split = encode("there is a large red heart . there is a small yellow star . the star is left of the heart .")
-    correct = [0, 0, 0]     # object, attribute, relation all judged correct (relation n/a would not change this)
-    totals = {}
-    for name, ids in (("joined", joined), ("split", split)):
-        ends = segment.subsentence_end_positions(ids, decode)
-        factors = ppo.split_neutral_multipliers(ids, decode, world_vocabulary())
-        labels = [correct] * len(ends)
-        paper = ppo.fine_grained_rewards(labels, ends, len(ids), np.ones(3), claim_bonus=0.5)
-        neutral = ppo.fine_grained_rewards(labels, ends, len(ids), np.ones(3), claim_bonus=0.5, multipliers=factors)
-        totals[name] = (factors, float(paper.sum()), float(neutral.sum()))
-    assert totals["joined"] == ([2, 1], 7.0, 10.5)          # 3.5 per sub-sentence; the first names two objects
-    assert totals["split"] == ([1, 1, 1], 10.5, 10.5)       # the paper's sum pays the split 3.5 more
-    # a negated object adds no claim; a sub-sentence with no new object still counts once
-    ids = encode("there is a large red heart and no ring . the heart is large .")
-    assert ppo.new_object_counts(ids, decode, world_vocabulary()) == [1, 0]
-    assert ppo.split_neutral_multipliers(ids, decode, world_vocabulary()) == [1, 1]
-    assert ppo.split_neutral_multipliers([], decode, world_vocabulary()) == []
-
-
 def test_launch_commands():
     from fgaif_utils import launch
     argv = launch.command("torchrun", 4, "p.yaml", "r", "d", "m", "w", "o", "c", master_port=1234)
