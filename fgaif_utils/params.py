@@ -77,7 +77,7 @@ class WorldParams:
     """Most objects in an eval_long scene."""
     long_splits: list[Literal["sft", "feedback", "ppo", "validation", "eval", "eval_long", "eval_ood"]] = field(
         default_factory=lambda: ["eval_long"])
-    """Splits drawn like eval_long: long_min_objects..long_max_objects objects, reference descriptions with up to twice max_relations relations. eval_long always; adding ppo and validation trains PPO on crowded scenes and long descriptions (params/long/)."""
+    """Splits drawn like eval_long: long_min_objects..long_max_objects objects, descriptions (clean and, for sft, noisy) with up to twice max_relations relations. eval_long always; adding ppo and validation trains PPO on crowded scenes and long descriptions (params/long/)."""
     radius_small: PositiveFloat = 9.0
     """Radius in pixels of a small object."""
     radius_large: PositiveFloat = 14.0

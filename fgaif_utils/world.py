@@ -460,6 +460,7 @@ def make_noisy_captions(data_params, seed, scenes):
     for scene in scenes:
         for _ in range(data_params.noisy_captions_per_image):
             text, injections = noisy_describe(scene, rng, data_params.noise,
+                                              long="sft" in data_params.world_params.long_splits,
                                               **writing_style(data_params.world_params))
             records.append({"image_id": scene["image_id"], "caption": text, "injections": injections})
     return records

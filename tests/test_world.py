@@ -182,6 +182,10 @@ def test_long_splits_make_ppo_scenes_crowded():
     assert max(len(parse(c)[1]) for s in crowded for c in s["captions"]) > crowded_params.world_params.max_relations
     # the splits not listed are untouched
     assert world.make_split(crowded_params, 7, "eval", 10) == world.make_split(DataParams(**SMALL), 7, "eval", 10)
+    # a long sft split's noisy captions state the long descriptions' relations too
+    long_sft = DataParams(**SMALL, world_params=WorldParams(long_splits=["sft", "eval_long"]))
+    noisy = world.make_noisy_captions(long_sft, 7, world.make_split(long_sft, 7, "sft", 40))
+    assert max(len(parse(r["caption"])[1]) for r in noisy) > long_sft.world_params.max_relations
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' mask decoding under numpy 2
