@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds oracle-seeds long-seeds long-oracle-seeds test smoke lab clean-outputs
+.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds oracle-seeds long-seeds long-oracle-seeds policyqa-seeds test smoke lab clean-outputs
 
 # $(call pooled,RUN,SPLITS,GROUPS AND PAIRS): the seed-pooled comparison of RUN's stage 06 records on each split
 # (evaluate.seed_pooled_tests; images and seeds resampled). A comma inside an argument is written $(comma).
@@ -121,6 +121,20 @@ long-oracle-seeds: setup
 	  --group dense=fgaif$(comma)tiny-long-oracle30-s1$(comma)tiny-long-oracle30-s2 \
 	  --group sparse=tiny-long-oracle30-sparse$(comma)tiny-long-oracle30-sparse-s1$(comma)tiny-long-oracle30-sparse-s2 \
 	  --pair dense:base --pair sparse:base --pair dense:sparse)
+
+# A base policy that can answer yes/no (params/policyqa/, after `make run`): every stage but 00 of its own run, the
+# sparse ablation and PPO seeds 1-2 of both, stage 06 over the six policies and the base, the seed-pooled comparison
+# with POPE beside the hallucination rates.
+POLICYQA_RUNS := sparse s1 sparse-s1 s2 sparse-s2
+POLICYQA_METRICS := $(LONG_METRICS),pope_random_accuracy,pope_random_f1,pope_random_yes_ratio,pope_popular_f1,pope_adversarial_f1
+policyqa-seeds: setup
+	$(PY) -m fgaif_utils.pipeline params/policyqa/fgaif.yaml --stages 01-05
+	for r in $(POLICYQA_RUNS); do $(PY) -m fgaif_utils.pipeline params/policyqa/$$r.yaml --stages 05 || exit 1; done
+	$(PY) -m fgaif_utils.pipeline params/policyqa/seeds.yaml --stages 06
+	$(call pooled,tiny-policyqa-seeds,eval eval_long eval_ood,--metrics $(POLICYQA_METRICS) --group base=base \
+	  --group fgaif=fgaif$(comma)tiny-policyqa-s1$(comma)tiny-policyqa-s2 \
+	  --group sparse=tiny-policyqa-sparse$(comma)tiny-policyqa-sparse-s1$(comma)tiny-policyqa-sparse-s2 \
+	  --pair fgaif:base --pair sparse:base --pair fgaif:sparse)
 
 smoke: setup
 	$(PY) -m fgaif_utils.pipeline params/smoke.yaml
