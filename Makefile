@@ -14,6 +14,9 @@ STAGES ?=
 comma := ,
 pooled = for split in $(2); do $(PY) -m fgaif_utils.evaluate outputs/$(1)/06_evaluate/records.jsonl --split $$split $(3) || exit 1; done
 
+# $(call stage05,DIR,RUNS): stage 05 of params/DIR/RUN.yaml for each RUN, stopping at the first failure.
+stage05 = for r in $(2); do $(PY) -m fgaif_utils.pipeline params/$(1)/$$r.yaml --stages 05 || exit 1; done
+
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -43,7 +46,7 @@ ablations: setup
 # base, then the seed-pooled comparison (images and seeds resampled).
 SEED_RUNS := tiny-s1 tiny-sparse-s1 tiny-s2 tiny-sparse-s2
 seeds: setup
-	for r in $(SEED_RUNS); do $(PY) -m fgaif_utils.pipeline params/seeds/$$r.yaml --stages 05 || exit 1; done
+	$(call stage05,seeds,$(SEED_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/seeds/tiny-seeds.yaml --stages 06
 	$(call pooled,tiny-seeds,eval eval_ood,--group base=base --group fgaif=fgaif$(comma)tiny-s1$(comma)tiny-s2 \
 	  --group sparse=tiny-sparse$(comma)tiny-sparse-s1$(comma)tiny-sparse-s2 --pair fgaif:base --pair fgaif:sparse)
@@ -52,7 +55,7 @@ seeds: setup
 # sparse ablation and PPO seeds 1 and 2 of both, stage 06 over all six policies, the seed-pooled comparison.
 GROUNDED_RUNS := sparse s1 sparse-s1 s2 sparse-s2
 grounded-seeds: setup
-	for r in $(GROUNDED_RUNS); do $(PY) -m fgaif_utils.pipeline params/grounded/$$r.yaml --stages 05 || exit 1; done
+	$(call stage05,grounded,$(GROUNDED_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/grounded/seeds.yaml --stages 06
 	$(call pooled,tiny-grounded-seeds,eval eval_long eval_ood,--group base=base \
 	  --group fgaif=fgaif$(comma)tiny-grounded-s1$(comma)tiny-grounded-s2 \
@@ -64,8 +67,8 @@ grounded-seeds: setup
 # not trained them, stage 06 over all nine policies and the base, then the seed-pooled comparison.
 BATCH_RUNS := fgaif sparse s1 sparse-s1 s2 sparse-s2
 batch-seeds: setup
-	for r in tiny-s1 tiny-s2; do $(PY) -m fgaif_utils.pipeline params/seeds/$$r.yaml --stages 05 || exit 1; done
-	for r in $(BATCH_RUNS); do $(PY) -m fgaif_utils.pipeline params/batch/$$r.yaml --stages 05 || exit 1; done
+	$(call stage05,seeds,tiny-s1 tiny-s2)
+	$(call stage05,batch,$(BATCH_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/batch/seeds.yaml --stages 06
 	$(call pooled,tiny-b256-seeds,eval eval_long eval_ood,--group base=base --group b256=fgaif$(comma)tiny-b256-s1$(comma)tiny-b256-s2 \
 	  --group b256sparse=tiny-b256-sparse$(comma)tiny-b256-sparse-s1$(comma)tiny-b256-sparse-s2 \
@@ -79,7 +82,7 @@ WORDS_METRICS := object_halluc,attribute_halluc,colour_halluc,size_halluc,relati
 LONG_METRICS := $(WORDS_METRICS),sentences
 words-seeds: setup
 	$(PY) -m fgaif_utils.pipeline params/words/fgaif.yaml --stages 00-05
-	for r in $(WORDS_RUNS); do $(PY) -m fgaif_utils.pipeline params/words/$$r.yaml --stages 05 || exit 1; done
+	$(call stage05,words,$(WORDS_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/words/seeds.yaml --stages 06
 	$(call pooled,tiny-words-seeds,eval eval_long eval_ood,--metrics $(WORDS_METRICS) --group base=base \
 	  --group fgaif=fgaif$(comma)tiny-words-s1$(comma)tiny-words-s2 \
@@ -91,7 +94,7 @@ words-seeds: setup
 # the six policies, tiny's FGAIF and the base, then the seed-pooled comparison.
 ORACLE_RUNS := dense sparse s1 sparse-s1 s2 sparse-s2
 oracle-seeds: setup
-	for r in $(ORACLE_RUNS); do $(PY) -m fgaif_utils.pipeline params/oracle/$$r.yaml --stages 05 || exit 1; done
+	$(call stage05,oracle,$(ORACLE_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/oracle/seeds.yaml --stages 06
 	$(call pooled,tiny-oracle30-seeds,eval eval_long eval_ood,--metrics $(WORDS_METRICS) --group base=base \
 	  --group dense=fgaif$(comma)tiny-oracle30-s1$(comma)tiny-oracle30-s2 \
@@ -104,7 +107,7 @@ oracle-seeds: setup
 LONG_RUNS := sparse s1 sparse-s1 s2 sparse-s2
 long-seeds: setup
 	$(PY) -m fgaif_utils.pipeline params/long/fgaif.yaml --stages 00,05
-	for r in $(LONG_RUNS); do $(PY) -m fgaif_utils.pipeline params/long/$$r.yaml --stages 05 || exit 1; done
+	$(call stage05,long,$(LONG_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/long/seeds.yaml --stages 06
 	$(call pooled,tiny-long-seeds,eval_long eval eval_ood,--metrics $(LONG_METRICS) --group base=base \
 	  --group fgaif=fgaif$(comma)tiny-long-s1$(comma)tiny-long-s2 \
@@ -115,7 +118,7 @@ long-seeds: setup
 # sparse at seeds 0-2, stage 06 over the six policies, the crowded-scene FGAIF and the base, the seed-pooled comparison.
 LONG_ORACLE_RUNS := oracle oracle-sparse oracle-s1 oracle-sparse-s1 oracle-s2 oracle-sparse-s2
 long-oracle-seeds: setup
-	for r in $(LONG_ORACLE_RUNS); do $(PY) -m fgaif_utils.pipeline params/long/$$r.yaml --stages 05 || exit 1; done
+	$(call stage05,long,$(LONG_ORACLE_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/long/oracle-seeds.yaml --stages 06
 	$(call pooled,tiny-long-oracle30-seeds,eval_long eval eval_ood,--metrics $(LONG_METRICS) --group base=base \
 	  --group dense=fgaif$(comma)tiny-long-oracle30-s1$(comma)tiny-long-oracle30-s2 \
@@ -129,7 +132,7 @@ POLICYQA_RUNS := sparse s1 sparse-s1 s2 sparse-s2
 POLICYQA_METRICS := $(LONG_METRICS),pope_random_accuracy,pope_random_f1,pope_random_yes_ratio,pope_popular_f1,pope_adversarial_f1
 policyqa-seeds: setup
 	$(PY) -m fgaif_utils.pipeline params/policyqa/fgaif.yaml --stages 01-05
-	for r in $(POLICYQA_RUNS); do $(PY) -m fgaif_utils.pipeline params/policyqa/$$r.yaml --stages 05 || exit 1; done
+	$(call stage05,policyqa,$(POLICYQA_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/policyqa/seeds.yaml --stages 06
 	$(call pooled,tiny-policyqa-seeds,eval eval_long eval_ood,--metrics $(POLICYQA_METRICS) --group base=base \
 	  --group fgaif=fgaif$(comma)tiny-policyqa-s1$(comma)tiny-policyqa-s2 \
