@@ -21,6 +21,10 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# The synthetic world's splits, in image-id order (world.SPLITS); named here so that params can check split names.
+WORLD_SPLITS = ("sft", "feedback", "ppo", "validation", "eval", "eval_long", "eval_ood")
+
+
 class ParamsError(ValueError):
     """A params file is malformed: the message names the file and the key."""
 
@@ -75,8 +79,7 @@ class WorldParams:
     """Fewest objects in an eval_long scene."""
     long_max_objects: PositiveInt = 5
     """Most objects in an eval_long scene."""
-    long_splits: list[Literal["sft", "feedback", "ppo", "validation", "eval", "eval_long", "eval_ood"]] = field(
-        default_factory=lambda: ["eval_long"])
+    long_splits: list[Literal[WORLD_SPLITS]] = field(default_factory=lambda: ["eval_long"])
     """Splits drawn like eval_long: long_min_objects..long_max_objects objects, descriptions (clean and, for sft, noisy) with up to twice max_relations relations. eval_long always; adding ppo and validation trains PPO on crowded scenes and long descriptions (params/long/)."""
     radius_small: PositiveFloat = 9.0
     """Radius in pixels of a small object."""

@@ -24,13 +24,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from fgaif_utils.params import WORLD_SPLITS
 from fgaif_utils.stage import read_jsonl
 
 from fgaif_utils.language import (COLOURS, EXISTENCE_LEADS, OPENERS, OPPOSITE, PARTNER, RELATION_PHRASES,
                                   RELATIONS, SHAPE_WORDS, SHAPES, SIZE_WORDS, SIZES, TYPICAL_COLOUR,
                                   stated_relation)
 
-SPLITS = ["sft", "feedback", "ppo", "validation", "eval", "eval_long", "eval_ood"]
+SPLITS = list(WORLD_SPLITS)
 SPLIT_SIZE_KEYS = {"sft": "n_sft", "feedback": "n_feedback", "ppo": "n_ppo", "validation": "n_validation",
                    "eval": "n_eval", "eval_long": "n_eval_long", "eval_ood": "n_eval_ood"}
 IMAGE_ID_STRIDE = 1_000_000  # image_id = (split index + 1) * stride + index: unique across splits
