@@ -9,11 +9,12 @@ and then reads the artifacts the job wrote into DIR (rank 0 writes them). Each r
 unchanged: the process group is set up here (NCCL on GPUs, gloo on CPU) from the environment the launcher
 sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
-Not built: DeepSpeed ZeRO. Only LoRA adapters and the value head train, so gradients and optimiser states are
-small; what is large is the frozen bases every rank holds (LLaVA-1.5-7B policy + 13B reward base: about 40 GB in
-bf16). ZeRO-1/2 shard only the small part; ZeRO-3 would partition the bases too, but then every decode step of
-the rollout gathers each layer's weights from the other ranks. `models.load_in_4bit` (NF4: about 11 GB for both)
-is the memory answer offered here; a ZeRO-3 path was never run on GPUs, so it is not pretended.
+DeepSpeed: with `ppo.deepspeed` naming a DeepSpeed config (params/deepspeed/zero3.json) the same ranks wrap the
+policy and the value model in DeepSpeed engines (`ppo.use_deepspeed`). ZeRO stage 3 partitions what is large here,
+the frozen bases every rank would otherwise hold whole (LLaVA-1.5-7B policy + 13B reward base: about 40 GB in
+bf16), over the ranks; each decode step then gathers every layer's weights from the other ranks, the price of it.
+The launchers stay torchrun / accelerate (no `deepspeed` launcher needed: the process group comes from them).
+`models.load_in_4bit` (NF4: about 11 GB for both bases) is the other memory answer; the two do not combine.
 """
 import argparse
 import os

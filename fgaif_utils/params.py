@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -402,6 +403,8 @@ class PpoParams:
     """Run the training function in the notebook's kernel ("none") or as a multi-process job."""
     nproc: PositiveInt = 1
     """Processes (GPUs) for torchrun / accelerate."""
+    deepspeed: str = ""
+    """A DeepSpeed config (JSON; relative to the repository or absolute) for the torchrun / accelerate job, e.g. params/deepspeed/zero3.json: ZeRO stage 3 partitions the frozen policy and reward bases, the adapters and the optimiser states over the ranks (13B-size models). These params fill in its batch size, gradient clipping and the client optimiser. "" = plain data parallel."""
     report_images: NonNegativeInt = 12
     """Eval-split images shown described before and after PPO."""
 
@@ -633,6 +636,13 @@ def _check_across_keys(params, source):
     if ppo.rollout_batch % ppo.samples_per_image:
         raise ParamsError(f"{source}: key 'ppo.rollout_batch' ({ppo.rollout_batch}) must be a multiple of "
                           f"'ppo.samples_per_image' ({ppo.samples_per_image}): each prompt image is sampled that often")
+    if ppo.deepspeed:
+        for clash, why in ((ppo.launcher == "none", "ppo.launcher 'torchrun' or 'accelerate' (ranks to partition over)"),
+                           (params.models.load_in_4bit, "models.load_in_4bit: false (ZeRO cannot partition 4-bit weights)"),
+                           (ppo.rollout_engine not in ("auto", "generate"),
+                            "ppo.rollout_engine 'auto' or 'generate' (the static-cache engines read whole weights)")):
+            if clash:
+                raise ParamsError(f"{source}: key 'ppo.deepspeed' ({ppo.deepspeed!r}) needs {why}")
     prompt_images = ppo.rollout_batch // ppo.samples_per_image
     if prompt_images > params.data.n_ppo:
         raise ParamsError(f"{source}: key 'ppo.rollout_batch' asks for {prompt_images} distinct prompt images per "
@@ -651,6 +661,26 @@ def _check_paths(params, source):
                        ("reward.backbone", params.reward.backbone)):
         if value.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(value)).is_dir():
             raise ParamsError(f"{source}: key '{key}' names the local folder {value!r}, which does not exist")
+    if params.ppo.deepspeed:
+        deepspeed_config(params.ppo.deepspeed, source)
+
+
+def deepspeed_config(path, source="params"):
+    """The DeepSpeed config that key ppo.deepspeed names, as a dict; a ParamsError naming the key and the file when it
+    is missing, not JSON or has no zero_optimization.stage."""
+    found = Path(os.path.expanduser(path))
+    found = found if found.is_absolute() or found.is_file() else REPO_ROOT / path
+    where = f"{source}: key 'ppo.deepspeed' names {path!r}"
+    if not found.is_file():
+        raise ParamsError(f"{where}, which is not a file")
+    try:
+        config = json.loads(found.read_text())
+    except json.JSONDecodeError as err:
+        raise ParamsError(f"{where}, which is not JSON: {err}") from err
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ParamsError(f"{where}, whose 'zero_optimization.stage' must be 0, 1, 2 or 3 (got {stage!r})")
+    return config
 
 
 def load(path, check_paths=True):

@@ -28,11 +28,16 @@ a real token see a pad on its right; on CPU the masked backward is much slower).
 
 Several processes (torchrun / accelerate launch): every rank samples its share of the batch, then gradients
 are averaged across ranks by all-reduce after each backward, with losses normalised by the global number of
-tokens, so N ranks compute exactly the update one process would on the same global batch.
+tokens, so N ranks compute exactly the update one process would on the same global batch. With `ppo.deepspeed`
+(a DeepSpeed config, ZeRO stage 3 for 13B-size bases) two DeepSpeed engines, the policy and the value model, hold
+1/N of every parameter, gradient and Adam state on each rank and do the reduction, clipping and Adam step; every
+equation above stays where it is.
 """
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,7 @@ import torch.distributed as dist
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
 from . import models, reward, rollout, scorer, segment, tiny_train
+from .params import deepspeed_config
 
 VALUE_ADAPTER = "value"
 POLICY_ADAPTER = "policy"
@@ -325,6 +331,7 @@ class Trainer:
         self.policy_opt = torch.optim.Adam(list(self.policy_params.values()), lr=settings.lr)
         self.value_opt = torch.optim.Adam(list(self.value_params.values()), lr=settings.value_lr or settings.lr)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.engines = None         # (policy, value) DeepSpeed engines once `use_deepspeed` wrapped the models
         self.oracle_scenes = None   # {image_id: scene}: the oracle control scores with the truth instead
 
     @property
@@ -341,7 +348,7 @@ class Trainer:
         self.policy.eval()
         token_ids, _, _ = rollout.sample(self.policy, self.processor, images, [self.prompt_text] * len(images),
                                          max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
-                                         top_p=s.top_p, seed=seed, engine=s.rollout_engine,
+                                         top_p=s.top_p, seed=seed, engine="generate" if self.engines else s.rollout_engine,
                                          with_logprobs=False)   # log pi comes from a forward pass below
         end_positions = [segment.subsentence_end_positions(ids, self.decode) if ids else [] for ids in token_ids]
         return token_ids, end_positions
@@ -356,7 +363,14 @@ class Trainer:
             if [len(response) for response in labels] != [len(ends) for ends in end_positions]:
                 raise RuntimeError("oracle rewards: the scorer's sub-sentences do not match the end positions")
             return labels
-        scores = self.rm.score(images, token_ids, end_positions, batch_size=len(images))
+        # Under DeepSpeed one forward per type: peft's mixed-adapter batch gave other logits under ZeRO-3's hooks
+        # (measured on CPU; per-type forwards match the unwrapped model exactly).
+        mixed = not self.engines
+        if self.engines and not any(len(ends) for ends in end_positions):
+            # ZeRO-3 gathers each layer's weights from all ranks, so every rank runs every forward: score a
+            # one-token stand-in when this rank's responses closed no sub-sentence
+            self.rm.score(images[:1], [[self.eos]], [[0]], batch_size=1, mixed=mixed)
+        scores = self.rm.score(images, token_ids, end_positions, batch_size=len(images), mixed=mixed)
         return [s["labels"] for s in scores]
 
     @torch.no_grad()
@@ -408,15 +422,23 @@ class Trainer:
                 policy_loss, value_loss, approx_kl, clip_fraction = ppo_losses(
                     logprobs, batch.logprobs[rows], batch.advantages[rows], values, batch.values[rows],
                     batch.returns[rows], mask, s.clip, s.value_clip, n_tokens)
-                self.policy_opt.zero_grad(set_to_none=True)
-                self.value_opt.zero_grad(set_to_none=True)
-                (policy_loss + s.vf_coef * value_loss).backward()
-                _all_reduce_grads(self.policy_params.values(), self.world)
-                _all_reduce_grads(self.value_params.values(), self.world)
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(self.policy_params.values()), s.grad_clip)
-                torch.nn.utils.clip_grad_norm_(list(self.value_params.values()), s.grad_clip)
-                self.policy_opt.step()
-                self.value_opt.step()
+                if self.engines:   # DeepSpeed averages the ranks' gradients; the losses are per global token: sum
+                    policy_engine, value_engine = self.engines
+                    policy_engine.backward(policy_loss * self.world)
+                    value_engine.backward(s.vf_coef * value_loss * self.world)
+                    policy_engine.step()    # clip at gradient_clipping (= grad_clip), Adam, zero the gradients
+                    value_engine.step()
+                    grad_norm = policy_engine.get_global_grad_norm()
+                else:
+                    self.policy_opt.zero_grad(set_to_none=True)
+                    self.value_opt.zero_grad(set_to_none=True)
+                    (policy_loss + s.vf_coef * value_loss).backward()
+                    _all_reduce_grads(self.policy_params.values(), self.world)
+                    _all_reduce_grads(self.value_params.values(), self.world)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(list(self.policy_params.values()), s.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(list(self.value_params.values()), s.grad_clip)
+                    self.policy_opt.step()
+                    self.value_opt.step()
                 for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
                                    ("approx_kl", approx_kl), ("clip_fraction", clip_fraction)):
                     stats[key].append(float(_global_sum(value.detach())))
@@ -502,19 +524,37 @@ def rollout_stats(batch, reward_types, weights):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(trainer, folder, state):
-    """Adapter, value adapter + head, both optimisers and the loop state, each written atomically."""
+def save_checkpoint(trainer, folder, state, rank=0):
+    """Adapter, value adapter + head, both optimisers and the loop state, each written atomically. Every rank
+    calls it; rank 0 writes (under DeepSpeed every rank also writes its partition of the Adam states)."""
     from safetensors.torch import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"policy/{n}": p.detach().cpu().contiguous() for n, p in trainer.policy_params.items()}
-    tensors.update({f"value/{n}": p.detach().cpu().contiguous() for n, p in trainer.value_params.items()})
+    with full_weights(trainer):
+        tensors = {f"policy/{n}": p.detach().cpu().clone() for n, p in trainer.policy_params.items()}
+        tensors.update({f"value/{n}": p.detach().cpu().clone() for n, p in trainer.value_params.items()})
+    if trainer.engines:     # tagged by iteration: a save cut short never damages the set state.json names
+        for tag, engine in zip(_deepspeed_tags(state), trainer.engines):
+            engine.save_checkpoint(str(folder / "deepspeed"), tag=tag, exclude_frozen_parameters=True)
+    if rank != 0:
+        return
     save_file(tensors, folder / "weights.safetensors.tmp")
-    torch.save({"policy": trainer.policy_opt.state_dict(), "value": trainer.value_opt.state_dict()},
-               folder / "optimizers.pt.tmp")
+    if not trainer.engines:
+        torch.save({"policy": trainer.policy_opt.state_dict(), "value": trainer.value_opt.state_dict()},
+                   folder / "optimizers.pt.tmp")
     (folder / "state.json.tmp").write_text(json.dumps(state))
-    for name in ("weights.safetensors", "optimizers.pt", "state.json"):   # state.json last: it marks a whole set
+    names = ("weights.safetensors", "state.json") if trainer.engines else ("weights.safetensors", "optimizers.pt",
+                                                                          "state.json")
+    for name in names:   # state.json last: it marks a whole set
         os.replace(folder / f"{name}.tmp", folder / name)
+    if trainer.engines:
+        for old in (folder / "deepspeed").iterdir():
+            if old.is_dir() and old.name not in _deepspeed_tags(state):
+                shutil.rmtree(old)
+
+
+def _deepspeed_tags(state):
+    return [f"{model}-{state['iteration']}" for model in ("policy", "value")]
 
 
 def load_checkpoint(trainer, folder):
@@ -523,6 +563,11 @@ def load_checkpoint(trainer, folder):
     folder = Path(folder)
     if not (folder / "state.json").is_file():
         return None
+    if trainer.engines:     # each rank reads its partition of weights and Adam states
+        state = json.loads((folder / "state.json").read_text())
+        for tag, engine in zip(_deepspeed_tags(state), trainer.engines):
+            engine.load_checkpoint(str(folder / "deepspeed"), tag=tag, load_module_strict=False)
+        return state
     tensors = load_file(folder / "weights.safetensors")
     with torch.no_grad():
         for n, p in trainer.policy_params.items():
@@ -543,6 +588,47 @@ def save_policy_adapter(trainer, folder):
         for item in nested.iterdir():
             os.replace(item, Path(folder) / item.name)
         nested.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed ZeRO
+
+class ValueModel(torch.nn.Module):
+    """The value model as one module for its DeepSpeed engine: the reward models' peft model (whose "value"
+    adapter trains; the three reward adapters score from the same partitioned base) and the scalar head."""
+
+    def __init__(self, peft_model, head):
+        super().__init__()
+        self.peft_model, self.head = peft_model, head
+
+
+def use_deepspeed(trainer, config):
+    """Wrap the policy and the value model in DeepSpeed engines built from `config` (a DeepSpeed config dict; ZeRO
+    stage 3 partitions every parameter, gradient and Adam state over the ranks). These params decide the batch
+    size, the gradient clipping and the optimiser (the trainer's Adams). Every rank calls it."""
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+    s = trainer.s
+    config = {**config, "train_micro_batch_size_per_gpu": max(1, s.minibatch_size // trainer.world),
+              "gradient_accumulation_steps": 1, "gradient_clipping": s.grad_clip, "zero_allow_untested_optimizer": True}
+    config.pop("train_batch_size", None)
+    trainer.hf_deepspeed = HfDeepSpeedConfig(config)   # while it lives, generate() keeps ZeRO-3 ranks in step
+    policy, trainer.policy_opt, _, _ = deepspeed.initialize(model=trainer.policy, optimizer=trainer.policy_opt,
+                                                           config=config)
+    value, trainer.value_opt, _, _ = deepspeed.initialize(model=ValueModel(trainer.rm.model, trainer.value_head),
+                                                         optimizer=trainer.value_opt, config=config)
+    trainer.engines = (policy, value)
+
+
+@contextlib.contextmanager
+def full_weights(trainer):
+    """Inside, every rank holds the whole trainable weights (ZeRO-3 keeps 1/N of each; gathering them is a
+    collective, so every rank enters). Without DeepSpeed it does nothing."""
+    if not trainer.engines:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(trainer.policy_params.values()) + list(trainer.value_params.values())):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -596,8 +682,8 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key != "iteration":
                         writer.add_scalar(key, value, iteration)
-            if iteration % s.checkpoint_every == 0 or iteration == s.steps or state["stopped"]:
-                save_checkpoint(trainer, checkpoint_dir, state)
+        if iteration % s.checkpoint_every == 0 or iteration == s.steps or state["stopped"]:
+            save_checkpoint(trainer, checkpoint_dir, state, rank)
         if stop_after is not None and iteration >= stop_after:
             break
     bar.close()
@@ -680,28 +766,34 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
     rm = reward.RewardModels.load(rm_lvlm, rm_processor, P.sampling.prompt, Path(reward_dir) / "reward_models", types)
     value_head = add_value_adapter(rm, s.value_init, seed=P.seed)
     trainer = Trainer(policy, processor, rm, value_head, s, types, P.sampling.prompt)
+    if s.deepspeed:
+        use_deepspeed(trainer, deepspeed_config(s.deepspeed))
 
     prompt_scenes = world.load_scenes(data_dir, "ppo")
     validation_scenes = world.load_scenes(data_dir, "validation")[:s.validation_images]
     validation_images = world.load_images(data_dir, validation_scenes)
     if s.oracle_rewards:
         trainer.oracle_scenes = {scene["image_id"]: scene for scene in prompt_scenes + validation_scenes}
+    # under ZeRO-3 every rank joins every forward, so every rank validates (the same images; rank 0 logs)
     validate = validator(validation_scenes, validation_images, P.sampling.prompt, s.max_new_tokens,
-                         P.evaluate.batch_size, P.data.world == "synthetic") if rank == 0 or world_size == 1 else None
-    if world_size > 1:
+                         P.evaluate.batch_size, P.data.world == "synthetic") \
+        if rank == 0 or world_size == 1 or trainer.engines else None
+    if world_size > 1 and not trainer.engines:
         validate = _rank0_only(validate)
     writer = tensorboard_writer(Path(out_dir) / "tensorboard") if rank == 0 else None
     state = train(trainer, prompt_scenes, lambda chunk: world.load_images(data_dir, chunk), s, P.seed,
                   checkpoint_dir, Path(out_dir) / "log.jsonl", validate, stop_after, rank, writer)
     if writer is not None:
         writer.close()
+    with full_weights(trainer):
+        if rank == 0:
+            save_policy_adapter(trainer, Path(out_dir) / "policy_adapter")
+            from safetensors.torch import save_file
+            value_dir = Path(out_dir) / "value"
+            value_dir.mkdir(parents=True, exist_ok=True)
+            save_file({n: p.detach().cpu().contiguous() for n, p in trainer.value_params.items()},
+                      value_dir / "value.safetensors")
     if rank == 0:
-        save_policy_adapter(trainer, Path(out_dir) / "policy_adapter")
-        from safetensors.torch import save_file
-        value_dir = Path(out_dir) / "value"
-        value_dir.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainer.value_params.items()},
-                  value_dir / "value.safetensors")
         (Path(out_dir) / "summary.json").write_text(json.dumps(
             {"iterations": state["iteration"], "stopped": state["stopped"], "world_size": world_size,
              "policy_base": policy_path, "reward_backbone": backbone, "reward_types": types}, indent=2))

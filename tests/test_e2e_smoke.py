@@ -138,7 +138,7 @@ def test_ppo_stage_artifacts_and_ablation_overlays_reusing_the_run(smoke_run, tm
     assert (run_dir.parent / "ci-holistic" / "04_reward_models" / "reward_models" / "holistic").is_dir()
 
 
-def test_ppo_job_under_torchrun_with_two_processes(smoke_run, tmp_path):
+def test_ppo_job_under_torchrun_with_two_processes_plain_and_zero3(smoke_run, tmp_path):
     run_dir, _, _ = smoke_run
     if "05_ppo" not in _built_stages():
         pytest.skip("stage 05 not built")
@@ -150,6 +150,23 @@ def test_ppo_job_under_torchrun_with_two_processes(smoke_run, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations"] == params.load(REPO / "params" / "smoke.yaml").ppo.steps
     assert (tmp_path / "out" / "policy_adapter" / "adapter_config.json").exists()
+    # the same job with DeepSpeed ZeRO-3, every parameter partitioned: the same trajectory, validation included
+    (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}')
+    zero3 = _overlay(tmp_path, "zero3", f"ppo:\n  launcher: torchrun\n  nproc: 2\n  deepspeed: {tmp_path / 'zero3.json'}\n")
+    argv = launch.command("torchrun", 2, zero3, "ci", run_dir / "00_data", run_dir / "01_base_models",
+                          run_dir / "04_reward_models", tmp_path / "out-zero3", tmp_path / "checkpoints-zero3",
+                          master_port=29534)
+    launch.run(argv, tmp_path / "launch-zero3.log", cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    plain, partitioned = ([json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+                          for out in ("out", "out-zero3"))
+    assert [row["iteration"] for row in partitioned] == [row["iteration"] for row in plain]
+    for row, other in zip(plain, partitioned):
+        for key, value in row.items():
+            if isinstance(value, float) and not key.endswith("_s"):
+                assert other[key] == pytest.approx(value, abs=1e-4), (row["iteration"], key)
+    assert sorted(p.name for p in (tmp_path / "checkpoints-zero3" / "deepspeed").iterdir() if p.is_dir()) == \
+        [f"policy-{summary['iterations']}", f"value-{summary['iterations']}"]
+    assert (tmp_path / "out-zero3" / "policy_adapter" / "adapter_model.safetensors").exists()
 
 
 def test_teaching_tables_of_stages_04_and_06(smoke_run):

@@ -244,3 +244,26 @@ def test_size_twins_need_the_synthetic_world_and_twin_share_needs_them(tmp_path)
         P.load(whole)
     both = write(tmp_path, "both.yaml", "feedback:\n  size_twins: true\nreward:\n  twin_share: 0.5\n")
     assert P.load(both).reward.twin_share == 0.5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ppo:\n  deepspeed: params/deepspeed/zero3.json\n",
+     "key 'ppo.deepspeed' ('params/deepspeed/zero3.json') needs ppo.launcher 'torchrun' or 'accelerate'"),
+    ("ppo:\n  launcher: torchrun\n  rollout_engine: graph\n  deepspeed: params/deepspeed/zero3.json\n",
+     "needs ppo.rollout_engine 'auto' or 'generate'"),
+    ("models:\n  load_in_4bit: true\nppo:\n  launcher: torchrun\n  deepspeed: params/deepspeed/zero3.json\n",
+     "needs models.load_in_4bit: false"),
+    ("ppo:\n  launcher: torchrun\n  deepspeed: nowhere/zero3.json\n",
+     "key 'ppo.deepspeed' names 'nowhere/zero3.json', which is not a file"),
+    ("ppo:\n  launcher: torchrun\n  deepspeed: {dir}/broken.json\n", "which is not JSON"),
+    ("ppo:\n  launcher: torchrun\n  deepspeed: {dir}/stageless.json\n", "'zero_optimization.stage' must be 0, 1, 2 or 3"),
+])
+def test_deepspeed_config_errors_name_the_key_and_the_file(tmp_path, text, message):
+    (tmp_path / "broken.json").write_text('{"zero_optimization": {"stage": 3,}')
+    (tmp_path / "stageless.json").write_text('{"zero_optimization": {"offload_param": {}}}')
+    path = write(tmp_path, "ds.yaml", text.format(dir=tmp_path))
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert f"{path}: " in str(err.value) and message in str(err.value)
+    good = write(tmp_path, "good.yaml", "ppo:\n  launcher: torchrun\n  deepspeed: params/deepspeed/zero3.json\n")
+    assert P.deepspeed_config(P.load(good).ppo.deepspeed)["zero_optimization"]["stage"] == 3

@@ -1,5 +1,6 @@
 """PPO with fine-grained rewards: GAE by hand, the KL sign, reward positions from sampled ids, the sparse
-ablation, the value model's start, stop-and-resume, and a 2-process gloo run against one process."""
+ablation, the value model's start, stop-and-resume, and 2-process gloo runs (plain and DeepSpeed ZeRO-3) against
+one process."""
 import json
 import os
 import subprocess
@@ -259,7 +260,9 @@ dist.destroy_process_group()
 '''
 
 
-def test_two_process_gloo_update_matches_one_process(tiny, tmp_path):
+def _one_process_update_and_two_ranks(tiny, tmp_path, worker, port):
+    """One process updates on a rollout batch of 8; then `worker` runs under torchrun with 2 gloo ranks on the same
+    batch (half each). Returns (the single trainer, its update stats, what the worker's rank 0 saved)."""
     single = _trainer(tiny, _settings(minibatch_size=8, epochs=2))
     images = _images(8, seed=9)
     token_ids, ends = single.rollout(images, list(range(8)), seed=3)
@@ -267,17 +270,95 @@ def test_two_process_gloo_update_matches_one_process(tiny, tmp_path):
     torch.save((images, token_ids, ends, labels), tmp_path / "batch.pt")
     batch = single.make_batch(images, list(range(8)), token_ids, ends, labels)
     stats = single.update(batch, seed=0)
-    (tmp_path / "worker.py").write_text(WORKER)
+    (tmp_path / "worker.py").write_text(worker)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(tmp_path / "worker.py"), str(REPO), str(tiny),
-                           str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt")
+    ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(port), str(tmp_path / "worker.py"), str(REPO), str(tiny),
+                              str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = ranks.communicate(timeout=300)
+    except subprocess.TimeoutExpired:      # a hung collective: SIGTERM lets torchrun take its ranks down too
+        ranks.terminate()
+        ranks.communicate(timeout=60)
+        raise
+    assert ranks.returncode == 0, stderr[-3000:]
+    return single, stats, torch.load(tmp_path / "out.pt")
+
+
+def test_two_process_gloo_update_matches_one_process(tiny, tmp_path):
+    single, stats, out = _one_process_update_and_two_ranks(tiny, tmp_path, WORKER, 29517)
     assert out["same"]                                     # both ranks hold identical parameters
     assert torch.allclose(out["flat"], _flat(single), atol=1e-5, rtol=1e-4)
     assert out["stats"]["policy_loss"] == pytest.approx(stats["policy_loss"], abs=1e-5)
+
+
+ZERO3_WORKER = r'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from tests.test_ppo import _trainer, _settings, _flat
+from fgaif_utils import ppo
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+images, token_ids, ends, labels = torch.load(sys.argv[3], weights_only=False)
+mine = slice(rank, None, world)
+checkpoint = Path(sys.argv[4]).parent / "checkpoint"
+
+
+def zero3_trainer():   # every parameter partitioned, however small (the default keeps tensors under 1e5 whole)
+    trainer = _trainer(Path(sys.argv[2]), _settings(minibatch_size=8, epochs=2))
+    ppo.use_deepspeed(trainer, {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    return trainer
+
+
+def update(trainer, seed):
+    labels_here = trainer.score(images[mine], token_ids[mine], ends[mine])    # scored under ZeRO-3 on this rank
+    assert [l.tolist() for l in labels_here] == [l.tolist() for l in labels[mine]]
+    batch = trainer.make_batch(images[mine], list(range(8))[mine], token_ids[mine], ends[mine], labels_here)
+    return trainer.update(batch, seed=seed)
+
+
+def whole(trainer):
+    with ppo.full_weights(trainer):
+        return _flat(trainer)
+
+
+trainer = zero3_trainer()
+# a rank whose responses closed no sub-sentence still joins the other rank's reward-model forwards (else: a hang)
+nothing = [[] for _ in token_ids[mine]]
+trainer.score(images[mine], nothing, nothing) if rank == 1 else trainer.score(images[mine], token_ids[mine], ends[mine])
+held = sum(p.ds_tensor.numel() for module in (trainer.policy, trainer.rm.model) for p in module.parameters())
+total = sum(p.ds_numel for module in (trainer.policy, trainer.rm.model) for p in module.parameters())
+stats = update(trainer, seed=0)
+ppo.save_checkpoint(trainer, checkpoint, {"iteration": 1, "log": [], "stopped": None}, rank)
+after_one = whole(trainer)
+resumed = zero3_trainer()              # a fresh start: weights and Adam states from the checkpoint
+ppo.load_checkpoint(resumed, checkpoint)
+restored = whole(resumed)
+update(trainer, seed=1)
+update(resumed, seed=1)
+if rank == 0:
+    torch.save({"held": held, "total": total, "after_one": after_one, "restored": restored, "stats": stats,
+                "two": whole(trainer), "two_resumed": whole(resumed)}, sys.argv[4])
+else:
+    whole(trainer), whole(resumed)     # gathering is a collective: every rank takes part
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+def test_zero3_ranks_hold_half_of_every_model_and_update_as_one_process(tiny, tmp_path):
+    # DeepSpeed ZeRO stage 3 (ppo.deepspeed): each of 2 ranks keeps half of the policy and the reward / value base,
+    # scores the labels the unwrapped reward models give, updates as one process does on the same batch, and a
+    # checkpoint (the partitioned Adam states included) continues the same trajectory in a fresh trainer
+    single, stats, out = _one_process_update_and_two_ranks(tiny, tmp_path, ZERO3_WORKER, 29518)
+    assert out["held"] == pytest.approx(out["total"] / 2, rel=0.01)
+    assert torch.allclose(out["after_one"], _flat(single), atol=1e-5, rtol=1e-4)
+    assert out["stats"]["policy_loss"] == pytest.approx(stats["policy_loss"], abs=1e-5)
+    assert torch.equal(out["restored"], out["after_one"])
+    assert torch.equal(out["two"], out["two_resumed"]) and not torch.equal(out["two"], out["after_one"])
 
 
 MEAN_WORKER = r'''
@@ -303,7 +384,7 @@ def test_log_rows_average_over_ranks_when_a_value_is_missing_on_one_rank(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29519", str(tmp_path / "worker.py"), str(REPO), str(tmp_path / "out.json")],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     mean = json.loads((tmp_path / "out.json").read_text())
     assert mean == {"iteration": 3, "kl": 2.0, "halluc_share_relation": 0.5, "halluc_share_attribute": None,
