@@ -611,7 +611,9 @@ def use_deepspeed(trainer, config):
     config = {**config, "train_micro_batch_size_per_gpu": max(1, s.minibatch_size // trainer.world),
               "gradient_accumulation_steps": 1, "gradient_clipping": s.grad_clip, "zero_allow_untested_optimizer": True}
     config.pop("train_batch_size", None)
-    trainer.hf_deepspeed = HfDeepSpeedConfig(config)   # while it lives, generate() keeps ZeRO-3 ranks in step
+    # While it lives, generate() keeps ZeRO-3 ranks in step, and from_pretrained would load through zero.Init in this
+    # config's dtype (fp32: bf16 bases doubled), hence made only now, after the models were loaded.
+    trainer.hf_deepspeed = HfDeepSpeedConfig(config)
     policy, trainer.policy_opt, _, _ = deepspeed.initialize(model=trainer.policy, optimizer=trainer.policy_opt,
                                                            config=config)
     value, trainer.value_opt, _, _ = deepspeed.initialize(model=ValueModel(trainer.rm.model, trainer.value_head),

@@ -147,9 +147,10 @@ def _images(n, seed=0):
     return list(np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
 
 
-def _trainer(root, settings):
-    policy, processor = ppo.policy_model(str(root / "policy"), settings.lora_r, settings.lora_alpha, device="cpu")
-    lvlm, proc = models.load_lvlm(str(root / "backbone"), device="cpu")
+def _trainer(root, settings, dtype="float32"):
+    policy, processor = ppo.policy_model(str(root / "policy"), settings.lora_r, settings.lora_alpha, dtype=dtype,
+                                         device="cpu")
+    lvlm, proc = models.load_lvlm(str(root / "backbone"), dtype=dtype, device="cpu")
     rm = reward.RewardModels.load(lvlm, proc, PROMPT, root / "reward_models")
     head = ppo.add_value_adapter(rm, "object_reward", seed=0)
     return ppo.Trainer(policy, processor, rm, head, settings, reward.FACT_TYPES, PROMPT)
@@ -307,8 +308,8 @@ mine = slice(rank, None, world)
 checkpoint = Path(sys.argv[4]).parent / "checkpoint"
 
 
-def zero3_trainer():   # every parameter partitioned, however small (the default keeps tensors under 1e5 whole)
-    trainer = _trainer(Path(sys.argv[2]), _settings(minibatch_size=8, epochs=2))
+def zero3_trainer(dtype="float32"):   # every parameter partitioned, however small (the default keeps < 1e5 whole)
+    trainer = _trainer(Path(sys.argv[2]), _settings(minibatch_size=8, epochs=2), dtype)
     ppo.use_deepspeed(trainer, {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
     return trainer
 
@@ -339,9 +340,16 @@ ppo.load_checkpoint(resumed, checkpoint)
 restored = whole(resumed)
 update(trainer, seed=1)
 update(resumed, seed=1)
+del trainer.hf_deepspeed, resumed.hf_deepspeed   # while one lives, from_pretrained loads through zero.Init, in fp32
+bf16 = zero3_trainer("bfloat16")       # the paper profile's bases: partitions keep their dtype, adapters fp32
+dtypes = {kind: sorted({str(p.ds_tensor.dtype) for n, p in bf16.policy.named_parameters() if ("lora_" in n) == lora})
+          for kind, lora in (("base", False), ("adapter", True))}
+bf16_batch = bf16.make_batch(images[mine], list(range(8))[mine], token_ids[mine], ends[mine], labels[mine])
+bf16_stats = bf16.update(bf16_batch, seed=0)
 if rank == 0:
     torch.save({"held": held, "total": total, "after_one": after_one, "restored": restored, "stats": stats,
-                "two": whole(trainer), "two_resumed": whole(resumed)}, sys.argv[4])
+                "two": whole(trainer), "two_resumed": whole(resumed), "bf16_dtypes": dtypes,
+                "bf16_policy_loss": bf16_stats["policy_loss"]}, sys.argv[4])
 else:
     whole(trainer), whole(resumed)     # gathering is a collective: every rank takes part
 dist.barrier()
@@ -359,6 +367,8 @@ def test_zero3_ranks_hold_half_of_every_model_and_update_as_one_process(tiny, tm
     assert out["stats"]["policy_loss"] == pytest.approx(stats["policy_loss"], abs=1e-5)
     assert torch.equal(out["restored"], out["after_one"])
     assert torch.equal(out["two"], out["two_resumed"]) and not torch.equal(out["two"], out["after_one"])
+    assert out["bf16_dtypes"] == {"base": ["torch.bfloat16"], "adapter": ["torch.float32"]}
+    assert out["bf16_policy_loss"] == pytest.approx(stats["policy_loss"], abs=0.05)   # bf16 bases: close, not equal
 
 
 MEAN_WORKER = r'''
