@@ -636,6 +636,10 @@ def _check_across_keys(params, source):
     if ppo.rollout_batch % ppo.samples_per_image:
         raise ParamsError(f"{source}: key 'ppo.rollout_batch' ({ppo.rollout_batch}) must be a multiple of "
                           f"'ppo.samples_per_image' ({ppo.samples_per_image}): each prompt image is sampled that often")
+    if ppo.launcher != "none" and ppo.rollout_batch % ppo.nproc:
+        raise ParamsError(f"{source}: key 'ppo.rollout_batch' ({ppo.rollout_batch}) must be a multiple of 'ppo.nproc' "
+                          f"({ppo.nproc}): each rank takes an equal share, or ranks that run different numbers of "
+                          "minibatches wait for each other forever")
     if ppo.deepspeed:
         for clash, why in ((ppo.launcher == "none", "ppo.launcher 'torchrun' or 'accelerate' (ranks to partition over)"),
                            (params.models.load_in_4bit, "models.load_in_4bit: false (ZeRO cannot partition 4-bit weights)"),

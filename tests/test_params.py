@@ -201,7 +201,7 @@ def test_held_out_fractions_leave_training_images(tmp_path):
         P.load(path)
 
 
-def test_rollout_batch_fits_the_prompt_images(tmp_path):
+def test_rollout_batch_fits_the_prompt_images_and_the_ranks(tmp_path):
     uneven = write(tmp_path, "uneven.yaml", "ppo:\n  rollout_batch: 10\n  samples_per_image: 4\n")
     with pytest.raises(P.ParamsError, match=r"uneven\.yaml: key 'ppo\.rollout_batch' \(10\) must be a multiple of "
                                            r"'ppo\.samples_per_image' \(4\)"):
@@ -211,6 +211,12 @@ def test_rollout_batch_fits_the_prompt_images(tmp_path):
         P.load(too_many)
     exact = write(tmp_path, "exact.yaml", "data:\n  n_ppo: 32\nppo:\n  rollout_batch: 64\n  samples_per_image: 2\n")
     assert P.load(exact).ppo.rollout_batch == 64
+    ranks = write(tmp_path, "ranks.yaml", "ppo:\n  rollout_batch: 64\n  launcher: torchrun\n  nproc: 3\n")
+    with pytest.raises(P.ParamsError, match=r"ranks\.yaml: key 'ppo\.rollout_batch' \(64\) must be a multiple of "
+                                           r"'ppo\.nproc' \(3\)"):
+        P.load(ranks)
+    in_kernel = write(tmp_path, "kernel.yaml", "ppo:\n  rollout_batch: 64\n  nproc: 3\n")   # launcher none: one process
+    assert P.load(in_kernel).ppo.nproc == 3
 
 
 @pytest.mark.parametrize("text, message", [
