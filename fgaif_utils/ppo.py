@@ -528,6 +528,8 @@ def save_checkpoint(trainer, folder, state, rank=0):
     """Adapter, value adapter + head, both optimisers and the loop state, each written atomically. Every rank
     calls it; rank 0 writes (under DeepSpeed every rank also writes its partition of the Adam states)."""
     from safetensors.torch import save_file
+    if rank != 0 and not trainer.engines:
+        return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with full_weights(trainer):
@@ -543,9 +545,8 @@ def save_checkpoint(trainer, folder, state, rank=0):
         torch.save({"policy": trainer.policy_opt.state_dict(), "value": trainer.value_opt.state_dict()},
                    folder / "optimizers.pt.tmp")
     (folder / "state.json.tmp").write_text(json.dumps(state))
-    names = ("weights.safetensors", "state.json") if trainer.engines else ("weights.safetensors", "optimizers.pt",
-                                                                          "state.json")
-    for name in names:   # state.json last: it marks a whole set
+    optimizers = () if trainer.engines else ("optimizers.pt",)
+    for name in ("weights.safetensors", *optimizers, "state.json"):   # state.json last: it marks a whole set
         os.replace(folder / f"{name}.tmp", folder / name)
     if trainer.engines:
         for old in (folder / "deepspeed").iterdir():
