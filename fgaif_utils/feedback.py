@@ -257,7 +257,24 @@ def label_summary(labelled, rows, extraction):
                    for i, t in enumerate(FACT_TYPES)},
         "mean_subsentences": len(subs) / max(1, len(labelled)),
     }
+    summary["warnings"] = label_warnings(summary)
     return summary
+
+
+def label_warnings(summary, unknown_share=0.5):
+    """What a researcher must see before training on these labels: a verifier whose answers are mostly neither yes
+    nor no (each such fact is n/a, so its sub-sentence teaches nothing), and a type no sub-sentence was judged for."""
+    warnings = []
+    answers = summary["answers"]
+    asked = sum(answers.values())
+    if asked and answers["unknown"] > unknown_share * asked:
+        warnings.append(f"{answers['unknown']} of {asked} verifier answers were neither yes nor no and count as n/a: "
+                        f"check the verifier (params feedback.verifier, models.verifier) and feedback.question_suffix")
+    for fact_type, counts in summary["labels"].items():
+        if summary["subsentences"] and counts["0"] + counts["1"] == 0:
+            warnings.append(f"no sub-sentence was judged correct or hallucinated for {fact_type}: its reward model "
+                            f"has nothing to learn")
+    return warnings
 
 
 def judge_responses(records, extractor, verifier, cache, load_image, feedback_params, scenes_by_id=None):

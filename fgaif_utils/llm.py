@@ -389,7 +389,7 @@ class OpenAIVisionVerifier(ChatBackend):
         if len(images) != len(questions):
             raise ValueError(f"answer() needs one image per question, got {len(images)} images "
                              f"and {len(questions)} questions")
-        encoded = {}   # the same array object is usually asked many questions: encode it once
+        encoded = {}   # the same image is usually asked many questions: encode it once
         items = []
         for index, (image, question) in enumerate(zip(images, questions)):
             if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
@@ -398,10 +398,14 @@ class OpenAIVisionVerifier(ChatBackend):
                                  f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"question {index} must be a non-empty string, got {question!r}")
-            if id(image) not in encoded:
-                encoded[id(image)] = png_data_url(image)
-            items.append((*encoded[id(image)], question))
-        return self._run_parallel(self.answer_one, items, desc=f"verify ({self.model})")
+            # keyed by content: rows of a stacked array are fresh views whose id() is reused once one is freed
+            content = (image.shape, hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest())
+            if content not in encoded:
+                encoded[content] = png_data_url(image)
+            items.append((*encoded[content], question))
+        unique = list(dict.fromkeys(items))   # a repeated (image, question) pair is asked once, not once per thread
+        answers = dict(zip(unique, self._run_parallel(self.answer_one, unique, desc=f"verify ({self.model})")))
+        return [answers[item] for item in items]
 
     def answer_one(self, data_url, image_sha256, question):
         key = request_key({"model": self.model, "question": question, "image_sha256": image_sha256})

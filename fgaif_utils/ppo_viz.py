@@ -73,7 +73,10 @@ def validation_curves(log):
                 ax.plot(*zip(*points), marker="o", ms=3, label=key.replace("val_gt_", "").replace("val_", ""))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration", fontsize=8)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:   # the real world has no ground-truth scorer
+            ax.text(0.5, 0.5, "not measured in this world", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 

@@ -89,6 +89,18 @@ def label_index(fact_type):
     return FACT_TYPES.index(fact_type) if fact_type in FACT_TYPES else 0
 
 
+def check_trainable(records, types, source):
+    """Warnings for types that no training sub-sentence labels correct or hallucinated (such a model learns to say
+    n/a everywhere, a reward of 0); a ValueError naming `source` when that is every type."""
+    empty = [t for t in types if not any(sub["labels"][label_index(t)] in (0, 1)
+                                         for record in records for sub in record["subsentences"])]
+    if empty and len(empty) == len(types):
+        raise ValueError(f"{source}: no training sub-sentence is labelled correct or hallucinated for any type, so "
+                         f"no reward model has anything to learn: see stage 03's summary.json (answers, warnings)")
+    return [f"{t}: no training sub-sentence is labelled correct or hallucinated; this reward model will learn n/a "
+            f"only and give 0 reward" for t in empty]
+
+
 def claim_indices(token_ids, last_tokens, claim_ids):
     """(K, T) per sub-sentence and type: the index of the claim word of that type the sub-sentence states (its last
     one), or -1. claim_ids: one {token id: word index} per type (empty: the type has no claim words)."""

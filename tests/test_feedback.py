@@ -221,3 +221,19 @@ def test_size_twins_flip_only_size_words_and_get_the_same_feedback(tokenizer, tm
     # original: heart all right; "little blue star" is a wrong size. Twin: "large red heart" is wrong, the star right
     assert labels["original"] == [([0, 0, -1], [0, 0, -1]), ([0, 1, -1], [0, 1, -1])]
     assert labels["twin"] == [([0, 1, -1], [0, 1, -1]), ([0, 0, -1], [0, 0, -1])]
+
+
+def test_label_summary_warns_when_the_verifier_answers_neither_yes_nor_no():
+    # the paper profile's LLaVA verifier behind a wrong question suffix, or an untrained tiny LVLM, answers "unknown"
+    records = [{"subsentences": [{"labels": [-1, -1, -1]}, {"labels": [1, -1, -1]}]}]
+    rows = [{"answer": answer} for answer in ("unknown", "unknown", "yes")]
+    summary = feedback.label_summary(records, rows, [[{"status": "ok"}, {"status": "ok"}]])
+    assert summary["answers"] == {"yes": 1, "no": 0, "unknown": 2}
+    assert summary["labels"]["object"] == {"-1": 1, "0": 0, "1": 1}
+    first, *others = summary["warnings"]
+    assert first.startswith("2 of 3 verifier answers were neither yes nor no") and "feedback.question_suffix" in first
+    assert others == [f"no sub-sentence was judged correct or hallucinated for {t}: its reward model has nothing "
+                      f"to learn" for t in ("attribute", "relation")]
+    healthy = feedback.label_summary([{"subsentences": [{"labels": [0, 1, 0]}]}], [{"answer": "no"}] * 3,
+                                     [[{"status": "ok"}]])
+    assert healthy["warnings"] == []

@@ -408,3 +408,19 @@ def test_vision_rejects_bad_input(stub, tmp_path):
         backend.answer([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)], ["a ?", "b ?"])
     with pytest.raises(ValueError, match="one image per question"):
         backend.answer([np.zeros((4, 4, 3), np.uint8)], [])
+
+
+def test_vision_sends_each_question_with_its_own_image_when_the_images_come_stacked(tmp_path):
+    # verify_facts stacks same-shaped images into one array; iterating it makes a new view per row, and a key by
+    # the view's id() once sent one image's PNG with another image's question (found by tests/test_e2e_coco.py)
+    images = np.stack([np.full((4, 4, 3), value, np.uint8) for value in (10, 20, 30)] * 2)
+    questions = [f"is there a heart in image {value} ?" for value in (10, 20, 30)] * 2
+
+    def answer_with_the_image_value(body):
+        text_part, image_part = body["messages"][0]["content"]
+        sent = np.array(Image.open(io.BytesIO(base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1]))))
+        return Reply(content="yes" if f"image {sent[0, 0, 0]} " in text_part["text"] else "no")
+
+    with StubServer(default=answer_with_the_image_value) as stub:
+        assert verifier(stub, tmp_path, concurrency=3).answer(images, questions) == ["yes"] * 6
+        assert len(stub.requests) == 3      # each repeated (image, question) pair is asked once, threads or not

@@ -660,3 +660,14 @@ def test_a_backbone_under_outputs_is_found_from_the_repo_root_wherever_the_noteb
     monkeypatch.chdir(tmp_path / "outputs")        # JupyterLab runs a notebook in its own folder
     assert reward.backbone_path("outputs/curriculum/grounded", tmp_path / "models") == \
         str(tmp_path / "outputs" / "curriculum" / "grounded")
+
+
+def test_check_trainable_warns_per_empty_type_and_refuses_when_every_type_is_empty():
+    record = lambda *labels: {"subsentences": [{"labels": list(sub)} for sub in labels]}  # noqa: E731
+    assert reward.check_trainable([record((0, -1, -1)), record((-1, 1, -1))], reward.FACT_TYPES, "x.jsonl") == [
+        "relation: no training sub-sentence is labelled correct or hallucinated; this reward model will learn n/a "
+        "only and give 0 reward"]
+    with pytest.raises(ValueError, match=r"fg_labels\.jsonl: no training sub-sentence .* for any type"):
+        reward.check_trainable([record((-1, -1, -1))] * 3, reward.FACT_TYPES, "run/03/fg_labels.jsonl")
+    holistic = reward.holistic_records([record((-1, 1, -1))])
+    assert reward.check_trainable(holistic, ["holistic"], "x.jsonl") == []
