@@ -3,9 +3,10 @@ needs is here in small: a COCO-2014 folder (synthetic images written with COCO's
 a Hugging Face cache that holds tiny llava-hf models under the profile's own hub ids (llava-hf/llava-1.5-7b-hf,
 llava-hf/llava-1.5-13b-hf), and one local OpenAI-compatible server. That server extracts the facts, answers the
 vision verifier's yes/no questions and judges MMHal-Bench and LLaVA-Bench. The overlay changes only sizes, the
-endpoints and, for the yes/no judge, `openai-vision` instead of the profile's LLaVA verifier: an untrained tiny LVLM
-answers neither yes nor no (a second run of stage 03 with the profile's LLaVA verifier checks that it says so). So each
-of the real world's branches in the notebooks runs with its successor reading what it wrote."""
+endpoints, 2 torchrun ranks instead of 4 for stage 05 and, for the yes/no judge, `openai-vision` instead of the
+profile's LLaVA verifier: an untrained tiny LVLM answers neither yes nor no (a second run of stage 03 with the
+profile's LLaVA verifier checks that the stage says so). So each of the real world's branches in the notebooks runs,
+with its successor reading what it wrote."""
 import hashlib
 import json
 import os
@@ -105,7 +106,7 @@ def coco_run(tmp_path_factory):
                        "checkpoint_every": 4},
             "ppo": {"steps": 2, "rollout_batch": 4, "minibatch_size": 2, "max_new_tokens": 16, "lora_r": 4,
                     "lora_alpha": 8, "validate_every": 1, "validation_images": 2, "checkpoint_every": 1,
-                    "launcher": "none", "nproc": 1},
+                    "nproc": 2},    # the profile's torchrun, with 2 gloo ranks
             "evaluate": {"n_images": 8, "max_new_tokens": 16, "batch_size": 8, "bootstrap": 50,
                          "judge_base_url": server.url, "mmhal_path": str(tmp / "bench"),
                          "llava_bench_path": str(tmp / "bench")},
@@ -148,6 +149,7 @@ def test_every_stage_ran_on_the_coco_folder_and_the_cached_hub_models(coco_run):
     assert summary["policy_base"].startswith(_snapshot(tmp, "llava-hf/llava-1.5-7b-hf"))
     assert summary["reward_backbone"].startswith(_snapshot(tmp, "llava-hf/llava-1.5-13b-hf"))   # the paper's
     log = stage.read_jsonl(run / "05_ppo" / "log.jsonl")
+    assert summary["world_size"] == 2 and (run / "05_ppo" / "launch.log").is_file()     # torchrun, as in the profile
     assert summary["iterations"] == 2 and [row["iteration"] for row in log if "reward_fine_grained" in row] == [1, 2]
 
 
