@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from fgaif_utils import llm, models, params, stage, world
 from openai_stub import Reply, StubServer, rules_answer
@@ -34,9 +35,16 @@ def write_coco(world_dir, root):
         for split in splits:
             split_instances = json.loads((world_dir / "annotations" / f"instances_{split}.json").read_text())
             categories = split_instances["categories"]
-            for image in split_instances["images"]:
-                name = f"COCO_{source}_{image['id']:012d}.jpg"     # PNG bytes under COCO's name: PIL reads either
-                shutil.copy(world_dir / image["file_name"], root / source / name)
+            for index, image in enumerate(split_instances["images"]):
+                name = f"COCO_{source}_{image['id']:012d}.jpg"
+                with Image.open(world_dir / image["file_name"]) as picture:
+                    if index == 0:    # COCO holds some grey-scale JPEGs
+                        picture.convert("L").save(root / source / name, format="JPEG", quality=95)
+                    elif index == 1:  # and every size: this batch's images do not stack
+                        picture.resize((80, 60)).save(root / source / name, format="JPEG", quality=95)
+                        image = {**image, "width": 80, "height": 60}
+                    else:             # PNG bytes under COCO's name: PIL reads the content
+                        shutil.copy(world_dir / image["file_name"], root / source / name)
                 images.append({**image, "file_name": name})
             instances += split_instances["annotations"]
             captions += json.loads((world_dir / "annotations" / f"captions_{split}.json").read_text())["annotations"]
