@@ -367,6 +367,13 @@ class OpenAIFactExtractor(ChatBackend):
         return content
 
 
+def image_key(image):
+    """A key for an image's pixels: rows of a stacked array are fresh views whose id() is reused once one is freed,
+    so id() cannot key them (it once sent one image's PNG with another image's question)."""
+    image = np.ascontiguousarray(image)
+    return image.shape, hashlib.sha256(image.tobytes()).digest()
+
+
 def png_data_url(image):
     """(data URL, sha256 of the PNG bytes) of a uint8 (H, W, 3) array."""
     png = io.BytesIO()
@@ -398,8 +405,7 @@ class OpenAIVisionVerifier(ChatBackend):
                                  f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"question {index} must be a non-empty string, got {question!r}")
-            # keyed by content: rows of a stacked array are fresh views whose id() is reused once one is freed
-            content = (image.shape, hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest())
+            content = image_key(image)
             if content not in encoded:
                 encoded[content] = png_data_url(image)
             items.append((*encoded[content], question))

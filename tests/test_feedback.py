@@ -237,3 +237,19 @@ def test_label_summary_warns_when_the_verifier_answers_neither_yes_nor_no():
     healthy = feedback.label_summary([{"subsentences": [{"labels": [0, 1, 0]}]}], [{"answer": "no"}] * 3,
                                      [[{"status": "ok"}]])
     assert healthy["warnings"] == []
+
+
+def test_hf_verifier_generates_each_distinct_image_question_pair_once(monkeypatch):
+    asked = []
+
+    def answer_questions(model, processor, images, questions, batch_size, desc):
+        asked.extend(zip([int(image[0, 0, 0]) for image in images], questions))
+        return [f"{question} @ {int(image[0, 0, 0])}" for image, question in zip(images, questions)]
+
+    monkeypatch.setattr(feedback.tiny_train, "answer_questions", answer_questions)
+    images = np.stack([np.full((4, 4, 3), value, np.uint8) for value in (1, 2, 1, 1, 2)])   # rows: fresh views
+    questions = ["is there a star ?", "is there a star ?", "is the star red ?", "is there a star ?", "is there a star ?"]
+    answers = feedback.HFVerifier(None, None).answer(images, questions)
+    assert answers == ["is there a star ? @ 1", "is there a star ? @ 2", "is the star red ? @ 1",
+                       "is there a star ? @ 1", "is there a star ? @ 2"]
+    assert asked == [(1, "is there a star ?"), (2, "is there a star ?"), (1, "is the star red ?")]
