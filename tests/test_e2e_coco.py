@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from PIL import Image
 
 from fgaif_utils import llm, models, params, stage, world
@@ -134,7 +135,7 @@ def coco_run(tmp_path_factory):
         result = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", str(hf_path), "--stages", "03"],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        yield tmp, tmp / "outputs" / "coco-ci", server.requests
+        yield tmp, tmp / "outputs" / "coco-ci", server.requests, env
 
 
 def _snapshot(tmp, repo):
@@ -142,7 +143,7 @@ def _snapshot(tmp, repo):
 
 
 def test_every_stage_ran_on_the_coco_folder_and_the_cached_hub_models(coco_run):
-    tmp, run, _ = coco_run
+    tmp, run, _, _ = coco_run
     for spec in stage.STAGES:
         assert (run / spec.name / "manifest.json").is_file() and (run / spec.name / f"{spec.name}.ipynb").is_file()
     feedback_scenes = world.load_scenes(run / "00_data", "feedback")
@@ -162,7 +163,7 @@ def test_every_stage_ran_on_the_coco_folder_and_the_cached_hub_models(coco_run):
 
 
 def test_the_llm_extracts_the_facts_the_vision_model_judges_and_the_labels_have_both_classes(coco_run):
-    _, run, requests = coco_run
+    _, run, requests, _ = coco_run
     responses = stage.read_jsonl(run / "02_sample_responses" / "responses.jsonl")
     assert len(responses) == 2 * SIZES["n_feedback"]
     summary = json.loads((run / "03_ai_feedback" / "summary.json").read_text())
@@ -182,7 +183,7 @@ def test_the_llm_extracts_the_facts_the_vision_model_judges_and_the_labels_have_
 
 
 def test_stage_06_reports_pope_chair_and_the_judged_benchmarks_for_both_policies(coco_run):
-    _, run, _ = coco_run
+    _, run, _, _ = coco_run
     results = (run / "06_evaluate" / "results.md").read_text()
     for metric in ["chair_s", "chair_recall", "pope_random_f1", "pope_popular_f1", "pope_adversarial_f1",
                    "mmhal_score", "mmhal_halluc", "llava_bench_relative"]:
@@ -194,14 +195,14 @@ def test_stage_06_reports_pope_chair_and_the_judged_benchmarks_for_both_policies
 
 
 def test_the_key_reaches_the_server_and_no_file_of_the_run(coco_run):
-    tmp, _, requests = coco_run
+    tmp, _, requests, _ = coco_run
     assert requests and all(r["headers"]["authorization"] == f"Bearer {SECRET}" for r in requests)
     leaks = [path for path in tmp.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
     assert leaks == [] and (tmp / "coco_ci.yaml").read_text().count("sk-") == 0
 
 
 def test_the_profiles_llava_verifier_runs_from_the_hub_cache_and_stage_03_says_its_answers_are_unusable(coco_run):
-    _, run, _ = coco_run
+    _, run, _, _ = coco_run
     hf_run = run.parent / "coco-ci-hf" / "03_ai_feedback"
     summary = json.loads((hf_run / "summary.json").read_text())
     asked = summary["facts"]
@@ -209,3 +210,25 @@ def test_the_profiles_llava_verifier_runs_from_the_hub_cache_and_stage_03_says_i
     assert summary["warnings"][0].startswith(f"{asked} of {asked} verifier answers were neither yes nor no")
     notebook = (hf_run / "03_ai_feedback.ipynb").read_text()
     assert "verifier 'hf'" in notebook and "WARNING: " in notebook and "feedback.question_suffix" in notebook
+
+
+def test_stage_05_of_the_13b_zero3_profile_with_the_shipped_deepspeed_config(coco_run):
+    # params/deepspeed/llava13b_zero3.yaml: the 13B policy, ZeRO-3 through params/deepspeed/zero3.json (here 2 ranks,
+    # the bf16 bases partitioned, the adapters fp32), on the first run's data, feedback and reward models
+    tmp, run, _, env = coco_run
+    # read as YAML: params.load would check the profile's /data/coco2014
+    profile = yaml.safe_load((REPO / "params" / "deepspeed" / "llava13b_zero3.yaml").read_text())
+    overlay = tmp / "coco_ci_zero3.yaml"
+    overlay.write_text(json.dumps({
+        "extends": "coco_ci.yaml", "run": "coco-ci-zero3", "reuse_run": "coco-ci",
+        "reuse_stages": ["00_data", "01_base_models", "02_sample_responses", "03_ai_feedback", "04_reward_models"],
+        "models": {"policy": profile["models"]["policy"]}, "ppo": {"deepspeed": profile["ppo"]["deepspeed"]}}))
+    result = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", str(overlay), "--stages", "05"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = run.parent / "coco-ci-zero3" / "05_ppo"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["iterations"] == 2
+    assert summary["policy_base"].startswith(_snapshot(tmp, "llava-hf/llava-1.5-13b-hf"))
+    assert "DeepSpeed config params/deepspeed/zero3.json" in (out / "05_ppo.ipynb").read_text()
+    assert (out / "policy_adapter" / "adapter_model.safetensors").is_file()
