@@ -28,7 +28,6 @@ LLaVA-Bench in-the-wild (the judge scores the reference answer and the model's a
 sum of model scores / sum of reference scores * 100), through any OpenAI-compatible endpoint, each item cached.
 A judge answer that cannot be read is an item with status "malformed" (JSON / regex parsing only, never eval).
 """
-import base64
 import csv
 import html
 import io
@@ -1017,10 +1016,8 @@ def metrics_figure(summary, split, metrics, title=None):
 
 
 def _image_tag(image):
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" style="width:160px;image-rendering:pixelated">'
+    from .report import image_data_url
+    return f'<img src="{image_data_url(np.asarray(image))}" style="width:160px;image-rendering:pixelated">'
 
 
 def _highlighted(record):

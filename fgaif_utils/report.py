@@ -20,6 +20,8 @@ from matplotlib.image import imsave
 
 from fgaif_utils.facts import FACT_TYPES, describe_fact
 
+THUMBNAIL_SIDE = 320   # pixels: the longest side of an image embedded in a report
+
 LABELS = (-1, 0, 1)
 LABEL_NAMES = {-1: "n/a", 0: "correct", 1: "halluc."}
 TYPE_LETTERS = {"object": "O", "attribute": "A", "relation": "R"}
@@ -290,10 +292,21 @@ def _image_html(record, image_loader):
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image_loader returned {image.dtype} {image.shape} for response "
                          f"{record['response_id']!r}; expected uint8 (H, W, 3)")
+    return f'<img src="{image_data_url(image)}" alt="image {html.escape(str(record.get("image_id")))}">'
+
+
+def image_data_url(image, max_side=THUMBNAIL_SIDE):
+    """An inline image for a self-contained page: a PNG of small images (the synthetic world's, pixel for pixel), a
+    JPEG thumbnail of at most `max_side` pixels of larger ones (a 640 x 480 COCO PNG is about 0.5 MB; pages show 150)."""
     buffer = io.BytesIO()
-    imsave(buffer, image, format="png")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="image {html.escape(str(record.get("image_id")))}">'
+    if max(image.shape[:2]) <= max_side:
+        imsave(buffer, image, format="png")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    from PIL import Image
+    thumbnail = Image.fromarray(np.ascontiguousarray(image))
+    thumbnail.thumbnail((max_side, max_side))
+    thumbnail.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _badges(sub):

@@ -94,7 +94,7 @@ def check_trainable(records, types, source):
     n/a everywhere, a reward of 0); a ValueError naming `source` when that is every type."""
     empty = [t for t in types if not any(sub["labels"][label_index(t)] in (0, 1)
                                          for record in records for sub in record["subsentences"])]
-    if empty and len(empty) == len(types):
+    if len(empty) == len(types):
         raise ValueError(f"{source}: no training sub-sentence is labelled correct or hallucinated for any type, so "
                          f"no reward model has anything to learn: see stage 03's summary.json (answers, warnings)")
     return [f"{t}: no training sub-sentence is labelled correct or hallucinated; this reward model will learn n/a "

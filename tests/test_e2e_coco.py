@@ -1,12 +1,14 @@
-"""The paper profile, params/llava15_coco.yaml, end to end through papermill on the CPU. Everything the real world
-needs is here in small: a COCO-2014 folder (synthetic images written with COCO's file names and annotation files),
-a Hugging Face cache that holds tiny llava-hf models under the profile's own hub ids (llava-hf/llava-1.5-7b-hf,
-llava-hf/llava-1.5-13b-hf), and one local OpenAI-compatible server. That server extracts the facts, answers the
-vision verifier's yes/no questions and judges MMHal-Bench and LLaVA-Bench. The overlay changes only sizes, the
-endpoints, 2 torchrun ranks instead of 4 for stage 05 and, for the yes/no judge, `openai-vision` instead of the
-profile's LLaVA verifier: an untrained tiny LVLM answers neither yes nor no (a second run of stage 03 with the
-profile's LLaVA verifier checks that the stage says so). So each of the real world's branches in the notebooks runs,
-with its successor reading what it wrote."""
+"""The paper profile end to end through papermill on the CPU: params/llava15_coco_check.yaml, llava15_coco.yaml in
+miniature (the setup check a GPU user runs before the long run). Everything the real world needs is here in small: a
+COCO-2014 folder (synthetic images, one grey-scale and one of another size, under COCO's file names and annotation
+files), a Hugging Face cache that holds tiny llava-hf models under the profile's own hub ids (llava-hf/llava-1.5-7b-hf,
+llava-hf/llava-1.5-13b-hf), and one local OpenAI-compatible server. That server extracts the facts, answers the vision
+verifier's yes/no questions and judges MMHal-Bench and LLaVA-Bench. The overlay changes only the folders, the
+endpoints, the threads and, for the yes/no judge, `openai-vision` instead of the profile's LLaVA verifier: an
+untrained tiny LVLM answers neither yes nor no (a second run of stage 03 with the profile's LLaVA verifier checks that
+the stage says so). Stage 05 runs under the profile's torchrun with 2 gloo ranks, and once more as the 13B ZeRO-3
+profile runs it. So each of the real world's branches in the notebooks runs, with its successor reading what it
+wrote."""
 import hashlib
 import json
 import os
@@ -23,7 +25,9 @@ from openai_stub import Reply, StubServer, rules_answer
 
 REPO = params.REPO_ROOT
 SECRET = "sk-coco-e2e-not-a-real-key"
-SIZES = dict(n_feedback=12, n_ppo=8, n_validation=4, n_eval=8)
+CHECK_PROFILE = REPO / "params" / "llava15_coco_check.yaml"
+CHECK = yaml.safe_load(CHECK_PROFILE.read_text())     # read as YAML: params.load would check its /data/coco2014
+SIZES = {key: CHECK["data"][key] for key in ("n_feedback", "n_ppo", "n_validation", "n_eval")}
 HUB_MODELS = {"llava-hf/llava-1.5-7b-hf": 0, "llava-hf/llava-1.5-13b-hf": 1}   # hub id -> seed of its tiny stand-in
 
 
@@ -105,19 +109,12 @@ def coco_run(tmp_path_factory):
     write_hub_cache(tmp / "hf" / "hub")
     write_benchmarks(tmp / "bench", next((tmp / "coco" / "val2014").iterdir()))
     with StubServer(default=server_reply) as server:
-        overlay = {
-            "extends": str(REPO / "params" / "llava15_coco.yaml"), "run": "coco-ci", "num_threads": 1,
-            "data": {"coco_root": str(tmp / "coco"), **SIZES},
-            "sampling": {"samples_per_image": 2, "max_new_tokens": 24, "batch_size": 12},
+        overlay = {   # the shipped setup check with what must differ here: the folders, the endpoints, one thread
+            "extends": str(CHECK_PROFILE), "run": "coco-ci", "num_threads": 1,
+            "data": {"coco_root": str(tmp / "coco")},
             "feedback": {"llm_base_url": server.url, "concurrency": 2, "verifier": "openai-vision",
                          "vision_model": "stub-vision", "vision_base_url": server.url},
-            "reward": {"lora_r": 4, "lora_alpha": 8, "lr": 0.001, "epochs": 2, "patience": 1, "eval_batch_size": 8,
-                       "checkpoint_every": 4},
-            "ppo": {"steps": 2, "rollout_batch": 4, "minibatch_size": 2, "max_new_tokens": 16, "lora_r": 4,
-                    "lora_alpha": 8, "validate_every": 1, "validation_images": 2, "checkpoint_every": 1,
-                    "nproc": 2},    # the profile's torchrun, with 2 gloo ranks
-            "evaluate": {"n_images": 8, "max_new_tokens": 16, "batch_size": 8, "bootstrap": 50,
-                         "judge_base_url": server.url, "mmhal_path": str(tmp / "bench"),
+            "evaluate": {"judge_base_url": server.url, "mmhal_path": str(tmp / "bench"),
                          "llava_bench_path": str(tmp / "bench")},
         }
         params_path = tmp / "coco_ci.yaml"
@@ -159,13 +156,14 @@ def test_every_stage_ran_on_the_coco_folder_and_the_cached_hub_models(coco_run):
     assert summary["reward_backbone"].startswith(_snapshot(tmp, "llava-hf/llava-1.5-13b-hf"))   # the paper's
     log = stage.read_jsonl(run / "05_ppo" / "log.jsonl")
     assert summary["world_size"] == 2 and (run / "05_ppo" / "launch.log").is_file()     # torchrun, as in the profile
-    assert summary["iterations"] == 2 and [row["iteration"] for row in log if "reward_fine_grained" in row] == [1, 2]
+    assert summary["iterations"] == CHECK["ppo"]["steps"] == 2
+    assert [row["iteration"] for row in log if "reward_fine_grained" in row] == [1, 2]
 
 
 def test_the_llm_extracts_the_facts_the_vision_model_judges_and_the_labels_have_both_classes(coco_run):
     _, run, requests, _ = coco_run
     responses = stage.read_jsonl(run / "02_sample_responses" / "responses.jsonl")
-    assert len(responses) == 2 * SIZES["n_feedback"]
+    assert len(responses) == SIZES["n_feedback"]       # one sample per image, as in the paper
     summary = json.loads((run / "03_ai_feedback" / "summary.json").read_text())
     assert summary["llm_usage"]["calls"] == summary["subsentences"] == sum(len(r["subsentences"]) for r in responses)
     facts = stage.read_jsonl(run / "03_ai_feedback" / "facts.jsonl")
@@ -180,6 +178,8 @@ def test_the_llm_extracts_the_facts_the_vision_model_judges_and_the_labels_have_
     assert all("ai" in scores and "gt" not in scores for scores in metrics["test"].values())   # no ground truth
     for fact_type in ("object", "attribute", "relation"):
         assert (run / "04_reward_models" / "reward_models" / fact_type).is_dir()
+    for page in (run / "03_ai_feedback" / "labels_report.html", run / "04_reward_models" / "scored_examples.html"):
+        assert '<img src="data:image/' in page.read_text()      # the COCO images, as a teacher needs to see them
 
 
 def test_stage_06_reports_pope_chair_and_the_judged_benchmarks_for_both_policies(coco_run):

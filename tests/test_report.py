@@ -213,3 +213,20 @@ def test_figures_draw_the_numbers():
     expected = sorted(n for t in dist.values() for source in ("ai", "gt") for n in t[source].values())
     assert heights == expected
     fig.savefig(io.BytesIO(), format="png")
+
+
+def test_small_images_embed_as_lossless_png_and_large_ones_as_jpeg_thumbnails():
+    from PIL import Image
+    from fgaif_utils.report import THUMBNAIL_SIDE, image_data_url
+    small = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    url = image_data_url(small)
+    assert url.startswith("data:image/png;base64,")
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+    np.testing.assert_array_equal(decoded, small)
+    coco_sized = np.zeros((480, 640, 3), np.uint8)
+    coco_sized[:, :320] = (200, 30, 30)                   # left half red
+    url = image_data_url(coco_sized)
+    assert url.startswith("data:image/jpeg;base64,")
+    thumbnail = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+    assert thumbnail.shape == (THUMBNAIL_SIDE * 3 // 4, THUMBNAIL_SIDE, 3)
+    assert abs(int(thumbnail[100, 40, 0]) - 200) < 8 and thumbnail[100, 280].max() < 8
