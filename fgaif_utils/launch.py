@@ -30,7 +30,12 @@ class LaunchError(RuntimeError):
 
 def command(launcher, nproc, params_path, run, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir,
             master_port=29531):
-    """The argv that starts `nproc` ranks of the stage-05 job."""
+    """The argv that starts `nproc` ranks of the stage-05 job (one GPU a rank where there are GPUs)."""
+    import torch
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise ValueError(f"{params_path}: key 'ppo.nproc' is {nproc}, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s) and each rank takes one: set ppo.nproc to at "
+                         f"most {torch.cuda.device_count()}")
     job = ["-m", "fgaif_utils.launch", "--params", str(params_path), "--run-name", run, "--data-dir", str(data_dir),
            "--models-dir", str(models_dir), "--reward-dir", str(reward_dir), "--out", str(out_dir),
            "--checkpoint-dir", str(checkpoint_dir)]

@@ -421,6 +421,16 @@ def test_launch_commands():
         launch.command("mpirun", 2, "p.yaml", "r", "d", "m", "w", "o", "c")
 
 
+def test_launch_refuses_more_ranks_than_gpus(monkeypatch):
+    # on a GPU box rank k takes cuda:k; a rank without a device would fail deep in model loading
+    from fgaif_utils import launch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert launch.command("torchrun", 2, "p.yaml", "r", "d", "m", "w", "o", "c")[4] == "2"
+    with pytest.raises(ValueError, match=r"p\.yaml: key 'ppo\.nproc' is 4, but this machine has 2 CUDA device"):
+        launch.command("torchrun", 4, "p.yaml", "r", "d", "m", "w", "o", "c")
+
+
 def test_oracle_labels_by_hand_and_the_trainer_scores_with_them(tiny):
     trainer = _trainer(tiny, _settings(max_new_tokens=12))
     scene = {"image_id": 5, "objects": [
