@@ -222,7 +222,8 @@ def test_stage_05_of_the_13b_zero3_profile_with_the_shipped_deepspeed_config(coc
     overlay.write_text(json.dumps({
         "extends": "coco_ci.yaml", "run": "coco-ci-zero3", "reuse_run": "coco-ci",
         "reuse_stages": ["00_data", "01_base_models", "02_sample_responses", "03_ai_feedback", "04_reward_models"],
-        "models": {"policy": profile["models"]["policy"]}, "ppo": {"deepspeed": profile["ppo"]["deepspeed"]}}))
+        "models": {"policy": profile["models"]["policy"]},
+        "ppo": {"deepspeed": profile["ppo"]["deepspeed"], "max_new_tokens": 16}}))   # every ZeRO-3 decode step gathers
     result = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", str(overlay), "--stages", "05"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
