@@ -201,8 +201,8 @@ def test_the_key_reaches_the_server_and_no_file_of_the_run(coco_run):
     assert leaks == [] and (tmp / "coco_ci.yaml").read_text().count("sk-") == 0
 
 
-def test_the_profiles_llava_verifier_runs_from_the_hub_cache_and_stage_03_says_its_answers_are_unusable(coco_run):
-    _, run, _, _ = coco_run
+def test_the_profiles_llava_verifier_runs_from_the_hub_cache_and_stages_03_04_say_its_answers_are_unusable(coco_run):
+    tmp, run, _, env = coco_run
     hf_run = run.parent / "coco-ci-hf" / "03_ai_feedback"
     summary = json.loads((hf_run / "summary.json").read_text())
     asked = summary["facts"]
@@ -210,6 +210,14 @@ def test_the_profiles_llava_verifier_runs_from_the_hub_cache_and_stage_03_says_i
     assert summary["warnings"][0].startswith(f"{asked} of {asked} verifier answers were neither yes nor no")
     notebook = (hf_run / "03_ai_feedback.ipynb").read_text()
     assert "verifier 'hf'" in notebook and "WARNING: " in notebook and "feedback.question_suffix" in notebook
+    # stage 04 on these labels stops before any training, names the file, and stage 03's work stays
+    result = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", str(tmp / "coco_ci_hf.yaml"), "--stages",
+                             "04"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "fg_labels.jsonl: no training sub-sentence is labelled correct or hallucinated for any type" in \
+        result.stdout + result.stderr
+    assert (hf_run / "fg_labels.jsonl").is_file() and not (run.parent / "coco-ci-hf" / "04_reward_models").exists()
+    assert (run.parent / "coco-ci-hf" / "04_reward_models.failed.ipynb").is_file()
 
 
 def test_stage_05_of_the_13b_zero3_profile_with_the_shipped_deepspeed_config(coco_run):
