@@ -14,6 +14,10 @@ STAGES ?=
 comma := ,
 pooled = for split in $(2); do $(PY) -m fgaif_utils.evaluate outputs/$(1)/06_evaluate/records.jsonl --split $$split $(3) || exit 1; done
 
+# $(call seeds3,GROUP,SEED0,PREFIX): the pooled comparison's group of one policy at PPO seeds 0-2,
+# --group GROUP=SEED0,PREFIX-s1,PREFIX-s2.
+seeds3 = --group $(1)=$(2)$(comma)$(3)-s1$(comma)$(3)-s2
+
 # $(call stage05,DIR,RUNS): stage 05 of params/DIR/RUN.yaml for each RUN, stopping at the first failure.
 stage05 = for r in $(2); do $(PY) -m fgaif_utils.pipeline params/$(1)/$$r.yaml --stages 05 || exit 1; done
 
@@ -48,8 +52,8 @@ SEED_RUNS := tiny-s1 tiny-sparse-s1 tiny-s2 tiny-sparse-s2
 seeds: setup
 	$(call stage05,seeds,$(SEED_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/seeds/tiny-seeds.yaml --stages 06
-	$(call pooled,tiny-seeds,eval eval_ood,--group base=base --group fgaif=fgaif$(comma)tiny-s1$(comma)tiny-s2 \
-	  --group sparse=tiny-sparse$(comma)tiny-sparse-s1$(comma)tiny-sparse-s2 --pair fgaif:base --pair fgaif:sparse)
+	$(call pooled,tiny-seeds,eval eval_ood,--group base=base $(call seeds3,fgaif,fgaif,tiny) \
+	  $(call seeds3,sparse,tiny-sparse,tiny-sparse) --pair fgaif:base --pair fgaif:sparse)
 
 # The same over params/grounded/ (after the steps in params/grounded/naming.yaml's header): the grounded-naming run's
 # sparse ablation and PPO seeds 1 and 2 of both, stage 06 over all six policies, the seed-pooled comparison.
@@ -58,8 +62,8 @@ grounded-seeds: setup
 	$(call stage05,grounded,$(GROUNDED_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/grounded/seeds.yaml --stages 06
 	$(call pooled,tiny-grounded-seeds,eval eval_long eval_ood,--group base=base \
-	  --group fgaif=fgaif$(comma)tiny-grounded-s1$(comma)tiny-grounded-s2 \
-	  --group sparse=tiny-grounded-sparse$(comma)tiny-grounded-sparse-s1$(comma)tiny-grounded-sparse-s2 \
+	  $(call seeds3,fgaif,fgaif,tiny-grounded) \
+	  $(call seeds3,sparse,tiny-grounded-sparse,tiny-grounded-sparse) \
 	  --pair fgaif:base --pair fgaif:sparse)
 
 # The paper's rollout batch (256 responses per iteration, minibatches of 128: tiny's number of gradient steps) over
@@ -70,9 +74,9 @@ batch-seeds: setup
 	$(call stage05,seeds,tiny-s1 tiny-s2)
 	$(call stage05,batch,$(BATCH_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/batch/seeds.yaml --stages 06
-	$(call pooled,tiny-b256-seeds,eval eval_long eval_ood,--group base=base --group b256=fgaif$(comma)tiny-b256-s1$(comma)tiny-b256-s2 \
-	  --group b256sparse=tiny-b256-sparse$(comma)tiny-b256-sparse-s1$(comma)tiny-b256-sparse-s2 \
-	  --group tiny=tiny$(comma)tiny-s1$(comma)tiny-s2 --pair b256:base --pair b256:b256sparse --pair b256:tiny --pair tiny:base)
+	$(call pooled,tiny-b256-seeds,eval eval_long eval_ood,--group base=base $(call seeds3,b256,fgaif,tiny-b256) \
+	  $(call seeds3,b256sparse,tiny-b256-sparse,tiny-b256-sparse) \
+	  $(call seeds3,tiny,tiny,tiny) --pair b256:base --pair b256:b256sparse --pair b256:tiny --pair tiny:base)
 
 # A world whose descriptions state the size of 70% of the objects (params/words/): every stage of its own run, the
 # sparse ablation and PPO seeds 1-2 of both, stage 06 over the six policies and the base, the seed-pooled comparison
@@ -85,8 +89,8 @@ words-seeds: setup
 	$(call stage05,words,$(WORDS_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/words/seeds.yaml --stages 06
 	$(call pooled,tiny-words-seeds,eval eval_long eval_ood,--metrics $(WORDS_METRICS) --group base=base \
-	  --group fgaif=fgaif$(comma)tiny-words-s1$(comma)tiny-words-s2 \
-	  --group sparse=tiny-words-sparse$(comma)tiny-words-sparse-s1$(comma)tiny-words-sparse-s2 \
+	  $(call seeds3,fgaif,fgaif,tiny-words) \
+	  $(call seeds3,sparse,tiny-words-sparse,tiny-words-sparse) \
 	  --pair fgaif:base --pair fgaif:sparse)
 
 # Dense against sparse with perfect labels (params/oracle/, after `make run`): PPO for 30 iterations with the
@@ -97,8 +101,8 @@ oracle-seeds: setup
 	$(call stage05,oracle,$(ORACLE_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/oracle/seeds.yaml --stages 06
 	$(call pooled,tiny-oracle30-seeds,eval eval_long eval_ood,--metrics $(WORDS_METRICS) --group base=base \
-	  --group dense=fgaif$(comma)tiny-oracle30-s1$(comma)tiny-oracle30-s2 \
-	  --group sparse=tiny-oracle30-sparse$(comma)tiny-oracle30-sparse-s1$(comma)tiny-oracle30-sparse-s2 \
+	  $(call seeds3,dense,fgaif,tiny-oracle30) \
+	  $(call seeds3,sparse,tiny-oracle30-sparse,tiny-oracle30-sparse) \
 	  --pair dense:base --pair sparse:base --pair dense:sparse)
 
 # Dense against sparse on crowded scenes (params/long/, after `make run`): PPO on 4-5-object images with tiny's reward
@@ -110,8 +114,8 @@ long-seeds: setup
 	$(call stage05,long,$(LONG_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/long/seeds.yaml --stages 06
 	$(call pooled,tiny-long-seeds,eval_long eval eval_ood,--metrics $(LONG_METRICS) --group base=base \
-	  --group fgaif=fgaif$(comma)tiny-long-s1$(comma)tiny-long-s2 \
-	  --group sparse=tiny-long-sparse$(comma)tiny-long-sparse-s1$(comma)tiny-long-sparse-s2 \
+	  $(call seeds3,fgaif,fgaif,tiny-long) \
+	  $(call seeds3,sparse,tiny-long-sparse,tiny-long-sparse) \
 	  --group tiny=tiny --pair fgaif:base --pair sparse:base --pair fgaif:sparse --pair fgaif:tiny)
 
 # The same with ground-truth rewards for 30 iterations (params/long/oracle*.yaml, after `make long-seeds`): dense and
@@ -121,8 +125,8 @@ long-oracle-seeds: setup
 	$(call stage05,long,$(LONG_ORACLE_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/long/oracle-seeds.yaml --stages 06
 	$(call pooled,tiny-long-oracle30-seeds,eval_long eval eval_ood,--metrics $(LONG_METRICS) --group base=base \
-	  --group dense=fgaif$(comma)tiny-long-oracle30-s1$(comma)tiny-long-oracle30-s2 \
-	  --group sparse=tiny-long-oracle30-sparse$(comma)tiny-long-oracle30-sparse-s1$(comma)tiny-long-oracle30-sparse-s2 \
+	  $(call seeds3,dense,fgaif,tiny-long-oracle30) \
+	  $(call seeds3,sparse,tiny-long-oracle30-sparse,tiny-long-oracle30-sparse) \
 	  --pair dense:base --pair sparse:base --pair dense:sparse)
 
 # A base policy that can answer yes/no (params/policyqa/, after `make run`): every stage but 00 of its own run, the
@@ -135,8 +139,8 @@ policyqa-seeds: setup
 	$(call stage05,policyqa,$(POLICYQA_RUNS))
 	$(PY) -m fgaif_utils.pipeline params/policyqa/seeds.yaml --stages 06
 	$(call pooled,tiny-policyqa-seeds,eval eval_long eval_ood,--metrics $(POLICYQA_METRICS) --group base=base \
-	  --group fgaif=fgaif$(comma)tiny-policyqa-s1$(comma)tiny-policyqa-s2 \
-	  --group sparse=tiny-policyqa-sparse$(comma)tiny-policyqa-sparse-s1$(comma)tiny-policyqa-sparse-s2 \
+	  $(call seeds3,fgaif,fgaif,tiny-policyqa) \
+	  $(call seeds3,sparse,tiny-policyqa-sparse,tiny-policyqa-sparse) \
 	  --pair fgaif:base --pair sparse:base --pair fgaif:sparse)
 
 smoke: setup

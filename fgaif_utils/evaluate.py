@@ -45,6 +45,7 @@ from tqdm import tqdm
 from fgaif_utils import facts as facts_lib
 from fgaif_utils import language, llm, models, scorer, segment
 from fgaif_utils.coco_synonyms import COCO_SYNONYMS, IRREGULAR_PLURALS, NOT_OBJECTS
+from fgaif_utils.report import image_data_url
 
 SYNTHETIC_SPLITS = ["eval", "eval_long", "eval_ood"]
 POPE_SAMPLERS = ["random", "popular", "adversarial"]
@@ -1016,7 +1017,6 @@ def metrics_figure(summary, split, metrics, title=None):
 
 
 def _image_tag(image):
-    from .report import image_data_url
     return f'<img src="{image_data_url(np.asarray(image))}" style="width:160px;image-rendering:pixelated">'
 
 

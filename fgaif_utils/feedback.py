@@ -159,19 +159,12 @@ class HFVerifier:
         self.model, self.processor, self.batch_size = model, processor, batch_size
 
     def answer(self, images, questions):
-        # a repeated (image, question) pair, common when several responses about one image state the same fact, is
-        # generated once (tiny's stage 03 asks 145,692 questions, 63,437 distinct pairs)
-        from .llm import image_key   # llm imports openai: only where it is needed
-        pairs = [(image_key(image), question) for image, question in zip(images, questions)]
-        first_row = {}
-        for row, pair in enumerate(pairs):
-            first_row.setdefault(pair, row)
-        rows = list(first_row.values())
-        answers = tiny_train.answer_questions(self.model, self.processor, [images[row] for row in rows],
-                                              [questions[row] for row in rows], batch_size=self.batch_size,
-                                              desc="verifier")
-        answer_of = dict(zip(first_row, answers))
-        return [answer_of[pair] for pair in pairs]
+        from .llm import ask_each_pair_once   # llm imports openai: only where it is needed
+
+        def generate(distinct_images, distinct_questions):
+            return tiny_train.answer_questions(self.model, self.processor, distinct_images, distinct_questions,
+                                               batch_size=self.batch_size, desc="verifier")
+        return ask_each_pair_once(images, questions, generate)
 
 
 def verify_facts(rows, verifier, load_image, cache, batch_size=512):
