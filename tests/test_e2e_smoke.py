@@ -146,7 +146,8 @@ def test_ppo_job_under_torchrun_with_two_processes_plain_and_zero3(smoke_run, tm
     argv = launch.command("torchrun", 2, REPO / "params" / "smoke.yaml", "ci", run_dir / "00_data",
                           run_dir / "01_base_models", run_dir / "04_reward_models", tmp_path / "out",
                           tmp_path / "checkpoints", master_port=29533)
-    launch.run(argv, tmp_path / "launch.log", cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    launch.run(argv, tmp_path / "launch.log", cwd=REPO, env={"OMP_NUM_THREADS": "1"},
+               finished=tmp_path / "out" / launch.FINISHED)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations"] == params.load(REPO / "params" / "smoke.yaml").ppo.steps
     assert (tmp_path / "out" / "policy_adapter" / "adapter_config.json").exists()
@@ -156,7 +157,8 @@ def test_ppo_job_under_torchrun_with_two_processes_plain_and_zero3(smoke_run, tm
     argv = launch.command("torchrun", 2, zero3, "ci", run_dir / "00_data", run_dir / "01_base_models",
                           run_dir / "04_reward_models", tmp_path / "out-zero3", tmp_path / "checkpoints-zero3",
                           master_port=29534)
-    launch.run(argv, tmp_path / "launch-zero3.log", cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    launch.run(argv, tmp_path / "launch-zero3.log", cwd=REPO, env={"OMP_NUM_THREADS": "1"},
+               finished=tmp_path / "out-zero3" / launch.FINISHED)
     plain, partitioned = ([json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
                           for out in ("out", "out-zero3"))
     assert [row["iteration"] for row in partitioned] == [row["iteration"] for row in plain]

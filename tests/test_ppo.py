@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgaif_utils import models, params, ppo, reward, segment
+from fgaif_utils import launch, models, params, ppo, reward, segment
 
 torch.set_num_threads(1)
 PROMPT = "Describe this image in detail."
@@ -242,6 +242,7 @@ WORKER = r'''
 import json, sys, numpy as np, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from tests.test_ppo import _trainer, _settings, _images, _flat
+from fgaif_utils import launch
 from pathlib import Path
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -256,7 +257,7 @@ gathered = [torch.zeros_like(flat) for _ in range(world)]
 dist.all_gather(gathered, flat)
 if rank == 0:
     torch.save({"flat": flat, "same": all(torch.equal(g, flat) for g in gathered), "stats": stats}, sys.argv[4])
-dist.barrier()   # as fgaif_utils.launch does: rank 1 tearing gloo down while rank 0 still ran aborted once
+launch.all_ranks_finished(Path(sys.argv[4]).with_name(launch.FINISHED))   # as fgaif_utils.launch ends a rank
 dist.destroy_process_group()
 '''
 
@@ -271,20 +272,26 @@ def _one_process_update_and_two_ranks(tiny, tmp_path, worker, port):
     torch.save((images, token_ids, ends, labels), tmp_path / "batch.pt")
     batch = single.make_batch(images, list(range(8)), token_ids, ends, labels)
     stats = single.update(batch, seed=0)
+    _torchrun(tmp_path, worker, port, str(tiny), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt"))
+    return single, stats, torch.load(tmp_path / "out.pt")
+
+
+def _torchrun(tmp_path, worker, port, *args):
+    """Run `worker` as 2 gloo ranks and judge the exit as stage 05 does (`launch.settle`): a failure raises
+    LaunchError with the log, a crash after every rank finished (the marker beside the output) only warns."""
     (tmp_path / "worker.py").write_text(worker)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", str(port), str(tmp_path / "worker.py"), str(REPO), str(tiny),
-                              str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = ranks.communicate(timeout=300)
-    except subprocess.TimeoutExpired:      # a hung collective: SIGTERM lets torchrun take its ranks down too
-        ranks.terminate()
-        ranks.communicate(timeout=60)
-        raise
-    assert ranks.returncode == 0, stderr[-3000:]
-    return single, stats, torch.load(tmp_path / "out.pt")
+    with open(tmp_path / "ranks.log", "w") as log:
+        ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                  "--master_port", str(port), str(tmp_path / "worker.py"), str(REPO), *args],
+                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            ranks.wait(timeout=300)
+        except subprocess.TimeoutExpired:      # a hung collective: SIGTERM lets torchrun take its ranks down too
+            ranks.terminate()
+            ranks.wait(timeout=60)
+            raise
+    launch.settle(ranks.returncode, tmp_path / launch.FINISHED, tmp_path / "ranks.log", "torchrun worker.py")
 
 
 def test_two_process_gloo_update_matches_one_process(tiny, tmp_path):
@@ -299,7 +306,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from tests.test_ppo import _trainer, _settings, _flat
-from fgaif_utils import ppo
+from fgaif_utils import launch, ppo
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.set_num_threads(1)
@@ -352,7 +359,7 @@ if rank == 0:
                 "bf16_policy_loss": bf16_stats["policy_loss"]}, sys.argv[4])
 else:
     whole(trainer), whole(resumed)     # gathering is a collective: every rank takes part
-dist.barrier()
+launch.all_ranks_finished(Path(sys.argv[4]).with_name(launch.FINISHED))
 dist.destroy_process_group()
 '''
 
@@ -373,8 +380,9 @@ def test_zero3_ranks_hold_half_of_every_model_and_update_as_one_process(tiny, tm
 
 MEAN_WORKER = r'''
 import json, sys, torch.distributed as dist
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from fgaif_utils import ppo
+from fgaif_utils import launch, ppo
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 row = {"iteration": 3, "kl": [1.0, 3.0][rank], "halluc_share_relation": [None, 0.5][rank],
@@ -382,7 +390,7 @@ row = {"iteration": 3, "kl": [1.0, 3.0][rank], "halluc_share_relation": [None, 0
 mean = ppo._mean_over_ranks(row)
 if rank == 0:
     open(sys.argv[2], "w").write(json.dumps(mean))
-dist.barrier()
+launch.all_ranks_finished(Path(sys.argv[2]).with_name(launch.FINISHED))
 dist.destroy_process_group()
 '''
 
@@ -390,12 +398,7 @@ dist.destroy_process_group()
 def test_log_rows_average_over_ranks_when_a_value_is_missing_on_one_rank(tmp_path):
     # a rank without judged relations logs None; the ranks must still send matching tensors (a gloo size
     # mismatch aborted the 2-process smoke job once the existence gate made such rows common)
-    (tmp_path / "worker.py").write_text(MEAN_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29519", str(tmp_path / "worker.py"), str(REPO), str(tmp_path / "out.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun(tmp_path, MEAN_WORKER, 29519, str(tmp_path / "out.json"))
     mean = json.loads((tmp_path / "out.json").read_text())
     assert mean == {"iteration": 3, "kl": 2.0, "halluc_share_relation": 0.5, "halluc_share_attribute": None,
                     "note": "text"}
@@ -410,8 +413,43 @@ def test_repeated_sub_sentences_earn_nothing_when_repeats_are_not_rewarded():
     assert rewards.tolist() == pytest.approx([0, 0, 0, 2, 0, 0, 0, 0, 0, 0, -1, 0])
 
 
+CRASH_WORKER = r'''
+import os, sys, torch.distributed as dist
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from fgaif_utils import launch
+dist.init_process_group("gloo")
+if sys.argv[2] == "after":
+    launch.all_ranks_finished(Path(sys.argv[3]))
+if dist.get_rank() == 1:
+    os.abort()                         # SIGABRT, as gloo's teardown once did
+launch.all_ranks_finished(Path(sys.argv[3]))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_rank_crashing_fails_the_job_unless_every_rank_had_finished(tmp_path, capsys, when):
+    # launch.run's verdict: a crash after the ranks' final barrier (rank 0 wrote the marker) loses nothing and
+    # warns; one before it fails, even when a marker from an earlier run is lying there
+    (tmp_path / "worker.py").write_text(CRASH_WORKER)
+    marker = tmp_path / launch.FINISHED
+    marker.write_text("from an earlier run\n")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29520",
+            str(tmp_path / "worker.py"), str(REPO), when, str(marker)]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if when == "before":
+        with pytest.raises(launch.LaunchError, match=r"exited with status 1; log .*crash.log"):
+            launch.run(argv, tmp_path / "crash.log", env=env, finished=marker)
+        assert not marker.exists()
+    else:
+        assert launch.run(argv, tmp_path / "crash.log", env=env, finished=marker) == 1
+        assert marker.read_text() == "every rank finished its work\n"
+        assert "after every rank had finished its work" in capsys.readouterr().out
+        assert (tmp_path / "crash.log").read_text().splitlines()[-1].startswith("WARNING: ")
+
+
 def test_launch_commands():
-    from fgaif_utils import launch
     argv = launch.command("torchrun", 4, "p.yaml", "r", "d", "m", "w", "o", "c", master_port=1234)
     assert argv[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port"]
     assert argv[argv.index("-m", 2):][:2] == ["-m", "fgaif_utils.launch"] and "--run-name" in argv
