@@ -35,7 +35,6 @@ equation above stays where it is.
 """
 import contextlib
 import json
-import math
 import os
 import shutil
 import time

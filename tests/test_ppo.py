@@ -276,15 +276,22 @@ def _one_process_update_and_two_ranks(tiny, tmp_path, worker, port):
     return single, stats, torch.load(tmp_path / "out.pt")
 
 
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _torchrun_argv(tmp_path, worker, port, *args):
+    """Write the `worker` script into tmp_path; the argv that runs it as 2 gloo ranks (argv[1] is the repository)."""
+    (tmp_path / "worker.py").write_text(worker)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            str(tmp_path / "worker.py"), str(REPO), *args]
+
+
 def _torchrun(tmp_path, worker, port, *args):
     """Run `worker` as 2 gloo ranks and judge the exit as stage 05 does (`launch.settle`): a failure raises
     LaunchError with the log, a crash after every rank finished (the marker beside the output) only warns."""
-    (tmp_path / "worker.py").write_text(worker)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = _torchrun_argv(tmp_path, worker, port, *args)
     with open(tmp_path / "ranks.log", "w") as log:
-        ranks = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                  "--master_port", str(port), str(tmp_path / "worker.py"), str(REPO), *args],
-                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+        ranks = subprocess.Popen(argv, env={**os.environ, **WORKER_ENV}, stdout=log, stderr=subprocess.STDOUT)
         try:
             ranks.wait(timeout=300)
         except subprocess.TimeoutExpired:      # a hung collective: SIGTERM lets torchrun take its ranks down too
@@ -432,18 +439,15 @@ dist.destroy_process_group()
 def test_a_rank_crashing_fails_the_job_unless_every_rank_had_finished(tmp_path, capsys, when):
     # launch.run's verdict: a crash after the ranks' final barrier (rank 0 wrote the marker) loses nothing and
     # warns; one before it fails, even when a marker from an earlier run is lying there
-    (tmp_path / "worker.py").write_text(CRASH_WORKER)
     marker = tmp_path / launch.FINISHED
     marker.write_text("from an earlier run\n")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29520",
-            str(tmp_path / "worker.py"), str(REPO), when, str(marker)]
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = _torchrun_argv(tmp_path, CRASH_WORKER, 29520, when, str(marker))
     if when == "before":
         with pytest.raises(launch.LaunchError, match=r"exited with status 1; log .*crash.log"):
-            launch.run(argv, tmp_path / "crash.log", env=env, finished=marker)
+            launch.run(argv, tmp_path / "crash.log", env=WORKER_ENV, finished=marker)
         assert not marker.exists()
     else:
-        assert launch.run(argv, tmp_path / "crash.log", env=env, finished=marker) == 1
+        assert launch.run(argv, tmp_path / "crash.log", env=WORKER_ENV, finished=marker) == 1
         assert marker.read_text() == "every rank finished its work\n"
         assert "after every rank had finished its work" in capsys.readouterr().out
         assert (tmp_path / "crash.log").read_text().splitlines()[-1].startswith("WARNING: ")
@@ -461,7 +465,6 @@ def test_launch_commands():
 
 def test_launch_refuses_more_ranks_than_gpus(monkeypatch):
     # on a GPU box rank k takes cuda:k; a rank without a device would fail deep in model loading
-    from fgaif_utils import launch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert launch.command("torchrun", 2, "p.yaml", "r", "d", "m", "w", "o", "c")[4] == "2"
