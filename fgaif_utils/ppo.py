@@ -718,8 +718,10 @@ def validator(scenes, images, prompt_text, max_new_tokens, batch_size, synthetic
     reward models (mean reward per type per response) and, in the synthetic world, by the ground-truth scorer
     (hallucination rate per type, coverage). Never the eval split."""
     def validate(trainer, iteration):
+        # After iteration 0 this runs inside the PPO bar, where a second text bar writes cursor-up codes.
         token_ids, texts = tiny_train.describe_images(trainer.policy, trainer.processor, images, False, 0, batch_size,
-                                                      max_new_tokens, prompt=prompt_text, desc="validate")
+                                                      max_new_tokens, prompt=prompt_text, desc="validate",
+                                                      progress=iteration == 0)
         ends = [segment.subsentence_end_positions(ids, trainer.decode) if ids else [] for ids in token_ids]
         labels = trainer.score(images, token_ids, ends, [scene["image_id"] for scene in scenes])
         row = {"val_length": float(np.mean([len(t) for t in token_ids])),

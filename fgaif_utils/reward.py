@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm   # text bars: tqdm.auto wants ipywidgets, which the project does not install
 
 from . import models
 from . import params as P

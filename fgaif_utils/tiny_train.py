@@ -243,10 +243,10 @@ def mixture(first, second, second_share):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def describe_images(model, processor, images, do_sample, seed, batch_size=100, max_new_tokens=64,
-                    temperature=1.0, top_p=1.0, prompt=language.DESCRIBE_PROMPT, desc="describe"):
+                    temperature=1.0, top_p=1.0, prompt=language.DESCRIBE_PROMPT, desc="describe", progress=True):
     prompt_text = models.chat_prompt(processor, prompt)
     token_ids, texts = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, mininterval=2.0):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, mininterval=2.0):
         chunk = images[start:start + batch_size]
         ids, txt = models.generate(model, processor, chunk, [prompt_text] * len(chunk), max_new_tokens=max_new_tokens,
                                    do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed + start)

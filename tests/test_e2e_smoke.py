@@ -179,3 +179,16 @@ def test_teaching_tables_of_stages_04_and_06(smoke_run):
     words = (run_dir / "06_evaluate" / "attribute_words.md").read_text()
     assert [line for line in words.splitlines() if line.startswith("## ")] == ["## eval", "## eval_long", "## eval_ood"]
     assert words.count("| base |") == 3 and words.count("| fgaif |") == 3
+
+
+def test_executed_notebooks_show_no_nested_bar_codes_or_warnings_about_code_not_ours(smoke_run):
+    """What a researcher sees in JupyterLab: one text bar at a time (a bar inside another writes cursor-up codes),
+    and no warnings from tqdm.auto's missing ipywidgets or peft's use of a deprecated transformers property."""
+    run_dir, _, _ = smoke_run
+    for name in _built_stages():
+        notebook = json.loads((run_dir / name / f"{name}.ipynb").read_text())
+        streams = "".join("".join(output.get("text", "")) for cell in notebook["cells"]
+                          for output in cell.get("outputs", []))
+        assert "\x1b[A" not in streams, name
+        assert "IProgress not found" not in streams, name
+        assert "is_gradient_checkpointing" not in streams, name
