@@ -60,10 +60,22 @@ def build_tiny_tokenizer():
                                    padding_side="left")
 
 
-def build_tiny_processor(tokenizer, image_size, patch_size):
-    from transformers import CLIPImageProcessor, LlavaProcessor
+def _clip_image_processor_class():
+    """transformers 5.24's CLIPImageProcessor needs torchvision, which breaks it here (requirements.txt), and falls
+    back to CLIPImageProcessorPil with a warning that says to install torchvision: ask for that class by name. Both
+    save the same config ("CLIPImageProcessor"), which AutoProcessor loads either way."""
+    import transformers
+    from transformers.utils import is_torchvision_available
 
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+    if not is_torchvision_available() and "CLIPImageProcessorPil" in dir(transformers):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
+
+
+def build_tiny_processor(tokenizer, image_size, patch_size):
+    from transformers import LlavaProcessor
+
+    image_processor = _clip_image_processor_class()(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size},
                                          image_mean=[0.5] * 3, image_std=[0.5] * 3)
     # num_additional_image_tokens=1 (the CLS token, dropped by the "default" strategy): without it the
