@@ -41,7 +41,8 @@ else
 	$(PY) -m fgaif_utils.pipeline $(PARAMS) $(if $(STAGES),--stages $(STAGES),)
 endif
 
-# Every ablation of params/ablations/ (stage 05 each; holistic also retrains stage 04), then tiny's stage 06 again.
+# Every ablation of params/ablations/ (stage 05 each; holistic also retrains stage 04), then tiny's stage 06 again
+# (the policies it evaluated before are read back from its cache).
 ablations: setup
 	for f in params/ablations/*.yaml; do $(PY) -m fgaif_utils.pipeline $$f --stages 04-05 || exit 1; done
 	$(PY) -m fgaif_utils.pipeline params/tiny.yaml --stages 06 --force

@@ -29,11 +29,14 @@ sum of model scores / sum of reference scores * 100), through any OpenAI-compati
 A judge answer that cannot be read is an item with status "malformed" (JSON / regex parsing only, never eval).
 """
 import csv
+import hashlib
 import html
 import io
 import json
+import os
 import random
 import re
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -562,6 +565,38 @@ def load_policy(base_folder, adapter_folder=None, dtype="float32", device="auto"
             model = model.merge_and_unload()
         model.eval()
     return model, processor
+
+
+def policy_cache_name(label, adapter_folder, versions):
+    """The file name a policy's records are kept under between runs of this stage: its label and a hash of its
+    adapter's files and of the package versions. The folder holding it is named by the stage's fingerprint
+    (params, code, inputs), which does not cover a compare run's adapter or the installed packages."""
+    digest = hashlib.sha256(json.dumps(versions, sort_keys=True).encode())
+    if adapter_folder is not None:
+        for path in sorted(p for p in Path(adapter_folder).iterdir() if p.is_file()):
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return f"{label}.{digest.hexdigest()[:16]}.jsonl"
+
+
+def records_of_policy(cache_folder, name, evaluate_fn):
+    """(records, kept): one policy's per-image records, read back from cache_folder / name when an earlier run of
+    this stage finished that policy (the run was interrupted later, or forced to run again), else evaluate_fn()'s,
+    written there atomically before they are returned. An unreadable file is evaluated again, with a warning."""
+    path = Path(cache_folder) / name
+    if path.is_file():
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], True
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            warnings.warn(f"{path}: unreadable kept records ({err}); evaluating the policy again")
+    records = evaluate_fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    os.replace(tmp, path)
+    return records, False
 
 
 def policy_sources(own_adapter, compare_runs, final_dir):

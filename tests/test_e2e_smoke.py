@@ -196,3 +196,22 @@ def test_executed_notebooks_show_no_nested_bar_codes_or_warnings_about_code_not_
         assert "is_gradient_checkpointing" not in streams, name
         assert "kernels-community" not in streams, name
         assert "requires torchvision" not in streams, name
+
+
+def test_evaluation_rerun_keeps_finished_policies_and_gives_the_same_records(smoke_run):
+    """As after an interruption during the second policy: the base policy's kept records are read back, fgaif's
+    (removed) are evaluated again, and records.jsonl is byte-identical to the uninterrupted run's."""
+    run_dir, _, _ = smoke_run
+    before = (run_dir / "06_evaluate" / "records.jsonl").read_bytes()
+    kept = list((run_dir / ".cache" / "06_evaluate").glob("*/records/*.jsonl"))
+    assert sorted(p.name.split(".")[0] for p in kept) == ["base", "fgaif"]
+    next(p for p in kept if p.name.startswith("fgaif.")).unlink()
+    env = {**__import__("os").environ, "FGAIF_OUTPUTS": str(run_dir.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", "params/smoke.yaml", "--run", "ci",
+                           "--stages", "06", "--force"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert (run_dir / "06_evaluate" / "records.jsonl").read_bytes() == before
+    notebook = json.loads((run_dir / "06_evaluate" / "06_evaluate.ipynb").read_text())
+    printed = "".join("".join(output.get("text", "")) for cell in notebook["cells"] for output in cell.get("outputs", []))
+    kept_lines = [line for line in printed.splitlines() if "records kept from an earlier run" in line]
+    assert len(kept_lines) == 1 and kept_lines[0].startswith("base: ")

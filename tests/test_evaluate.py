@@ -463,6 +463,41 @@ def test_policy_sources_and_adapter_merge(tiny_setup, tmp_path):
     assert len(notes) == 1 and notes[0].startswith("no_object: no policy adapter")
 
 
+def test_kept_records_are_named_by_label_adapter_bytes_and_package_versions(tmp_path):
+    versions = {"torch": "2.13.0", "transformers": "5.24.0"}
+    for folder, weights in (("a", b"\x01\x02"), ("copy_of_a", b"\x01\x02"), ("b", b"\x01\x03")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "adapter_model.safetensors").write_bytes(weights)
+        (tmp_path / folder / "adapter_config.json").write_text('{"r": 2}')
+    name = E.policy_cache_name("fgaif", tmp_path / "a", versions)
+    assert name.startswith("fgaif.") and name.endswith(".jsonl")
+    assert E.policy_cache_name("fgaif", tmp_path / "copy_of_a", versions) == name        # the bytes, not the folder
+    assert E.policy_cache_name("fgaif", tmp_path / "b", versions) != name                 # other weights
+    assert E.policy_cache_name("sparse", tmp_path / "a", versions) != name
+    assert E.policy_cache_name("fgaif", tmp_path / "a", {**versions, "transformers": "5.25.0"}) != name
+    assert E.policy_cache_name("base", None, versions) != E.policy_cache_name("base", None, {"torch": "2.11.0"})
+
+
+def test_a_policy_evaluated_once_is_read_back_and_an_unreadable_file_is_evaluated_again(tmp_path):
+    calls = []
+
+    def evaluate_fn():
+        calls.append(1)
+        return [{"image_id": 7, "policy": "fgaif", "split": "eval", "counts": {"objects": 3, "covered": 2},
+                 "description": "a <b>red</b> ring \u00e9"}]
+
+    first, kept_first = E.records_of_policy(tmp_path / "kept", "fgaif.x.jsonl", evaluate_fn)
+    second, kept_second = E.records_of_policy(tmp_path / "kept", "fgaif.x.jsonl", evaluate_fn)
+    assert (kept_first, kept_second, len(calls)) == (False, True, 1)
+    assert second == first
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["fgaif.x.jsonl"]           # no temporary file left
+    (tmp_path / "kept" / "fgaif.x.jsonl").write_text('{"image_id": 7, "coun')              # cut short by hand
+    with pytest.warns(UserWarning, match="fgaif.x.jsonl: unreadable kept records"):
+        third, kept_third = E.records_of_policy(tmp_path / "kept", "fgaif.x.jsonl", evaluate_fn)
+    assert (third, kept_third, len(calls)) == (first, False, 2)
+    assert E.records_of_policy(tmp_path / "kept", "fgaif.x.jsonl", evaluate_fn)[1]
+
+
 def test_evaluate_policy_on_synthetic_splits(tiny_setup):
     root, p = tiny_setup
     scenes_by_split, pope_by_split, load_image, vocabulary, synthetic = E.evaluation_inputs(p, root / "data")
