@@ -76,8 +76,8 @@ def build_tiny_processor(tokenizer, image_size, patch_size):
     from transformers import LlavaProcessor
 
     image_processor = _clip_image_processor_class()(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size},
-                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+                                                    crop_size={"height": image_size, "width": image_size},
+                                                    image_mean=[0.5] * 3, image_std=[0.5] * 3)
     # num_additional_image_tokens=1 (the CLS token, dropped by the "default" strategy): without it the
     # processor writes one <image> token fewer than there are patches.
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
