@@ -33,7 +33,6 @@ import hashlib
 import html
 import io
 import json
-import os
 import random
 import re
 import warnings
@@ -46,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fgaif_utils import facts as facts_lib
-from fgaif_utils import language, llm, models, scorer, segment
+from fgaif_utils import language, llm, models, scorer, segment, world
 from fgaif_utils.coco_synonyms import COCO_SYNONYMS, IRREGULAR_PLURALS, NOT_OBJECTS
 from fgaif_utils.report import image_data_url
 
@@ -574,10 +573,8 @@ def policy_cache_name(label, adapter_folder, versions):
     digest = hashlib.sha256(json.dumps(versions, sort_keys=True).encode())
     if adapter_folder is not None:
         for path in sorted(p for p in Path(adapter_folder).iterdir() if p.is_file()):
-            digest.update(path.name.encode() + b"\0")
             with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+                digest.update(path.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
     return f"{label}.{digest.hexdigest()[:16]}.jsonl"
 
 
@@ -588,14 +585,11 @@ def records_of_policy(cache_folder, name, evaluate_fn):
     path = Path(cache_folder) / name
     if path.is_file():
         try:
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], True
+            return _read_jsonl_file(path), True
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             warnings.warn(f"{path}: unreadable kept records ({err}); evaluating the policy again")
     records = evaluate_fn()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-    os.replace(tmp, path)
+    world.write_jsonl(path, records)
     return records, False
 
 
@@ -718,7 +712,6 @@ def evaluation_inputs(params, data_dir, n_images=None):
     synthetic). Synthetic world: the first n_images of eval, eval_long and eval_ood, POPE from each split's
     instances file. COCO: the first n_images of eval (val2014) and POPE from the official files
     (evaluate.pope_files) or built from val2014's annotations."""
-    from fgaif_utils import world
     ep = params.evaluate
     n = ep.n_images if n_images is None else n_images
     synthetic = params.data.world == "synthetic"
