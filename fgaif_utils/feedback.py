@@ -168,8 +168,14 @@ class HFVerifier:
 
 
 def verify_facts(rows, verifier, load_image, cache, batch_size=512):
-    """Fill row["answer"] and row["verdict"] for every fact row, asking only what the cache lacks."""
-    todo = [row for row in rows if cache.get(row["image_id"], row["question"]) is None]
+    """Fill row["answer"] and row["verdict"] for every fact row, asking only what the cache lacks, and each
+    (image, question) pair once: the responses to one image repeat facts, also across batch boundaries."""
+    todo = {}
+    for row in rows:
+        pair = (row["image_id"], row["question"])
+        if pair not in todo and cache.get(*pair) is None:
+            todo[pair] = row
+    todo = list(todo.values())
     for start in tqdm(range(0, len(todo), batch_size), desc="verifying", mininterval=2.0):
         batch = todo[start:start + batch_size]
         images = [load_image(row["image_id"]) for row in batch]

@@ -9,3 +9,11 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+def pytest_configure(config):
+    # pytest resets the warning filters fgaif_utils sets for the notebooks; the same two messages about code that
+    # is not ours (peft reading a deprecated transformers property, torch importing its own deprecated
+    # torch.jit.script_method when peft or deepspeed import inductor) are filtered here by their text.
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

@@ -126,6 +126,23 @@ def test_verifier_cache_resumes_without_asking_again(tmp_path):
     assert len(third.asked) == 3
 
 
+def test_verifier_asks_each_image_question_pair_once_across_batches(tmp_path):
+    # Four responses to image 7 repeat "heart" and "ring"; with batches of 2 the repeats fall into other batches.
+    subjects = ["heart", "ring", "heart", "ring", "heart", "star", "ring"]
+    rows = [{"fact_id": str(i), "response_id": f"7-{i}", "image_id": 7, "subsentence": 0,
+             "fact": {"type": "object", "subject": s, "negated": False},
+             "question": language.question_for_fact({"type": "object", "subject": s, "negated": False})}
+            for i, s in enumerate(subjects)]
+    rows.append(dict(rows[0], fact_id="8", response_id="8-0", image_id=8))   # the same question, another image
+    verifier = CountingVerifier()
+    out = feedback.verify_facts(rows, verifier, lambda image_id: np.zeros((8, 8, 3), np.uint8),
+                                feedback.AnswerCache(tmp_path / "a.jsonl", ["v1"]), batch_size=2)
+    question = {s: language.question_for_fact({"type": "object", "subject": s, "negated": False})
+                for s in ("heart", "ring", "star")}
+    assert verifier.asked == [question["heart"], question["ring"], question["star"], question["heart"]]
+    assert [r["verdict"] for r in out] == [True, False, True, False, True, False, False, True]
+
+
 def test_sampling_resumes_with_identical_samples(tokenizer, tmp_path):
     arch = params.TinyArchParams(vision_hidden=32, text_hidden=32, text_layers=1, vision_layers=1, heads=2)
     processor = models.build_tiny_processor(tokenizer, 32, 8)
