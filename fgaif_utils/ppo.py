@@ -601,6 +601,28 @@ class ValueModel(torch.nn.Module):
         self.peft_model, self.head = peft_model, head
 
 
+@contextlib.contextmanager
+def partitioned_loading(config, dtype):
+    """Inside, with a ZeRO stage 3 DeepSpeed `config`, from_pretrained builds every model straight into its ZeRO-3
+    partitions (transformers' zero.Init): a rank never holds a whole base, so a 13B policy and a 13B reward base
+    load on GPUs that cannot hold both. zero.Init casts to the config's half precision, so the loading config's
+    bf16 / fp16 follow `dtype` (models.dtype; without it bf16 bases load in fp32); the engines keep the config as
+    written. Without a stage 3 config it does nothing."""
+    if not config or config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+    earlier = hf_deepspeed._hf_deepspeed_config_weak_ref
+    loading = hf_deepspeed.HfDeepSpeedConfig({**config, "train_micro_batch_size_per_gpu": 1,
+                                              "bf16": {"enabled": dtype == "bfloat16"},
+                                              "fp16": {"enabled": dtype == "float16"}})
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = earlier      # a trainer's engine config, if one lives
+        del loading
+
+
 def use_deepspeed(trainer, config):
     """Wrap the policy and the value model in DeepSpeed engines built from `config` (a DeepSpeed config dict; ZeRO
     stage 3 partitions every parameter, gradient and Adam state over the ranks). These params decide the batch
@@ -611,8 +633,7 @@ def use_deepspeed(trainer, config):
     config = {**config, "train_micro_batch_size_per_gpu": max(1, s.minibatch_size // trainer.world),
               "gradient_accumulation_steps": 1, "gradient_clipping": s.grad_clip, "zero_allow_untested_optimizer": True}
     config.pop("train_batch_size", None)
-    # While it lives, generate() keeps ZeRO-3 ranks in step, and from_pretrained would load through zero.Init in this
-    # config's dtype (fp32: bf16 bases doubled), hence made only now, after the models were loaded.
+    # While it lives, generate() keeps ZeRO-3 ranks in step (the models were loaded under partitioned_loading).
     trainer.hf_deepspeed = HfDeepSpeedConfig(config)
     policy, trainer.policy_opt, _, _ = deepspeed.initialize(model=trainer.policy, optimizer=trainer.policy_opt,
                                                            config=config)
@@ -760,18 +781,20 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
     policy_path = str(Path(models_dir) / "policy") if P.models.policy == "tiny" else \
         models.resolve_checkpoint(P.models.policy, P.models.local_files_only)
     load = dict(dtype=P.models.dtype, device=device, local_files_only=P.models.local_files_only)
-    policy, processor = policy_model(policy_path, s.lora_r, s.lora_alpha, load_in_4bit=P.models.load_in_4bit,
-                                     gradient_checkpointing=s.gradient_checkpointing, seed=P.seed, **load)
+    ds_config = deepspeed_config(s.deepspeed) if s.deepspeed else None
     backbone = reward.backbone_path(P.reward.backbone, models_dir, P.models.local_files_only)
-    rm_lvlm, rm_processor = models.load_lvlm(backbone, load_in_4bit=P.models.load_in_4bit, **load)
+    with partitioned_loading(ds_config, P.models.dtype):
+        policy, processor = policy_model(policy_path, s.lora_r, s.lora_alpha, load_in_4bit=P.models.load_in_4bit,
+                                         gradient_checkpointing=s.gradient_checkpointing, seed=P.seed, **load)
+        rm_lvlm, rm_processor = models.load_lvlm(backbone, load_in_4bit=P.models.load_in_4bit, **load)
     if s.gradient_checkpointing:    # the value adapter trains through this backbone
         reward.enable_gradient_checkpointing(rm_lvlm)
     types = ["holistic"] if P.reward.holistic else reward.FACT_TYPES
     rm = reward.RewardModels.load(rm_lvlm, rm_processor, P.sampling.prompt, Path(reward_dir) / "reward_models", types)
     value_head = add_value_adapter(rm, s.value_init, seed=P.seed)
     trainer = Trainer(policy, processor, rm, value_head, s, types, P.sampling.prompt)
-    if s.deepspeed:
-        use_deepspeed(trainer, deepspeed_config(s.deepspeed))
+    if ds_config:
+        use_deepspeed(trainer, ds_config)
 
     prompt_scenes = world.load_scenes(data_dir, "ppo")
     validation_scenes = world.load_scenes(data_dir, "validation")[:s.validation_images]

@@ -322,9 +322,23 @@ mine = slice(rank, None, world)
 checkpoint = Path(sys.argv[4]).parent / "checkpoint"
 
 
-def zero3_trainer(dtype="float32"):   # every parameter partitioned, however small (the default keeps < 1e5 whole)
-    trainer = _trainer(Path(sys.argv[2]), _settings(minibatch_size=8, epochs=2), dtype)
-    ppo.use_deepspeed(trainer, {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}   # every parameter partitioned
+
+
+def base_elements(trainer):
+    """(elements this rank holds, elements in all) of the policy's and the reward / value base's frozen weights."""
+    lvlms = (trainer.policy.get_base_model(), trainer.rm.model.base_model.model.lvlm)
+    bases = [p for lvlm in lvlms for n, p in lvlm.named_parameters() if "lora_" not in n]
+    partitioned = lambda p: hasattr(p, "ds_tensor")  # noqa: E731
+    return (sum(p.ds_tensor.numel() if partitioned(p) else p.numel() for p in bases),
+            sum(p.ds_numel if partitioned(p) else p.numel() for p in bases))
+
+
+def zero3_trainer(dtype="float32"):   # as run_job does: the bases load straight into partitions, then the engines
+    with ppo.partitioned_loading(ZERO3, dtype):
+        trainer = _trainer(Path(sys.argv[2]), _settings(minibatch_size=8, epochs=2), dtype)
+    trainer.at_load = base_elements(trainer)
+    ppo.use_deepspeed(trainer, ZERO3)
     return trainer
 
 
@@ -346,6 +360,7 @@ nothing = [[] for _ in token_ids[mine]]
 trainer.score(images[mine], nothing, nothing) if rank == 1 else trainer.score(images[mine], token_ids[mine], ends[mine])
 held = sum(p.ds_tensor.numel() for module in (trainer.policy, trainer.rm.model) for p in module.parameters())
 total = sum(p.ds_numel for module in (trainer.policy, trainer.rm.model) for p in module.parameters())
+at_load = trainer.at_load
 stats = update(trainer, seed=0)
 ppo.save_checkpoint(trainer, checkpoint, {"iteration": 1, "log": [], "stopped": None}, rank)
 after_one = whole(trainer)
@@ -354,14 +369,13 @@ ppo.load_checkpoint(resumed, checkpoint)
 restored = whole(resumed)
 update(trainer, seed=1)
 update(resumed, seed=1)
-del trainer.hf_deepspeed, resumed.hf_deepspeed   # while one lives, from_pretrained loads through zero.Init, in fp32
 bf16 = zero3_trainer("bfloat16")       # the paper profile's bases: partitions keep their dtype, adapters fp32
 dtypes = {kind: sorted({str(p.ds_tensor.dtype) for n, p in bf16.policy.named_parameters() if ("lora_" in n) == lora})
           for kind, lora in (("base", False), ("adapter", True))}
 bf16_batch = bf16.make_batch(images[mine], list(range(8))[mine], token_ids[mine], ends[mine], labels[mine])
 bf16_stats = bf16.update(bf16_batch, seed=0)
 if rank == 0:
-    torch.save({"held": held, "total": total, "after_one": after_one, "restored": restored, "stats": stats,
+    torch.save({"held": held, "total": total, "at_load": at_load, "after_one": after_one, "restored": restored, "stats": stats,
                 "two": whole(trainer), "two_resumed": whole(resumed), "bf16_dtypes": dtypes,
                 "bf16_policy_loss": bf16_stats["policy_loss"]}, sys.argv[4])
 else:
@@ -372,11 +386,13 @@ dist.destroy_process_group()
 
 
 def test_zero3_ranks_hold_half_of_every_model_and_update_as_one_process(tiny, tmp_path):
-    # DeepSpeed ZeRO stage 3 (ppo.deepspeed): each of 2 ranks keeps half of the policy and the reward / value base,
+    # DeepSpeed ZeRO stage 3 (ppo.deepspeed): each of 2 ranks loads and keeps half of the policy and the reward / value base,
     # scores the labels the unwrapped reward models give, updates as one process does on the same batch, and a
     # checkpoint (the partitioned Adam states included) continues the same trajectory in a fresh trainer
     single, stats, out = _one_process_update_and_two_ranks(tiny, tmp_path, ZERO3_WORKER, 29518)
     assert out["held"] == pytest.approx(out["total"] / 2, rel=0.01)
+    held_at_load, bases = out["at_load"]          # loaded straight into partitions: never a whole base on a rank
+    assert held_at_load == pytest.approx(bases / 2, rel=0.01)
     assert torch.allclose(out["after_one"], _flat(single), atol=1e-5, rtol=1e-4)
     assert out["stats"]["policy_loss"] == pytest.approx(stats["policy_loss"], abs=1e-5)
     assert torch.equal(out["restored"], out["after_one"])
