@@ -7,13 +7,12 @@ Reward positions come from the sampled token ids themselves (`last_token`), neve
 """
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import language, models, rollout, scorer, segment, tiny_train
+from . import language, models, rollout, scorer, segment, tiny_train, world
 
 FACT_TYPES = ["object", "attribute", "relation"]
 
@@ -51,7 +50,7 @@ def sample_responses(policy, processor, scenes, load_images, sampling, seed, cac
         for i, (ids, text) in enumerate(zip(token_ids, texts)):
             scene = chunk[i // k]
             batch_records.append(response_record(scene, i % k, ids, text, decode))
-        _write_jsonl_atomic(cached, batch_records)
+        world.write_jsonl(cached, batch_records)
         records += batch_records
     return records
 
@@ -73,12 +72,6 @@ def response_record(scene, sample_index, token_ids, text, decode):
         "subsentences": [{"text": text[a["span"][0]:a["span"][1]], "span": list(a["span"]),
                           "last_token": a["last_token"]} for a in aligned],
     }
-
-
-def _write_jsonl_atomic(path, records):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- 03: facts

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import models, reward, rollout, scorer, segment, tiny_train
+from . import models, reward, rollout, scorer, segment, tiny_train, world
 from .params import deepspeed_config
 
 VALUE_ADAPTER = "value"
@@ -673,7 +673,7 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
     to the same JSONL (and to `writer`, a TensorBoard SummaryWriter, when given). Stops early when the per-token
     KL exceeds `kl_budget`. Returns the loop state (its "log" holds the rows)."""
     s = settings
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     images_per_batch = max(1, s.rollout_batch // s.samples_per_image)
     log_path, checkpoint_dir = Path(log_path), Path(checkpoint_dir)
     state = load_checkpoint(trainer, checkpoint_dir) or {"iteration": 0, "log": [], "stopped": None}
@@ -685,9 +685,10 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
         iteration = state["iteration"] + 1
         order = np.random.default_rng([seed, iteration]).choice(len(prompt_scenes), images_per_batch, replace=False)
         chosen = [prompt_scenes[i] for i in order for _ in range(s.samples_per_image)]
-        mine = chosen[rank::world]
+        mine = chosen[rank::world_size]
         images = load_images(mine)
-        row, _ = trainer.step(images, [sc["image_id"] for sc in mine], iteration, seed=seed * 1_000_003 + iteration * world + rank)
+        row, _ = trainer.step(images, [sc["image_id"] for sc in mine], iteration,
+                              seed=seed * 1_000_003 + iteration * world_size + rank)
         row = _mean_over_ranks(row)
         row["wall_s"] = round(time.monotonic() - t_start, 2)
         if validate is not None and (iteration % s.validate_every == 0 or iteration == s.steps):
@@ -700,7 +701,7 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
             bar.update(1)
             bar.set_postfix(fg=f"{row['reward_fine_grained']:.2f}", kl=f"{row['kl_per_token']:.3f}",
                             len=f"{row['response_length']:.1f}")
-            _write_log(log_path, state["log"])
+            world.write_jsonl(log_path, state["log"])
             if writer is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key != "iteration":
@@ -711,7 +712,7 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
             break
     bar.close()
     if rank == 0:
-        _write_log(log_path, state["log"])
+        world.write_jsonl(log_path, state["log"])
     return state
 
 
@@ -724,12 +725,6 @@ def _mean_over_ranks(row):
     sums = torch.tensor([[row[k] or 0.0, row[k] is not None] for k in keys], dtype=torch.float64).reshape(-1, 2)
     dist.all_reduce(sums)
     return {**row, **{k: (float(total / count) if count else None) for k, (total, count) in zip(keys, sums.tolist())}}
-
-
-def _write_log(path, rows):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -769,7 +764,6 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
     """Everything stage 05 computes, in one function that runs the same in a notebook kernel or on each rank
     of a torchrun / accelerate job: build the models, train, and (rank 0) write log.jsonl, policy_adapter/,
     value/ and summary.json into `out_dir`. Returns the loop state."""
-    from . import world
     P, s = params, params.ppo
     if s.oracle_rewards and (P.data.world != "synthetic" or P.reward.holistic):
         raise ValueError("params ppo.oracle_rewards: the oracle control needs the synthetic world's ground truth "

@@ -375,8 +375,8 @@ dtypes = {kind: sorted({str(p.ds_tensor.dtype) for n, p in bf16.policy.named_par
 bf16_batch = bf16.make_batch(images[mine], list(range(8))[mine], token_ids[mine], ends[mine], labels[mine])
 bf16_stats = bf16.update(bf16_batch, seed=0)
 if rank == 0:
-    torch.save({"held": held, "total": total, "at_load": at_load, "after_one": after_one, "restored": restored, "stats": stats,
-                "two": whole(trainer), "two_resumed": whole(resumed), "bf16_dtypes": dtypes,
+    torch.save({"held": held, "total": total, "at_load": at_load, "after_one": after_one, "restored": restored,
+                "stats": stats, "two": whole(trainer), "two_resumed": whole(resumed), "bf16_dtypes": dtypes,
                 "bf16_policy_loss": bf16_stats["policy_loss"]}, sys.argv[4])
 else:
     whole(trainer), whole(resumed)     # gathering is a collective: every rank takes part
@@ -386,9 +386,9 @@ dist.destroy_process_group()
 
 
 def test_zero3_ranks_hold_half_of_every_model_and_update_as_one_process(tiny, tmp_path):
-    # DeepSpeed ZeRO stage 3 (ppo.deepspeed): each of 2 ranks loads and keeps half of the policy and the reward / value base,
-    # scores the labels the unwrapped reward models give, updates as one process does on the same batch, and a
-    # checkpoint (the partitioned Adam states included) continues the same trajectory in a fresh trainer
+    # DeepSpeed ZeRO stage 3 (ppo.deepspeed): each of 2 ranks loads and keeps half of the policy and of the reward /
+    # value base, scores the labels the unwrapped reward models give, updates as one process does on the same batch,
+    # and a checkpoint (the partitioned Adam states included) continues the same trajectory in a fresh trainer
     single, stats, out = _one_process_update_and_two_ranks(tiny, tmp_path, ZERO3_WORKER, 29518)
     assert out["held"] == pytest.approx(out["total"] / 2, rel=0.01)
     held_at_load, bases = out["at_load"]          # loaded straight into partitions: never a whole base on a rank
