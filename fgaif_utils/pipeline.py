@@ -1,6 +1,6 @@
 """Run the stage notebooks in order with papermill, skipping stages that are already up to date.
 
-    python -m fgaif_utils.pipeline params/tiny.yaml [--run NAME] [--stages 00-03] [--force]
+    python -m fgaif_utils.pipeline params/tiny.yaml [--run NAME] [--stages 00-03] [--force] [--prune]
 
 A stage is skipped when outputs/<run>/<stage>/manifest.json has the fingerprint the stage would have now
 (see fgaif_utils.stage). Otherwise its notebook runs into outputs/<run>/.<stage>.partial/ and, once its
@@ -149,6 +149,28 @@ def print_summary(results):
     sys.stdout.flush()
 
 
+def folder_bytes(folder):
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def prune_caches(run, results):
+    """Delete the checkpoint folders of other fingerprints from the cache of every stage that is now up to date
+    (ran or skipped; not a reused, failed or missing one): each change of params or code leaves its stages' last
+    checkpoints and kept records behind. Returns the bytes freed."""
+    freed = 0
+    for result in results:
+        manifest = S.read_manifest(S.final_dir(run, result["stage"])) if result["status"] in ("run", "skip") else None
+        if manifest is None:
+            continue
+        for folder in S.stale_checkpoints(run, result["stage"], manifest["fingerprint"]):
+            size = folder_bytes(folder)
+            S.remove_path(folder)
+            freed += size
+            print(f"{result['stage']}: pruned {folder.relative_to(S.outputs_root())} ({size / 1e6:.1f} MB)", flush=True)
+    print(f"pruned {freed / 1e6:.1f} MB of checkpoints of earlier fingerprints", flush=True)
+    return freed
+
+
 def record_available_reuses(params, run):
     """Point every reused stage that its source holds at that source, selected or not: a run that reuses a stage
     from a run that itself reused it must find it, even when that middle run was started with `--stages 01-03`."""
@@ -158,8 +180,9 @@ def record_available_reuses(params, run):
             S.record_reuse(run, name, source)
 
 
-def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=None):
-    """Run the selected stages in order; returns one result dict per stage visited.
+def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=None, prune=False):
+    """Run the selected stages in order; returns one result dict per stage visited. `prune`: then delete the
+    checkpoints of earlier fingerprints of the stages that are up to date (prune_caches).
 
     Raises ParamsError (bad params) or StageError (bad run name or stage selection) before any work.
     Stops at the first stage that fails or whose notebook does not exist yet.
@@ -186,6 +209,8 @@ def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=
             if result["status"] == "fail":
                 break
     print_summary(results)
+    if prune:
+        prune_caches(run, results)
     return results
 
 
@@ -195,9 +220,12 @@ def main(argv=None):
     parser.add_argument("--run", help="run name (default: the params file's `run`)")
     parser.add_argument("--stages", help='which stages: "00-03", "01", "00,02,05" (default: all)')
     parser.add_argument("--force", action="store_true", help="run the selected stages even when up to date")
+    parser.add_argument("--prune", action="store_true",
+                        help="then delete the selected stages' checkpoints of earlier params or code from "
+                             "outputs/<run>/.cache/ (LLM, verifier and judge answers stay)")
     args = parser.parse_args(argv)
     try:
-        results = run_pipeline(args.params, run=args.run, stages=args.stages, force=args.force)
+        results = run_pipeline(args.params, run=args.run, stages=args.stages, force=args.force, prune=args.prune)
     except (P.ParamsError, S.StageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

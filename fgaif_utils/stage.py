@@ -147,6 +147,17 @@ def cache_dir(run, stage):
     return outputs_root() / run / ".cache" / stage_spec(stage).name
 
 
+def stale_checkpoints(run, stage, fingerprint):
+    """Folders in the stage's cache that are named by a fingerprint (its first 16 hex digits) other than
+    `fingerprint`: checkpoints and kept records of earlier params, code or inputs. The caches that serve every
+    fingerprint (LLM and verifier answers, judge replies, vision features) are named otherwise and never listed."""
+    folder = cache_dir(run, stage)
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if path.is_dir() and path.name != fingerprint[:16]
+                  and len(path.name) == 16 and all(c in "0123456789abcdef" for c in path.name))
+
+
 def failed_notebook(run, stage):
     return outputs_root() / run / f"{stage_spec(stage).name}.failed.ipynb"
 

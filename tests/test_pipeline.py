@@ -121,6 +121,34 @@ def test_runs_skips_and_reruns_what_changed(ws):
     assert ws.manifest("00_data")["finished"] == before
 
 
+CHECKPOINTING = """
+(ctx.cache_dir / ctx.fingerprint[:16]).mkdir(parents=True, exist_ok=True)
+(ctx.cache_dir / ctx.fingerprint[:16] / "checkpoint.bin").write_bytes(b"x" * 1000)
+(ctx.cache_dir / "llm").mkdir(exist_ok=True)                  # a cache every fingerprint shares
+(ctx.cache_dir / "llm" / f"{ctx.fingerprint[:8]}.json").write_text("{}")
+"""
+
+
+def test_prune_deletes_checkpoints_of_earlier_fingerprints_of_the_selected_stages_only(ws, capsys):
+    ws.notebook("00_data", STAGE_00 + CHECKPOINTING)
+    ws.notebook("01_base_models", STAGE_01 + CHECKPOINTING)
+    assert ws.run(stages="00-01") == ["run", "run"]
+    ws.params.write_text(PARAMS_TEXT.replace("n_eval: 3", "n_eval: 5"))    # both stages get new fingerprints
+    assert ws.run(stages="00-01") == ["run", "run"]
+    cache = ws.outputs / "t" / ".cache"
+    current = {name: ws.manifest(name)["fingerprint"][:16] for name in ("00_data", "01_base_models")}
+    assert all(len([p for p in (cache / name).iterdir() if p.name != "llm"]) == 2 for name in current)
+
+    assert ws.run(stages="01", prune=True) == ["skip"]                      # up to date: only pruned
+    assert sorted(p.name for p in (cache / "01_base_models").iterdir()) == sorted([current["01_base_models"], "llm"])
+    assert len(list((cache / "01_base_models" / "llm").iterdir())) == 2     # the shared cache keeps every entry
+    assert len(list((cache / "00_data").iterdir())) == 3                    # not selected: untouched
+    assert "01_base_models: pruned t/.cache/01_base_models/" in capsys.readouterr().out
+    assert ws.run(stages="00-01", prune=True) == ["skip", "skip"]
+    assert sorted(p.name for p in (cache / "00_data").iterdir()) == sorted([current["00_data"], "llm"])
+    assert (cache / "00_data" / current["00_data"] / "checkpoint.bin").is_file()
+
+
 def test_failing_cell_names_stage_and_cell_and_keeps_final(ws, capsys):
     ws.notebook("00_data", STAGE_00)
     assert ws.run(stages="00") == ["run"]
