@@ -360,7 +360,6 @@ nothing = [[] for _ in token_ids[mine]]
 trainer.score(images[mine], nothing, nothing) if rank == 1 else trainer.score(images[mine], token_ids[mine], ends[mine])
 held = sum(p.ds_tensor.numel() for module in (trainer.policy, trainer.rm.model) for p in module.parameters())
 total = sum(p.ds_numel for module in (trainer.policy, trainer.rm.model) for p in module.parameters())
-at_load = trainer.at_load
 stats = update(trainer, seed=0)
 ppo.save_checkpoint(trainer, checkpoint, {"iteration": 1, "log": [], "stopped": None}, rank)
 after_one = whole(trainer)
@@ -375,9 +374,9 @@ dtypes = {kind: sorted({str(p.ds_tensor.dtype) for n, p in bf16.policy.named_par
 bf16_batch = bf16.make_batch(images[mine], list(range(8))[mine], token_ids[mine], ends[mine], labels[mine])
 bf16_stats = bf16.update(bf16_batch, seed=0)
 if rank == 0:
-    torch.save({"held": held, "total": total, "at_load": at_load, "after_one": after_one, "restored": restored,
-                "stats": stats, "two": whole(trainer), "two_resumed": whole(resumed), "bf16_dtypes": dtypes,
-                "bf16_policy_loss": bf16_stats["policy_loss"]}, sys.argv[4])
+    torch.save({"held": held, "total": total, "at_load": trainer.at_load, "after_one": after_one,
+                "restored": restored, "stats": stats, "two": whole(trainer), "two_resumed": whole(resumed),
+                "bf16_dtypes": dtypes, "bf16_policy_loss": bf16_stats["policy_loss"]}, sys.argv[4])
 else:
     whole(trainer), whole(resumed)     # gathering is a collective: every rank takes part
 launch.all_ranks_finished(Path(sys.argv[4]).with_name(launch.FINISHED))
