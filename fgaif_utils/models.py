@@ -257,11 +257,11 @@ def pixel_values_from_uint8(images):
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def suppressed_token_ids(tokenizer):
+def suppressed_token_ids(processor):
     """Tokens generation must never emit: the image token (a sampled <image> breaks every later forward pass),
-    padding and BOS."""
-    ids = {tokenizer.convert_tokens_to_ids(tokenizer.image_token) if hasattr(tokenizer, "image_token") else None,
-           tokenizer.pad_token_id, tokenizer.bos_token_id}
+    padding and BOS. The image token's id comes from the processor: llava-hf tokenizers need not name it."""
+    tokenizer = processor.tokenizer
+    ids = {processor.image_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
     return sorted(i for i in ids if i is not None and i != tokenizer.eos_token_id)
 
 
@@ -282,7 +282,7 @@ def generate(model, processor, images, prompts, max_new_tokens=64, do_sample=Fal
         torch.manual_seed(seed)
     sample_args = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, suppress_tokens=suppressed_token_ids(tokenizer),
+                         eos_token_id=tokenizer.eos_token_id, suppress_tokens=suppressed_token_ids(processor),
                          **sample_args)
     new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
     token_ids = [_strip_after_eos(seq, tokenizer.eos_token_id, tokenizer.pad_token_id) for seq in new_tokens]

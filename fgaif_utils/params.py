@@ -380,7 +380,7 @@ class PpoParams:
     reward_scale: NonNegativeFloat = 1.0
     """Multiply the fine-grained rewards by this before adding the KL term."""
     whiten_rewards: bool = False
-    """Whiten the fine-grained rewards over the rollout batch (shift and scale) before the KL term."""
+    """Scale the fine-grained rewards to unit standard deviation over the rollout batch before the KL term (not shifted: a shifted mean would reward or penalise every token, and the sparse reward would be sparse no more)."""
     reward_repeats: bool = True
     """Score every sub-sentence, including exact repeats of an earlier one in the same response (the paper). False: a repeat earns no fine-grained reward, the smallest fix for the repetition hack that per-sub-sentence rewards invite (measured on tiny: README)."""
     claim_bonus: NonNegativeFloat = 0.0
@@ -390,13 +390,13 @@ class PpoParams:
     kl_budget: NonNegativeFloat = 0.0
     """Stop when the mean per-token KL to the reference exceeds this (nats); 0 = no budget."""
     value_init: Literal["object_reward", "fresh"] = "object_reward"
-    """Value model start (a fourth adapter on the reward models' backbone + a scalar head): the object reward model's LoRA weights (paper), or a fresh adapter."""
+    """Value model start (a fourth adapter on the reward models' backbone + a scalar head): the object reward model's LoRA weights (paper), or a fresh adapter. A value model from the policy: `reward.backbone: policy` with "fresh"."""
     validate_every: PositiveInt = 10
     """Iterations between ground-truth/reward checks on the validation split (checkpoint choice, never the eval split)."""
     validation_images: PositiveInt = 200
     """Validation images per check."""
     checkpoint_every: PositiveInt = 10
-    """Iterations between resumable checkpoints (adapter, value model, optimisers, RNG)."""
+    """Iterations between resumable checkpoints (adapter, value model, optimisers, loop state; every iteration reseeds its images, sampling and torch's random stream from (seed, iteration), so a resumed run repeats the uninterrupted one)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less GPU memory, slower)."""
     launcher: Literal["none", "torchrun", "accelerate"] = "none"

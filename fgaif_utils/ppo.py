@@ -134,13 +134,11 @@ def masked_mean(x, mask):
 
 
 def whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the masked entries of the global batch (the mean kept when shift_mean is False)."""
+    """(x - mean) / std over the masked entries of the global batch; x / std when shift_mean is False (a zero
+    stays zero)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return ((x - mean) if shift_mean else x) * torch.rsqrt(var + 1e-8) * mask
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip, value_clip, n_tokens):
@@ -254,8 +252,10 @@ def policy_model(base_path, lora_r, lora_alpha, dtype="float32", device="auto", 
 
 def add_value_adapter(rm, init="object_reward", seed=0):
     """A "value" adapter on the reward models' base, its LoRA weights copied from the object reward model
-    (paper; the holistic ablation's single model) or freshly initialised (init "fresh"), and a zero scalar head."""
-    config = reward.lora_config(*_lora_shape(rm))
+    (paper; the holistic ablation's single model) or freshly initialised (init "fresh"), and a zero scalar head.
+    The value LoRA has no dropout whatever the reward models trained with, as the policy's has none."""
+    r, alpha = _lora_shape(rm)
+    config = reward.lora_config(r, alpha, dropout=0.0)   # no dropout: old and new values come from one function
     torch.manual_seed(seed)
     rm.model.add_adapter(VALUE_ADAPTER, config)
     source = "object" if "object" in rm.types else rm.types[0]     # the holistic ablation has one model
@@ -272,7 +272,7 @@ def add_value_adapter(rm, init="object_reward", seed=0):
 
 def _lora_shape(rm):
     config = rm.model.peft_config[rm.types[0]]
-    return config.r, config.lora_alpha, config.lora_dropout
+    return config.r, config.lora_alpha
 
 
 def trainable(module, adapter):
@@ -389,8 +389,8 @@ class Trainer:
         fine_grained = torch.stack([
             _padded(fine_grained_rewards(lab, ends, len(a), self.weights, s.sparse, s.claim_bonus, skip), mask.shape[1])
             for lab, ends, a, skip in zip(labels, end_positions, actions, skips)]).to(self.device) * s.reward_scale
-        if s.whiten_rewards:
-            fine_grained = whiten(fine_grained, mask)
+        if s.whiten_rewards:    # scaled only: a shifted mean would put a reward on every token (sparse no more)
+            fine_grained = whiten(fine_grained, mask, shift_mean=False)
         rewards, kl = kl_penalised_rewards(fine_grained, logprobs, ref_logprobs, mask, s.beta)
         batch = Batch(image_ids, token_ids, end_positions, labels, input_ids, pixel_values, mask, logprobs * mask,
                       ref_logprobs * mask, entropy * mask, values, fine_grained, rewards, kl)
@@ -449,6 +449,7 @@ class Trainer:
     def step(self, images, image_ids, iteration, seed):
         """One iteration: rollout, score, forward passes and rewards, GAE, update. Returns (log row, batch)."""
         times = {}
+        torch.manual_seed(seed)     # all this iteration draws from torch's stream follows (seed, iteration): resumable
         t0 = time.monotonic()
         token_ids, end_positions = self.rollout(images, image_ids, seed)
         times["rollout_s"] = time.monotonic() - t0
@@ -473,10 +474,20 @@ def _padded(x, width):
 
 
 def _global_sum(x):
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
+    """x summed over the ranks (a new tensor on x's device; x itself when one process trains)."""
+    if not dist.is_initialized():
+        return x
+    total = x.to(_collective_device(x.device), copy=True)
+    dist.all_reduce(total)
+    return total.to(x.device)
+
+
+def _collective_device(device):
+    """Where a reduction of a tensor on `device` runs: NCCL reduces CUDA tensors only, so under a plain NCCL
+    group a CPU tensor (GAE and the log row are computed on the CPU) goes to this rank's GPU and back."""
+    if device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _all_reduce_grads(params, world):
@@ -722,8 +733,8 @@ def _mean_over_ranks(row):
     if not dist.is_initialized():
         return row
     keys = sorted(k for k, v in row.items() if k != "iteration" and (v is None or isinstance(v, (int, float))))
-    sums = torch.tensor([[row[k] or 0.0, row[k] is not None] for k in keys], dtype=torch.float64).reshape(-1, 2)
-    dist.all_reduce(sums)
+    sums = _global_sum(torch.tensor([[row[k] or 0.0, row[k] is not None] for k in keys],
+                                    dtype=torch.float64).reshape(-1, 2))
     return {**row, **{k: (float(total / count) if count else None) for k, (total, count) in zip(keys, sums.tolist())}}
 
 

@@ -66,7 +66,7 @@ def sample(model, processor, images, prompts, max_new_tokens=64, do_sample=False
     engine = pick_engine(model, engine)
     tokenizer = processor.tokenizer
     batch = prepare_batch(model, processor, images, prompts)
-    suppress_ids = models.suppressed_token_ids(tokenizer) + ([] if stop_at_eos else [tokenizer.eos_token_id])
+    suppress_ids = models.suppressed_token_ids(processor) + ([] if stop_at_eos else [tokenizer.eos_token_id])
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                    seed=seed, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, suppress_ids=suppress_ids)
     if engine == "generate":

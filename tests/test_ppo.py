@@ -165,6 +165,27 @@ def test_value_adapter_starts_from_the_object_reward_model(tiny):
     assert set(trainer.value_params) and all("value" in n or n.startswith("head.") for n in trainer.value_params)
 
 
+def test_value_adapter_has_no_dropout_when_the_reward_models_had_some(tiny):
+    lvlm, proc = models.load_lvlm(str(tiny / "backbone"), device="cpu")
+    rm = reward.RewardModels.create(lvlm, proc, PROMPT, r=2, alpha=4, dropout=0.05, seed=0)
+    ppo.add_value_adapter(rm, "object_reward", seed=0)
+    assert rm.model.peft_config["object"].lora_dropout == 0.05
+    assert rm.model.peft_config["value"].lora_dropout == 0.0    # old and new values: one deterministic function
+
+
+def test_whitened_rewards_are_scaled_not_shifted(tiny):
+    images = _images(6)
+    plain = _trainer(tiny, _settings(max_new_tokens=16, sparse=True))
+    token_ids, ends = plain.rollout(images, list(range(6)), seed=2)
+    labels = plain.score(images, token_ids, ends)
+    raw = plain.make_batch(images, list(range(6)), token_ids, ends, labels).fine_grained
+    whitened = _trainer(tiny, _settings(max_new_tokens=16, sparse=True, whiten_rewards=True)).make_batch(
+        images, list(range(6)), token_ids, ends, labels).fine_grained
+    assert raw.abs().sum() > 0 and torch.equal(whitened == 0, raw == 0)   # still only on the last tokens
+    mask = (raw != 0) | (whitened != 0)
+    assert torch.allclose(whitened[mask] / raw[mask], (whitened[mask] / raw[mask])[:1].expand(int(mask.sum())))
+
+
 def test_kl_lowers_the_reward_when_the_policy_moves_away(tiny):
     trainer = _trainer(tiny, _settings(max_new_tokens=16))
     images = _images(8)
@@ -208,18 +229,31 @@ def _flat(trainer):
                       list(trainer.value_params.values())])
 
 
-def test_stop_and_resume_reproduce_an_uninterrupted_run(tiny, tmp_path):
+def _with_policy_dropout(trainer, p=0.5):
+    """The trainer with dropout on the policy's LoRA input: its update then draws from torch's random stream."""
+    for module in trainer.policy.modules():
+        if hasattr(module, "lora_dropout") and ppo.POLICY_ADAPTER in module.lora_dropout:
+            module.lora_dropout[ppo.POLICY_ADAPTER] = torch.nn.Dropout(p)
+    return trainer
+
+
+@pytest.mark.parametrize("engine", ["generate", "static"])
+def test_stop_and_resume_reproduce_an_uninterrupted_run(tiny, tmp_path, engine):
+    """With the static engine (own sampling generator) and dropout in the update, only the per-iteration reseed
+    of torch's stream makes the resumed run repeat the uninterrupted one."""
     scenes = [{"image_id": i} for i in range(12)]
     images = {i: im for i, im in enumerate(_images(12, seed=5))}
     load = lambda chunk: [images[s["image_id"]] for s in chunk]  # noqa: E731
-    straight = _trainer(tiny, _settings())
+    make = lambda: _with_policy_dropout(_trainer(tiny, _settings(rollout_engine=engine)))  # noqa: E731
+    straight = make()
     state = ppo.train(straight, scenes, load, straight.s, seed=0, checkpoint_dir=tmp_path / "a",
                       log_path=tmp_path / "a.jsonl")
     assert state["iteration"] == 3
-    first = _trainer(tiny, _settings())
+    first = make()
     ppo.train(first, scenes, load, first.s, seed=0, checkpoint_dir=tmp_path / "b", log_path=tmp_path / "b.jsonl",
               stop_after=2)
-    resumed = _trainer(tiny, _settings())                      # a fresh process: everything from the checkpoint
+    torch.manual_seed(1234)                                    # a fresh process starts its random stream anew
+    resumed = make()                                           # a fresh process: everything from the checkpoint
     scalars = []
     writer = type("Writer", (), {"add_scalar": lambda self, *a: scalars.append(a)})()
     state_b = ppo.train(resumed, scenes, load, resumed.s, seed=0, checkpoint_dir=tmp_path / "b",
@@ -415,6 +449,17 @@ if rank == 0:
 launch.all_ranks_finished(Path(sys.argv[2]).with_name(launch.FINISHED))
 dist.destroy_process_group()
 '''
+
+
+def test_cpu_tensors_are_reduced_on_the_gpu_under_a_plain_nccl_group(monkeypatch):
+    """NCCL all-reduces CUDA tensors only; GAE's whitening and the log row reduce CPU tensors."""
+    monkeypatch.setattr(ppo.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(ppo.torch.cuda, "current_device", lambda: 1)
+    assert ppo._collective_device(torch.device("cpu")) == torch.device("cuda", 1)
+    assert ppo._collective_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    for backend in ("gloo", "cpu:gloo,cuda:nccl"):
+        monkeypatch.setattr(ppo.dist, "get_backend", lambda backend=backend: backend)
+        assert ppo._collective_device(torch.device("cpu")) == torch.device("cpu")
 
 
 def test_log_rows_average_over_ranks_when_a_value_is_missing_on_one_rank(tmp_path):

@@ -3,6 +3,7 @@ EOS mid-batch, left padding, LoRA), sampled log-probs against a forward pass, <i
 `auto` fallback. The CUDA-graph path runs only on a GPU (benchmarks/rollout.py --check)."""
 
 import copy
+import types
 
 import numpy as np
 import pytest
@@ -115,8 +116,17 @@ def test_the_image_token_is_never_emitted(tiny, do_sample):
     got = rollout.sample(rigged, processor, images, prompts, max_new_tokens=8, do_sample=do_sample, seed=0,
                          engine="static", stop_at_eos=False)
     assert all(len(ids) == 8 for ids in got.token_ids)
-    banned = set(models.suppressed_token_ids(processor.tokenizer))
+    banned = set(models.suppressed_token_ids(processor))
     assert image_id in banned and not banned & {t for ids in got.token_ids for t in ids}
+
+
+def test_the_image_token_is_suppressed_when_the_tokenizer_does_not_name_it():
+    """llava-hf tokenizers may carry no `image_token` attribute; LlavaProcessor always knows the id."""
+    tokenizer = types.SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    assert models.suppressed_token_ids(types.SimpleNamespace(tokenizer=tokenizer, image_token_id=32000)) == \
+        [0, 1, 32000]
+    tokenizer.pad_token_id = 2                          # padding with EOS: EOS still ends responses
+    assert models.suppressed_token_ids(types.SimpleNamespace(tokenizer=tokenizer, image_token_id=32000)) == [1, 32000]
 
 
 def test_lora_adapter_is_applied_and_matches_generate(tiny):
