@@ -14,8 +14,9 @@ gives an interval for every metric and a paired test between two policies on the
 POPE (Li et al. 2023): per image k present categories and k absent ones, k = min(pope_objects, present, absent),
 absent ones drawn three ways: random (uniform among absent categories), popular (the absent categories that
 occur in the most images of the annotation set), adversarial (the absent categories that co-occur most often
-with the image's present ones). An answer is "no" when the first sentence contains the word no or not, else
-"yes", as in the common POPE scripts.
+with the image's present ones). On COCO the images are those with at least pope_objects annotated categories, so
+every image gets pope_objects + pope_objects questions per sampler (coco_pope_image_ids). An answer is "no" when
+the first sentence contains the word no, not or cannot, else "yes", as in the common POPE scripts.
 
 CHAIR (Rohrbach et al. 2018): object words of a description matched against the image's objects through a
 synonym table (the COCO one in coco_synonyms, the world's shape words in the synthetic world), longest phrase
@@ -55,8 +56,12 @@ POPE_TEMPLATE = "Is there a {object} in the image?"
 POPE_MAX_NEW_TOKENS = 8
 POPE_FILE = "coco_pope_{sampler}.json"
 NEGATORS = {"no", "not", "without", "none", "neither", "nor", "never", "zero"}
+VERB_NEGATORS = {"not", "never"}   # "not wearing a tie": a participle after them stays in the negation
 CLAUSE_BREAKS = {".", "!", "?", ",", ";", ":", "(", ")", "\n", "but", "while", "whereas", "although", "however"}
 AND_OPENERS = {"a", "an", "the", "there", "some", "two", "three", "several", "many", "it", "they", "i"}
+SCOPE_PREPOSITIONS = {"on", "in", "under", "near", "next", "beside", "behind", "above", "below", "at", "by", "with",
+                      "inside", "into", "onto", "over", "across", "along", "around", "through", "from", "to",
+                      "against", "between", "among", "atop", "underneath"}   # every preposition but "of"
 
 
 # ============================================================================================ POPE
@@ -135,6 +140,33 @@ def build_pope(instances, image_ids, n_objects=3, seed=0, suffix="", samplers=PO
     return rows
 
 
+def coco_pope_image_ids(instances, preferred, n, n_objects=3, seed=0):
+    """n images of a COCO instances dict for POPE as Li et al. 2023 choose them: images with at least n_objects
+    annotated categories (and n_objects absent ones). The eligible `preferred` ids (the eval scenes) come first, in
+    their order, then the other eligible images in a seeded random order; fewer than n (with a warning) when
+    fewer are eligible."""
+    present_of = objects_per_image(instances)
+    n_categories = len(instances["categories"])
+    eligible = {i for i, present in present_of.items() if n_objects <= len(present) <= n_categories - n_objects}
+    first = [i for i in dict.fromkeys(preferred) if i in eligible]
+    rest = sorted(eligible - set(first))
+    random.Random(f"fgaif-pope-images:{seed}").shuffle(rest)
+    chosen = (first + rest)[:n]
+    if len(chosen) < n:
+        warnings.warn(f"POPE: only {len(chosen)} images have at least {n_objects} annotated categories "
+                      f"(evaluate.n_images = {n})")
+    return chosen
+
+
+def coco_pope_rows(instances, preferred, n, n_objects=3, seed=0, suffix=""):
+    """POPE rows (build_pope) for coco_pope_image_ids' images, each row with its image's file name ("image", as
+    the official POPE files have it), so an image outside the eval scenes loads like an official POPE image."""
+    file_name_of = {image["id"]: image["file_name"] for image in instances["images"]}
+    image_ids = coco_pope_image_ids(instances, preferred, n, n_objects, seed)
+    rows = build_pope(instances, image_ids, n_objects, seed, suffix)
+    return [{**row, "image": file_name_of[row["image_id"]]} for row in rows]
+
+
 def _image_id_from_name(name):
     digits = re.findall(r"\d+", Path(name).stem)
     return int(digits[-1]) if digits else None
@@ -175,10 +207,10 @@ def read_pope_folder(folder, suffix="", samplers=POPE_SAMPLERS):
 
 def pope_answer(text):
     """'yes' or 'no' as the common POPE scripts read an answer: the first sentence, commas dropped; 'no' when it
-    holds the word no or not (or a n't contraction), else 'yes'."""
+    holds the word no, not or cannot (or a n't contraction), else 'yes'."""
     first = (text or "").split(".")[0].replace(",", " ").lower()
     words = [word.strip("\"'!?;:()") for word in first.split()]
-    return "no" if any(word in ("no", "not") or word.endswith("n't") for word in words) else "yes"
+    return "no" if any(word in ("no", "not", "cannot") or word.endswith("n't") for word in words) else "yes"
 
 
 def confusion_counts(labels, answers):
@@ -207,8 +239,11 @@ def pope_metrics(labels, answers):
 # ============================================================================================ CHAIR
 
 def plural(word):
-    """The plural of a noun or noun phrase (last word): irregular table, else -es after s/x/z/ch/sh, -ies after
-    a consonant + y, else -s."""
+    """The plural of a noun or noun phrase (last word; "X of Y" pluralises X: "glasses of wine"): irregular table,
+    else -es after s/x/z/ch/sh, -ies after a consonant + y, else -s."""
+    noun, of, rest = word.partition(" of ")
+    if of:
+        return plural(noun) + of + rest
     head, _, last = word.rpartition(" ")
     if last in IRREGULAR_PLURALS:
         last = IRREGULAR_PLURALS[last]
@@ -223,6 +258,19 @@ def plural(word):
 
 def _phrase(text):
     return tuple(word for word, _, _ in facts_lib.tokenize(text))
+
+
+def _unhyphenated(text):
+    """text with every hyphen between two letters a space ("hot-dogs" -> "hot dogs"); the same length."""
+    return re.sub(r"(?<=[^\W\d_])-(?=[^\W\d_])", " ", text)
+
+
+def _ends_negation(word, previous, negator):
+    """Whether `word` (not an object name; `previous` the word before it) closes the negation `negator` opened: a
+    preposition other than "of", or, after a noun-phrase negator ("no", "without" ...), a participle that starts
+    a new phrase (not one right after the negator or an article: "no sleeping cats" denies the cats)."""
+    return word in SCOPE_PREPOSITIONS or (negator not in VERB_NEGATORS and word.endswith("ing")
+                                          and previous not in NEGATORS | {"a", "an", "the", "any"})
 
 
 class ObjectVocabulary:
@@ -243,27 +291,39 @@ class ObjectVocabulary:
         self.longest = max(len(key) for key in self.table)
 
     def mentions(self, text):
-        """Every mention in text order: {"category", "span": [start, end], "negated"}. A mention is negated when
-        a negation word precedes it in its clause (clauses end at punctuation, "but", and "and" before a new
-        phrase)."""
-        tokens = facts_lib.tokenize(text)
-        found, negated, i = [], False, 0
+        """Every mention in text order: {"category", "span": [start, end], "negated"}. Hyphens between letters
+        count as spaces ("hot-dogs" are hot dogs, not dogs). A negation word (NEGATORS) opens a scope, and a
+        mention inside it is negated. The scope ends (a) at a clause break (punctuation, "but", "and" before a
+        new phrase); (b) at a preposition other than "of" ("the cat is not on the couch": the couch is claimed;
+        "no sign of any dogs": no dog); (c) after a noun-phrase negator ("no", "without", ...) also at a word
+        ending in "ing" that names no object, a participle starting a new phrase ("without a hat holding a dog"),
+        unless it follows the negator or an article ("no sleeping cats"), and never after "not" / "never" ("not
+        wearing a tie" denies the tie); (d) right after the first object mentioned in it, unless "or" / "nor"
+        follows ("there isn't a zebra or a giraffe" denies both)."""
+        tokens = facts_lib.tokenize(_unhyphenated(text))
+        found, negator, i = [], None, 0   # negator: the word that opened the current scope, None outside one
         while i < len(tokens):
             word = tokens[i][0]
             next_word = tokens[i + 1][0] if i + 1 < len(tokens) else ""
             if word in CLAUSE_BREAKS or (word == "and" and next_word in AND_OPENERS | NEGATORS):
-                negated, i = False, i + 1
+                negator, i = None, i + 1
                 continue
-            negated = negated or word in NEGATORS
             length = self._match(tokens, i)
-            if length:
-                category = self.table[tuple(t[0] for t in tokens[i:i + length])]
-                if category is not None:
-                    found.append({"category": category, "span": [tokens[i][1], tokens[i + length - 1][2]],
-                                  "negated": negated})
-                i += length
-            else:
+            if not length:
+                if word in NEGATORS:
+                    negator = word
+                elif negator and _ends_negation(word, tokens[i - 1][0], negator):
+                    negator = None
                 i += 1
+                continue
+            category = self.table[tuple(t[0] for t in tokens[i:i + length])]
+            if category is not None:
+                found.append({"category": category, "span": [tokens[i][1], tokens[i + length - 1][2]],
+                              "negated": negator is not None})
+                after = tokens[i + length][0] if i + length < len(tokens) else ""
+                if after not in ("or", "nor"):
+                    negator = None
+            i += length
         return found
 
     def _match(self, tokens, i):
@@ -431,8 +491,9 @@ def _difference(diff, draws, confidence):
 
 
 def _metric_names(records):
+    """The METRICS measured on `records`: every key of the numerator and the denominator is in their counts."""
     present = set().union(*(r["counts"] for r in records)) if records else set()
-    return [name for name, (_, den) in METRICS.items() if set(den) <= present]
+    return [name for name, (num, den) in METRICS.items() if set(num) | set(den) <= present]
 
 
 def _by_policy_split(records):
@@ -443,7 +504,7 @@ def _by_policy_split(records):
 
 
 def _split_seed(seed, split):
-    return int.from_bytes(f"{seed}:{split}".encode(), "little") % (2 ** 32)
+    return int(hashlib.sha256(f"{seed}:{split}".encode()).hexdigest()[:8], 16)
 
 
 def summarise(records, n_resamples=1000, confidence=0.95, seed=0):
@@ -466,7 +527,8 @@ def summarise(records, n_resamples=1000, confidence=0.95, seed=0):
 
 def paired_tests(records, baseline, n_resamples=1000, confidence=0.95, seed=0):
     """{policy: {split: {metric: paired_bootstrap(policy vs baseline)}}} for every other policy, on the images
-    both have in that split (the same resampling weights for both)."""
+    both have in that split with counts (a judged item whose answer could not be read has none; the same
+    resampling weights for both)."""
     grouped = _by_policy_split(records)
     if baseline not in grouped:
         raise ValueError(f"paired_tests: baseline policy {baseline!r} has no records (policies: {sorted(grouped)})")
@@ -477,7 +539,8 @@ def paired_tests(records, baseline, n_resamples=1000, confidence=0.95, seed=0):
         tests[policy] = {}
         for split, rows in splits.items():
             base_rows = {r["image_id"]: r for r in grouped[baseline].get(split, [])}
-            pairs = sorted(((r, base_rows[r["image_id"]]) for r in rows if r["image_id"] in base_rows),
+            pairs = sorted(((r, base_rows[r["image_id"]]) for r in rows
+                            if r["image_id"] in base_rows and r["counts"] and base_rows[r["image_id"]]["counts"]),
                            key=lambda pair: str(pair[0]["image_id"]))
             if not pairs:
                 continue
@@ -524,7 +587,7 @@ def seed_pooled_bootstrap(numerators_a, denominators_a, numerators_b, denominato
 def seed_pooled_tests(records, groups, pairs, split, metrics, n_resamples=1000, confidence=0.95, seed=0):
     """{(a, b): {metric: seed_pooled_bootstrap}} for each (a, b) in `pairs`, where `groups` maps a method to the
     policy labels of its seeds in `records` (stage 06's records.jsonl), on the images of `split` every policy of
-    the two methods has."""
+    the two methods has with counts. ValueError when there is no such image."""
     by_policy = defaultdict(dict)
     for record in records:
         if record["split"] == split:
@@ -537,7 +600,11 @@ def seed_pooled_tests(records, groups, pairs, split, metrics, n_resamples=1000, 
     out = {}
     for a, b in pairs:
         policies = groups[a] + groups[b]
-        image_ids = sorted(set.intersection(*(set(by_policy[p]) for p in policies)), key=str)
+        image_ids = sorted(set.intersection(*({i for i, r in by_policy[p].items() if r["counts"]} for p in policies)),
+                           key=str)
+        if not image_ids:
+            raise ValueError(f"seed_pooled_tests: split {split!r}, pair {a}:{b}: no image with counts that every "
+                             f"policy of the pair has (policies {policies})")
         arrays = {p: _count_matrix([by_policy[p][i] for i in image_ids], keys) for p in policies}
         weights = resample_weights(len(image_ids), n_resamples, _split_seed(seed, split))
         out[(a, b)] = {}
@@ -711,7 +778,9 @@ def evaluation_inputs(params, data_dir, n_images=None):
     """What every policy is evaluated on: ({split: scenes}, {split: POPE rows}, load_image, vocabulary,
     synthetic). Synthetic world: the first n_images of eval, eval_long and eval_ood, POPE from each split's
     instances file. COCO: the first n_images of eval (val2014) and POPE from the official files
-    (evaluate.pope_files) or built from val2014's annotations."""
+    (evaluate.pope_files) or built from val2014's annotations on n_images images with at least
+    evaluate.pope_objects categories (coco_pope_rows; split "eval": an image that is not an eval scene gets a
+    record of its own, with POPE counts only)."""
     ep = params.evaluate
     n = ep.n_images if n_images is None else n_images
     synthetic = params.data.world == "synthetic"
@@ -727,8 +796,8 @@ def evaluation_inputs(params, data_dir, n_images=None):
         pope_by_split["pope"] = read_pope_folder(ep.pope_files, ep.pope_suffix)
     else:
         instances = json.loads((Path(params.data.coco_root) / "annotations" / "instances_val2014.json").read_text())
-        pope_by_split["eval"] = build_pope(instances, [s["image_id"] for s in scenes_by_split["eval"]],
-                                           ep.pope_objects, params.seed, ep.pope_suffix)
+        pope_by_split["eval"] = coco_pope_rows(instances, [s["image_id"] for s in scenes_by_split["eval"]], n,
+                                               ep.pope_objects, params.seed, ep.pope_suffix)
     coco_images = Path(params.data.coco_root) / "val2014"
 
     def load_image(source):
@@ -793,13 +862,14 @@ def llava_bench_messages(context, question, reference, answer):
 
 
 def parse_pair_scores(content):
-    """((reference score, model score), None) from the judge's first line, else (None, what is wrong)."""
+    """((reference score, model score), None) from the judge's first line, else (None, what is wrong). As in
+    LLaVA's own script, the first line, commas read as spaces, must be exactly two numbers ("8 9", "8, 9")."""
     lines = [line for line in (content or "").strip().splitlines() if line.strip()]
     if not lines:
         return None, "the judge answer is empty"
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", lines[0].replace(",", " "))
-    if len(numbers) != 2:
-        return None, f"the first line must hold exactly two scores, got {lines[0][:80]!r}"
+    numbers = lines[0].replace(",", " ").split()
+    if len(numbers) != 2 or not all(re.fullmatch(r"-?\d+(?:\.\d+)?", x) for x in numbers):
+        return None, f"the first line must be exactly two scores, got {lines[0][:80]!r}"
     scores = tuple(float(x) for x in numbers)
     if not all(0 <= s <= 10 for s in scores):
         return None, f"scores must be from 0 to 10, got {scores}"
@@ -829,7 +899,9 @@ class Judge(llm.ChatBackend):
                                   desc=f"judge {kind} ({self.model})")
 
     def judge_one(self, kind, messages):
-        key = llm.request_key({"model": self.model, "messages": messages, "max_tokens": self.max_tokens})
+        # Everything that can change the answer: the endpoint and every knob _create sends.
+        key = llm.request_key({"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
+                               "messages": messages, "max_tokens": self.max_tokens})
         cached = self.cache.load(key)
         if cached is not None:
             self._count(cache_hits=1)
@@ -884,8 +956,18 @@ def load_llava_bench(folder):
     return items
 
 
+def _warn_unjudged(records, split, policy):
+    """A warning when some judge answers are not "ok": their items have no counts and are left out."""
+    statuses = Counter(r["judge"]["status"] for r in records if r["judge"]["status"] != "ok")
+    if statuses:
+        warnings.warn(f"{split}: {sum(statuses.values())} of {len(records)} judge answers for policy {policy!r} "
+                      f"were not usable ({dict(statuses)}); those items are left out of its averages and of the "
+                      "paired tests")
+
+
 def judge_mmhal(judge, items, answers, policy):
-    """Per-item records (split "mmhal") with the rating; counts only for readable ratings."""
+    """Per-item records (split "mmhal") with the rating; counts only for readable ratings (a warning for the
+    others)."""
     results = judge.judge_many("mmhal", [mmhal_messages(item, answer) for item, answer in zip(items, answers,
                                                                                               strict=True)])
     records = []
@@ -895,11 +977,13 @@ def judge_mmhal(judge, items, answers, policy):
                                             "mmhal_rated": 1}
         records.append({"policy": policy, "split": "mmhal", "image_id": index, "question": item["question"],
                         "answer": answer, "judge": result, "counts": counts})
+    _warn_unjudged(records, "mmhal", policy)
     return records
 
 
 def judge_llava_bench(judge, items, answers, policy):
-    """Per-item records (split "llava_bench") with the judge's (reference, model) scores."""
+    """Per-item records (split "llava_bench") with the judge's (reference, model) scores; counts only for readable
+    scores (a warning for the others)."""
     results = judge.judge_many("llava_bench", [
         llava_bench_messages(item["context"], item["question"], item["reference"], answer)
         for item, answer in zip(items, answers, strict=True)])
@@ -910,6 +994,7 @@ def judge_llava_bench(judge, items, answers, policy):
         records.append({"policy": policy, "split": "llava_bench", "image_id": item["question_id"],
                         "category": item.get("category"), "question": item["question"], "answer": answer,
                         "judge": result, "counts": counts})
+    _warn_unjudged(records, "llava_bench", policy)
     return records
 
 
@@ -960,6 +1045,10 @@ def verdict(metric, test, alpha=0.05):
 
 def _fmt(value, digits=3):
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value):
+    return "n/a" if value is None else f"{value:+.3f}"
 
 
 def _verdict_suffix(metric, test):
@@ -1253,8 +1342,9 @@ def main(argv=None):
         cells = []
         for pair in pairs:
             t = tests[pair][name]
-            difference = "–" if t["diff"] is None else \
-                f"{t['diff']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}] (p={t['p']:.3f})" + _verdict_suffix(name, t)
+            difference = "–" if t["diff"] is None else (f"{t['diff']:+.3f} [{_signed(t['low'])}, "
+                                                        f"{_signed(t['high'])}] (p={t['p']:.3f})"
+                                                        + _verdict_suffix(name, t))
             cells += [_fmt(t["a"]), _fmt(t["b"]), difference]
         print(f"| {name} | " + " | ".join(cells) + " |")
 

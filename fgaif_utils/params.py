@@ -412,13 +412,13 @@ class PpoParams:
 @dataclass
 class EvaluateParams:
     n_images: PositiveInt = 500
-    """Images per evaluation split (eval, eval_long, eval_ood; COCO: val2014) for descriptions and POPE."""
+    """Images per evaluation split (eval, eval_long, eval_ood; COCO: val2014) for descriptions and POPE (COCO without pope_files: the eval images with at least pope_objects categories, topped up from the rest of val2014)."""
     max_new_tokens: PositiveInt = 64
     """Longest description in tokens (greedy)."""
     batch_size: PositiveInt = 100
     """Images per generate call."""
     pope_objects: PositiveInt = 3
-    """POPE: present and absent objects asked about per image (3 + 3 in Li et al. 2023)."""
+    """POPE: present and absent objects asked about per image (3 + 3 in Li et al. 2023); COCO without pope_files asks only about val2014 images with at least this many annotated categories."""
     pope_suffix: str = ""
     """Appended to every POPE question (LLaVA-1.5 eval: " Answer the question using a single word or phrase.")."""
     pope_files: str = ""

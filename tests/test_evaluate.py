@@ -78,10 +78,54 @@ def test_pope_is_balanced_when_an_image_has_few_objects():
     assert len([r for r in rows if r["image_id"] == 7]) == 6
 
 
+def test_coco_pope_asks_3_plus_3_on_images_with_at_least_3_categories():
+    # eligible (3 of the 7 categories present, so 4 absent): images 4, 7 and 8; images 1-3, 5, 6 have two each
+    assert E.coco_pope_image_ids(instances(), [1, 8, 2, 4], n=2) == [8, 4]      # the eval scenes' order first
+    assert E.coco_pope_image_ids(instances(), [1, 8, 2, 4], n=3) == [8, 4, 7]   # then the others
+    with pytest.warns(UserWarning, match="only 3 images have at least 3 annotated categories"):
+        assert sorted(E.coco_pope_image_ids(instances(), [], n=5)) == [4, 7, 8]
+    rows = E.coco_pope_rows(instances(), [1, 8, 2, 4], n=3)
+    for image_id in (8, 4, 7):
+        for sampler in E.POPE_SAMPLERS:
+            mine = [r for r in rows if r["image_id"] == image_id and r["sampler"] == sampler]
+            assert [r["label"] for r in mine] == ["yes"] * 3 + ["no"] * 3
+            assert all(r["image"] == f"{image_id}.png" for r in mine)
+    assert len(rows) == 3 * 3 * 6
+
+
+def test_coco_evaluation_inputs_pope_images_load_from_val2014(tiny_setup, tmp_path):
+    root, _ = tiny_setup
+    coco, data_dir = tmp_path / "coco", tmp_path / "data"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "val2014").mkdir()
+    data_dir.mkdir()
+    (coco / "annotations" / "instances_val2014.json").write_text(json.dumps(instances()))
+    for image_id in IMAGES:
+        Image.fromarray(np.full((64, 64, 3), 20 * image_id, np.uint8)).save(coco / "val2014" / f"{image_id}.png")
+    scenes = [{"image_id": i, "file_name": str(coco / "val2014" / f"{i}.png"), "split": "eval",
+               "objects": [{"shape": name} for name in IMAGES[i]]} for i in (1, 8)]
+    world.write_jsonl(data_dir / "scenes_eval.jsonl", scenes)
+    p = params.Params(data=params.DataParams(world="coco", coco_root=str(coco)),
+                      evaluate=params.EvaluateParams(n_images=2, pope_objects=3))
+    scenes_by_split, pope_by_split, load_image, vocabulary, synthetic = E.evaluation_inputs(p, data_dir)
+    assert not synthetic and [s["image_id"] for s in scenes_by_split["eval"]] == [1, 8]
+    pope_ids = list(dict.fromkeys(r["image_id"] for r in pope_by_split["eval"]))
+    assert pope_ids[0] == 8 and pope_ids[1] in (4, 7) and len(pope_ids) == 2    # image 1 has only 2 categories
+    assert len(pope_by_split["eval"]) == 2 * 3 * 6
+    model, processor = E.load_policy(root / "policy", device="cpu")
+    records = E.evaluate_policy(model, processor, scenes_by_split, load_image, pope_by_split, vocabulary, synthetic,
+                                policy="base", batch_size=4, max_new_tokens=4, progress=False)
+    by_id = {r["image_id"]: r for r in records}
+    assert sorted(by_id) == sorted([1, 8, pope_ids[1]]) and "description" not in by_id[pope_ids[1]]
+    assert not by_id[1]["pope"] and len(by_id[8]["pope"]) == len(by_id[pope_ids[1]]["pope"]) == 18
+    assert sum(by_id[pope_ids[1]]["counts"][f"pope_random_{k}"] for k in ("tp", "fp", "tn", "fn")) == 6
+
+
 def test_pope_answer_reading():
     cases = {"Yes": "yes", "Yes, there is a dog in the image.": "yes", "No.": "no", "no": "no",
              "There is not a dog in the image.": "no", "I don't see one": "no",
-             "Yes. There is no other dog.": "yes", "": "yes", "Nope": "yes", "NO, it is a cat": "no"}
+             "Yes. There is no other dog.": "yes", "": "yes", "Nope": "yes", "NO, it is a cat": "no",
+             "I cannot see any dog.": "no", "No, there is not.": "no", "Yes.": "yes"}
     assert {text: E.pope_answer(text) for text in cases} == cases
 
 
@@ -164,6 +208,28 @@ def test_chair_synonyms_plurals_and_negation():
     assert len(E.COCO_SYNONYMS) == 80
 
 
+def test_chair_negation_ends_at_prepositions_participles_and_the_first_object():
+    vocabulary = E.coco_vocabulary()
+    cats = lambda text: [(m["category"], m["negated"]) for m in vocabulary.mentions(text)]  # noqa: E731
+    assert cats("A man without a hat holding a dog.") == [("person", False), ("dog", False)]
+    assert cats("A dog with no people around it and a bicycle") == [("dog", False), ("person", True),
+                                                                    ("bicycle", False)]
+    assert cats("The cat is not on the couch.") == [("cat", False), ("couch", False)]
+    assert cats("Neither a dog nor a cat sits on the bench.") == [("dog", True), ("cat", True), ("bench", False)]
+    assert cats("There is no sign of any dogs.") == [("dog", True)]
+    assert cats("The image does not show a dog") == [("dog", True)]
+    assert cats("A man is not wearing a tie.") == [("person", False), ("tie", True)]
+    assert cats("There are no sleeping cats.") == [("cat", True)]
+
+
+def test_chair_reads_hyphens_as_spaces_and_pluralises_x_of_y():
+    vocabulary = E.coco_vocabulary()
+    text = "Two hot-dogs and a teddy-bear. Two glasses of wine."
+    found = [(m["category"], text[m["span"][0]:m["span"][1]]) for m in vocabulary.mentions(text)]
+    assert found == [("hot dog", "hot-dogs"), ("teddy bear", "teddy-bear"), ("wine glass", "glasses of wine")]
+    assert E.plural("glass of wine") == "glasses of wine" and E.plural("hot dog") == "hot dogs"
+
+
 def test_chair_with_the_world_vocabulary():
     m = E.chair_counts("there is a large red heart and two boxes . there is no ring .", {"heart", "circle"},
                        E.world_vocabulary())
@@ -243,6 +309,29 @@ def test_seed_pooled_tests_group_the_records_of_each_method():
     with pytest.raises(ValueError, match="fgaif-s2"):
         E.seed_pooled_tests(records, {"base": ["base"], "fgaif": ["fgaif-s2"]}, [("fgaif", "base")], "eval",
                             ["object_halluc"])
+    elsewhere = [dict(r, image_id=r["image_id"] + 10) for r in records if r["policy"] == "fgaif-s1"]
+    with pytest.raises(ValueError, match=r"split 'eval', pair fgaif:base: no image .*'fgaif', 'fgaif-s1', 'base'"):
+        E.seed_pooled_tests([r for r in records if r["policy"] != "fgaif-s1"] + elsewhere,
+                            {"base": ["base"], "fgaif": ["fgaif", "fgaif-s1"]}, [("fgaif", "base")], "eval",
+                            ["object_halluc"])
+
+
+def test_seed_pooled_tests_leave_out_items_a_policy_has_no_counts_for():
+    records = [{"policy": p, "split": "mmhal", "image_id": i, "counts": {} if r is None else
+                {"mmhal_rating": r, "mmhal_hallucinated": int(r < 3), "mmhal_rated": 1}}
+               for p, ratings in (("base", [5, 1, 4]), ("fgaif", [6, None, 2])) for i, r in enumerate(ratings)]
+    t = E.seed_pooled_tests(records, {"base": ["base"], "fgaif": ["fgaif"]}, [("fgaif", "base")], "mmhal",
+                            ["mmhal_score"], n_resamples=20)[("fgaif", "base")]["mmhal_score"]
+    assert t["n"] == 2 and t["a"] == pytest.approx(8 / 2) and t["b"] == pytest.approx(9 / 2)   # items 0 and 2
+
+
+def test_main_prints_n_a_for_an_interval_it_cannot_tell(tmp_path, capsys):
+    records = [_record(policy, i, n_object_judged=4, n_object_false=false)
+               for policy, false in (("base", 2), ("fgaif", 1)) for i in range(3)]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    E.main([str(tmp_path / "records.jsonl"), "--group", "base=base", "--group", "fgaif=fgaif", "--pair",
+            "fgaif:base", "--metrics", "object_halluc", "--bootstrap", "0"])   # no resample: no interval
+    assert "| object_halluc | 0.250 | 0.500 | -0.250 [n/a, n/a] (p=1.000) |" in capsys.readouterr().out
 
 
 def _record(policy, image_id, **counts):
@@ -263,6 +352,35 @@ def test_summarise_and_paired_tests_align_images_and_pool_ratio_of_sums():
     assert test["n"] == 40 and test["diff"] == pytest.approx(0 - 60 / 160) and test["p"] < 0.01
     with pytest.raises(ValueError, match="baseline"):
         E.paired_tests(tuned, "base")
+
+
+def test_a_metric_needs_its_numerator_counts_too():
+    """COCO description records carry "images" but no scorer counts: no attribute_errors or size_claims."""
+    records = [_record("base", i, chair_caption_hallucinated=0, chair_hallucinated=0, chair_mentioned=2,
+                       n_words=10, n_sentences=1) for i in range(3)]
+    names = set(E.summarise(records, n_resamples=20)["base"]["eval"])
+    assert names == {"chair_s", "chair_i", "words", "sentences"}
+
+
+def test_each_split_draws_its_own_bootstrap_resamples():
+    rows = [dict(_record("base", i, n_object_judged=4, n_object_false=i % 5), split=split)
+            for split in E.SYNTHETIC_SPLITS for i in range(30)]
+    summary = E.summarise(rows, n_resamples=200)["base"]
+    intervals = {split: (summary[split]["object_halluc"]["low"], summary[split]["object_halluc"]["high"])
+                 for split in E.SYNTHETIC_SPLITS}
+    assert len({summary[split]["object_halluc"]["value"] for split in E.SYNTHETIC_SPLITS}) == 1   # the same data
+    assert len(set(intervals.values())) == 3, intervals                                          # other draws
+    assert len({E._split_seed(0, split) for split in E.SYNTHETIC_SPLITS}) == 3
+
+
+def test_paired_tests_pair_only_items_both_policies_have_counts_for():
+    records = [{"policy": p, "split": "mmhal", "image_id": i, "counts": {} if r is None else
+                {"mmhal_rating": r, "mmhal_hallucinated": int(r < 3), "mmhal_rated": 1}}
+               for p, ratings in (("base", [5, 1, 4, 2]), ("fgaif", [6, None, 5, 2])) for i, r in enumerate(ratings)]
+    test = E.paired_tests(records, "base", n_resamples=50)["fgaif"]["mmhal"]["mmhal_score"]
+    # items 0, 2, 3: fgaif 13 / 3 against base 11 / 3 (not base's 12 / 4 with item 1)
+    assert test["n"] == 3 and test["a"] == pytest.approx(13 / 3) and test["b"] == pytest.approx(11 / 3)
+    assert test["diff"] == pytest.approx(2 / 3)
 
 
 def test_attribute_errors_per_description_do_not_depend_on_the_claim_mix():
@@ -374,7 +492,8 @@ def test_mmhal_judge_ratings_malformed_answers_and_cache(judge_server, tmp_path)
     items = [{"question_type": "attribute", "image_content": ["bus", "road"], "question": "What is shown?",
               "gt_answer": "A red bus."}] * 3
     answers = ["It is a red bus.", "It is a dog.", "Hard to say."]
-    records = E.judge_mmhal(_judge(judge_server, tmp_path), items, answers, "base")
+    with pytest.warns(UserWarning, match=r"mmhal: 1 of 3 judge answers for policy 'base' .*'malformed': 1"):
+        records = E.judge_mmhal(_judge(judge_server, tmp_path), items, answers, "base")
     assert [r["judge"]["status"] for r in records] == ["ok", "ok", "malformed"]
     assert [r["judge"]["value"] for r in records] == [5, 1, None]
     assert "Rating" in records[2]["judge"]["error"] and records[2]["counts"] == {}
@@ -383,7 +502,8 @@ def test_mmhal_judge_ratings_malformed_answers_and_cache(judge_server, tmp_path)
     assert summary["mmhal_halluc"]["value"] == pytest.approx(0.5)
     assert E.judge_status_counts(records) == {"mmhal": {"ok": 2, "malformed": 1}}
     sent = len(judge_server.requests)
-    again = E.judge_mmhal(_judge(judge_server, tmp_path), items, answers, "base")
+    with pytest.warns(UserWarning, match="mmhal: 1 of 3"):
+        again = E.judge_mmhal(_judge(judge_server, tmp_path), items, answers, "base")
     assert len(judge_server.requests) == sent and all(r["judge"]["cached"] for r in again)
     assert [r["judge"]["status"] for r in again] == ["ok", "ok", "malformed"]
     assert judge_server.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
@@ -395,7 +515,8 @@ def test_llava_bench_relative_score_and_failed_calls(judge_server, tmp_path):
              for k in range(4)]
     answers = ["short", "good", "???", "short"]
     judge_server.script.append(Reply(status=400, error_message="bad request"))   # the first request (one thread)
-    records = E.judge_llava_bench(_judge(judge_server, tmp_path, concurrency=1), items, answers, "base")
+    with pytest.warns(UserWarning, match="llava_bench: 2 of 4 judge answers for policy 'base'"):
+        records = E.judge_llava_bench(_judge(judge_server, tmp_path, concurrency=1), items, answers, "base")
     assert [r["judge"]["status"] for r in records] == ["failed", "ok", "malformed", "ok"]
     assert "HTTP 400" in records[0]["judge"]["error"] and records[0]["counts"] == {}
     ok = [r for r in records if r["judge"]["status"] == "ok"]
@@ -404,6 +525,30 @@ def test_llava_bench_relative_score_and_failed_calls(judge_server, tmp_path):
     assert summary["llava_bench_relative"]["value"] == pytest.approx(expected)
     assert E.parse_pair_scores("8 6\nwhy") == ((8.0, 6.0), None)
     assert E.parse_pair_scores("11 3")[0] is None and E.parse_pair_scores("")[0] is None
+
+
+def test_pair_scores_need_a_first_line_of_exactly_two_numbers():
+    assert E.parse_pair_scores("8 9") == ((8.0, 9.0), None)
+    assert E.parse_pair_scores("8, 9\nBoth fine.") == ((8.0, 9.0), None)
+    assert E.parse_pair_scores("8.5 9") == ((8.5, 9.0), None)
+    for content in ("Assistant 1: 8\nAssistant 2: 9", "Scores: 8 9", "8 9 10", "8 and 9", "8/10 9/10"):
+        value, problem = E.parse_pair_scores(content)
+        assert value is None and "exactly two scores" in problem, content
+
+
+def test_judge_cache_is_keyed_by_endpoint_and_temperature(judge_server, tmp_path):
+    items = [{"question_type": "attribute", "image_content": ["bus"], "question": "What is shown?",
+              "gt_answer": "A red bus."}]
+    E.judge_mmhal(_judge(judge_server, tmp_path), items, ["It is a red bus."], "base")
+    assert len(judge_server.requests) == 1
+    assert E.judge_mmhal(_judge(judge_server, tmp_path), items, ["It is a red bus."], "base")[0]["judge"]["cached"]
+    warmer = E.make_judge(params.EvaluateParams(judge_model="judge-stub", judge_base_url=judge_server.url), tmp_path,
+                          temperature=0.7, max_retries=0, timeout=5, progress=False)
+    assert not E.judge_mmhal(warmer, items, ["It is a red bus."], "base")[0]["judge"]["cached"]
+    elsewhere = E.make_judge(params.EvaluateParams(judge_model="judge-stub", judge_base_url=judge_server.url + "/"),
+                             tmp_path, max_retries=0, timeout=5, progress=False)    # the same server, another URL
+    assert not E.judge_mmhal(elsewhere, items, ["It is a red bus."], "base")[0]["judge"]["cached"]
+    assert len(judge_server.requests) == 3
     assert E.parse_mmhal_rating("blah\nRating: 7")[0] is None and E.parse_mmhal_rating("**Rating:** 4") == (4, None)
 
 
@@ -534,6 +679,7 @@ def test_examples_html_escapes_model_text_and_names():
     assert "#f5b3b3" in page and "#b9f0b4" in page     # the cat is red, the dog green
 
 
+@pytest.mark.filterwarnings("ignore:.*judge answers for policy:UserWarning")   # the stub rates no random answer
 def test_judged_benchmarks_with_a_tiny_policy(tiny_setup, judge_server, tmp_path):
     root, _ = tiny_setup
     folder = tmp_path / "bench"
