@@ -2,7 +2,9 @@
 ask the verifier one yes/no question per fact, and aggregate the answers into fine-grained labels.
 
 Labels per sub-sentence and type (object existence, attribute, relation): 1 = hallucination (a fact of that
-type judged false), 0 = no hallucination (facts of that type exist, all judged true), -1 = not applicable.
+type judged false), 0 = no hallucination (facts of that type exist, all judged true), -1 = not applicable;
+null for every type where the sub-sentence could not be judged (its fact extraction or a verifier call failed:
+`label_error` says which), which the reward models treat as no target.
 Reward positions come from the sampled token ids themselves (`last_token`), never from re-tokenised text.
 """
 import hashlib
@@ -15,6 +17,7 @@ from tqdm import tqdm   # text bars: they stream into papermill's live notebook 
 from . import language, models, rollout, scorer, segment, tiny_train, world
 
 FACT_TYPES = ["object", "attribute", "relation"]
+HF_VERIFIER_MAX_NEW_TOKENS = 3   # what tiny_train.answer_questions generates (a test holds the two together)
 
 
 # ---------------------------------------------------------------------------------------------- 02: sampling
@@ -115,7 +118,8 @@ def verdict_from_answer(fact, answer):
 
 class AnswerCache:
     """Verifier answers on disk, one JSON line per (verifier, image, question); appended per batch, so a killed
-    run loses at most the batch in flight."""
+    run loses at most the batch in flight. It holds answers only: "unknown" is an answer (the verifier replied
+    neither yes nor no, and would again), a failed call is not stored, so a rerun asks it again."""
 
     def __init__(self, path, verifier_id):
         self.path = Path(path)
@@ -162,7 +166,8 @@ class HFVerifier:
 
 def verify_facts(rows, verifier, load_image, cache, batch_size=512):
     """Fill row["answer"] and row["verdict"] for every fact row, asking only what the cache lacks, and each
-    (image, question) pair once: the responses to one image repeat facts, also across batch boundaries."""
+    (image, question) pair once: the responses to one image repeat facts, also across batch boundaries.
+    verifier.answer gives None for a call that failed; such a row keeps answer None and is not cached."""
     todo = {}
     for row in rows:
         pair = (row["image_id"], row["question"])
@@ -175,7 +180,8 @@ def verify_facts(rows, verifier, load_image, cache, batch_size=512):
         if len({image.shape for image in images}) == 1:
             images = np.stack(images)
         answers = verifier.answer(images, [row["question"] for row in batch])
-        cache.add([(row["image_id"], row["question"], answer) for row, answer in zip(batch, answers)])
+        cache.add([(row["image_id"], row["question"], answer) for row, answer in zip(batch, answers)
+                   if answer is not None])
     for row in rows:
         row["answer"] = cache.get(row["image_id"], row["question"])
         row["verdict"] = verdict_from_answer(row["fact"], row["answer"])
@@ -214,13 +220,50 @@ def gate_on_existence(rows):
     return rows
 
 
-def label_records(records, rows, scenes_by_id=None):
-    """fg_labels records: each sub-sentence with its AI labels [obj, att, rel] (from each row's `counts_as` when
-    gate_on_existence ran, else its verdict), its closing token and its fact ids; with scene graphs (synthetic
-    world) also the ground-truth labels of the same facts."""
+def _rows_by_subsentence(rows):
     rows_by_sub = {}
     for row in rows:
         rows_by_sub.setdefault((row["response_id"], row["subsentence"]), []).append(row)
+    return rows_by_sub
+
+
+def labelling_failures(records, rows, extraction=None):
+    """{(response_id, sub-sentence index): why it cannot be labelled} for the sub-sentences whose fact extraction
+    failed (`extraction` as extract_all_facts gives it) or that have a fact whose verifier call failed (answer None).
+    Labelling them from what is left would turn a failure into a confident n/a."""
+    rows_by_sub = _rows_by_subsentence(rows)
+    failures = {}
+    for position, record in enumerate(records):
+        for index in range(len(record["subsentences"])):
+            key = (record["response_id"], index)
+            result = extraction[position][index] if extraction is not None else None
+            unanswered = [r["fact_id"] for r in rows_by_sub.get(key, []) if "answer" in r and r["answer"] is None]
+            if result is not None and result["status"] != "ok":
+                failures[key] = f"fact extraction failed: {result['error']}"
+            elif unanswered:
+                failures[key] = f"the verifier call failed for facts {unanswered}"
+    return failures
+
+
+def check_failed_share(records, failures, max_failed_fraction):
+    """RuntimeError naming the first few failed sub-sentences when more than `max_failed_fraction` of the
+    sub-sentences of `records` could not be labelled (labelling_failures)."""
+    total = sum(len(record["subsentences"]) for record in records)
+    if not failures or len(failures) <= max_failed_fraction * total:
+        return
+    first = "; ".join(f"response {rid!r} sub-sentence {k}: {why}" for (rid, k), why in list(failures.items())[:3])
+    raise RuntimeError(f"{len(failures)} of {total} sub-sentences ({len(failures) / total:.1%}) could not be "
+                       f"labelled, more than feedback.max_failed_fraction = {max_failed_fraction}; first: {first}. "
+                       f"Every answer obtained is cached: rerun stage 03 to retry only the failures")
+
+
+def label_records(records, rows, scenes_by_id=None, extraction=None):
+    """fg_labels records: each sub-sentence with its AI labels [obj, att, rel] (from each row's `counts_as` when
+    gate_on_existence ran, else its verdict), its closing token and its fact ids; with scene graphs (synthetic
+    world) also the ground-truth labels of the same facts. A sub-sentence that labelling_failures names (pass
+    `extraction` so that failed extractions are seen) gets labels [null, null, null] and `label_error`."""
+    rows_by_sub = _rows_by_subsentence(rows)
+    failures = labelling_failures(records, rows, extraction)
     labelled = []
     for record in records:
         scene = scenes_by_id.get(record["image_id"]) if scenes_by_id else None
@@ -231,6 +274,9 @@ def label_records(records, rows, scenes_by_id=None):
                   for t in FACT_TYPES}
             entry = dict(sub, labels=scorer.aggregate_labels(ai), fact_ids=[r["fact_id"] for r in sub_rows],
                          gt_labels=None)
+            failure = failures.get((record["response_id"], index))
+            if failure is not None:
+                entry.update(labels=[None] * len(FACT_TYPES), label_error=failure)
             if scene is not None:
                 truth = {t: [r["truth"] for r in sub_rows if r["fact"]["type"] == t] for t in FACT_TYPES}
                 entry["gt_labels"] = scorer.aggregate_labels(truth)
@@ -255,6 +301,8 @@ def label_summary(labelled, rows, extraction):
     summary = {
         "responses": len(labelled), "subsentences": len(subs), "facts": len(rows),
         "extraction_failed": sum(res["status"] != "ok" for res in results),
+        "verification_failed": answers.count(None),
+        "unlabelled": sum(None in s["labels"] for s in subs),
         "answers": {a: answers.count(a) for a in ("yes", "no", "unknown")},
         "labels": {t: {str(v): sum(s["labels"][i] == v for s in subs) for v in (-1, 0, 1)}
                    for i, t in enumerate(FACT_TYPES)},
@@ -265,9 +313,14 @@ def label_summary(labelled, rows, extraction):
 
 
 def label_warnings(summary, unknown_share=0.5):
-    """What a researcher must see before training on these labels: a verifier whose answers are mostly neither yes
-    nor no (each such fact is n/a, so its sub-sentence teaches nothing), and a type no sub-sentence was judged for."""
+    """What a researcher must see before training on these labels: sub-sentences left unlabelled by failures, a
+    verifier whose answers are mostly neither yes nor no (each such fact is n/a, so its sub-sentence teaches
+    nothing), and a type no sub-sentence was judged for."""
     warnings = []
+    if summary["unlabelled"]:
+        warnings.append(f"{summary['unlabelled']} of {summary['subsentences']} sub-sentences carry no label (their "
+                        f"fact extraction or a verifier call failed: label_error in fg_labels.jsonl); rerun stage 03 "
+                        f"to retry them")
     answers = summary["answers"]
     asked = sum(answers.values())
     if asked and answers["unknown"] > unknown_share * asked:
@@ -283,9 +336,12 @@ def label_warnings(summary, unknown_share=0.5):
 def judge_responses(records, extractor, verifier, cache, load_image, feedback_params, scenes_by_id=None):
     """Fact rows of `records`, judged: extracted facts, the verifier's answer and verdict for each, the existence
     gate when `feedback_params.existence_gate`, and with scene graphs (synthetic world) the truth of each fact.
-    Returns (rows, extraction)."""
+    Returns (rows, extraction). RuntimeError (check_failed_share) when more than
+    `feedback_params.max_failed_fraction` of the sub-sentences cannot be labelled, raised once every answer
+    obtained is cached."""
     extraction = extract_all_facts(records, extractor)
     rows = verify_facts(fact_rows(records, extraction, feedback_params.question_suffix), verifier, load_image, cache)
+    check_failed_share(records, labelling_failures(records, rows, extraction), feedback_params.max_failed_fraction)
     if feedback_params.existence_gate:
         rows = gate_on_existence(rows)
     if scenes_by_id is not None:
@@ -373,8 +429,18 @@ def make_verifier(params, models_dir, cache_dir, models_hash):
             models.resolve_checkpoint(m.verifier, m.local_files_only)
         model, processor = models.load_lvlm(path, dtype=m.dtype, device=m.device, load_in_4bit=m.load_in_4bit,
                                             local_files_only=m.local_files_only)
-        return HFVerifier(model, processor, params.feedback.verifier_batch_size), ["hf", path, models_hash]
+        return HFVerifier(model, processor, params.feedback.verifier_batch_size), \
+            hf_verifier_id(path, models_hash, m, processor)
     f = params.feedback
-    return llm.OpenAIVisionVerifier(f.vision_model, base_url=f.vision_base_url or None, cache_dir=cache_dir,
-                                    concurrency=f.concurrency, max_retries=f.max_retries, timeout=f.timeout_s), \
-        ["openai-vision", f.vision_model, f.vision_base_url]
+    verifier = llm.OpenAIVisionVerifier(f.vision_model, base_url=f.vision_base_url or None, cache_dir=cache_dir,
+                                        concurrency=f.concurrency, max_retries=f.max_retries, timeout=f.timeout_s)
+    return verifier, ["openai-vision", verifier.request_settings()]
+
+
+def hf_verifier_id(path, models_hash, model_params, processor):
+    """The answer-cache id of an HF verifier: the checkpoint, how it is loaded, the prompt it is given (its chat
+    template around a question) and the answer length tiny_train.answer_questions generates."""
+    prompt = models.chat_prompt(processor, "{question}")
+    return ["hf", path, models_hash, {"dtype": model_params.dtype, "load_in_4bit": model_params.load_in_4bit,
+                                      "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+                                      "max_new_tokens": HF_VERIFIER_MAX_NEW_TOKENS}]

@@ -9,8 +9,9 @@ through the sync `openai` client, with:
 - our own retries (the client is built with max_retries=0): exponential backoff with jitter on 429, 5xx,
   timeouts and connection errors, honouring Retry-After (capped);
 - usage counters (`.usage`) and a cost estimate from a small price table.
-No record is ever dropped: a call that fails for good comes back with status "failed" (facts) or "unknown"
-(answers) and is counted in usage["failures"].
+No record is ever dropped: a call that fails for good comes back with status "failed" (facts) or None (answers)
+and is counted in usage["failures"]. An answer the model gave that is neither yes nor no is "unknown", and cached:
+at temperature 0 the same request gets the same reply.
 
 The API key comes from the OPENAI_API_KEY environment variable only and is never written anywhere.
 
@@ -48,6 +49,7 @@ KIND_ALIASES = {"color": "colour"}
 API_KEY_VARIABLE = "OPENAI_API_KEY"
 LOCAL_PLACEHOLDER_KEY = "EMPTY"   # what local servers (vLLM, Ollama, LM Studio) accept when they need no key
 SUBSENTENCE_LABEL = "Sub-sentence:"
+YES_NO_INSTRUCTION = " Answer with yes or no."   # appended to every vision verifier question
 
 SYSTEM_PROMPT = """You extract atomic visual facts from one sub-sentence of an image description.
 
@@ -123,6 +125,7 @@ def check_llm_fact(fact):
         return {"type": "object", "subject": _text_field(fact, "subject"), "negated": fact["negated"]}
     if fact_type == "attribute":
         kind = fact.get("kind")
+        _require(isinstance(kind, str), f"attribute fact needs a string 'kind' in {list(ATTRIBUTE_KINDS)}", fact)
         kind = KIND_ALIASES.get(kind, kind)
         _require(kind in ATTRIBUTE_KINDS, f"attribute fact needs 'kind' in {list(ATTRIBUTE_KINDS)}", fact)
         return {"type": "attribute", "subject": _text_field(fact, "subject"), "kind": kind,
@@ -395,6 +398,12 @@ def png_data_url(image):
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), hashlib.sha256(data).hexdigest()
 
 
+def vision_messages(question, image_url):
+    """The chat messages that ask one yes/no question about one image."""
+    return [{"role": "user", "content": [{"type": "text", "text": f"{question}{YES_NO_INSTRUCTION}"},
+                                         {"type": "image_url", "image_url": {"url": image_url}}]}]
+
+
 class OpenAIVisionVerifier(ChatBackend):
     """Yes/no answers about images from an OpenAI-compatible vision model (e.g. gpt-4o, or LLaVA behind vLLM)."""
 
@@ -402,10 +411,17 @@ class OpenAIVisionVerifier(ChatBackend):
         super().__init__(model, base_url=base_url, cache_dir=cache_dir, **knobs)
         self.max_tokens = max_tokens
         self.usage["unknown"] = 0
-        self.errors = []   # why each failed call failed (its answer is "unknown")
+        self.errors = []   # why each failed call failed (its answer is None)
+
+    def request_settings(self):
+        """Everything a request sends besides its question and image, and where it sends it: what the answers
+        depend on, so it keys every cache of them."""
+        return {"model": self.model, "base_url": self.base_url, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "instruction": YES_NO_INSTRUCTION}
 
     def answer(self, images, questions):
-        """'yes' / 'no' / 'unknown' for each (image, question) pair; images are uint8 (H, W, 3) arrays."""
+        """'yes' / 'no' / 'unknown' for each (image, question) pair, None where the call failed for good (not
+        cached: asked again next time); images are uint8 (H, W, 3) arrays."""
         if len(images) != len(questions):
             raise ValueError(f"answer() needs one image per question, got {len(images)} images "
                              f"and {len(questions)} questions")
@@ -429,20 +445,20 @@ class OpenAIVisionVerifier(ChatBackend):
         return self._run_parallel(self.answer_one, items, desc=f"verify ({self.model})")
 
     def answer_one(self, data_url, image_sha256, question):
-        key = request_key({"model": self.model, "question": question, "image_sha256": image_sha256})
+        # the key holds the request as sent, the image by its PNG's hash (the data URL is a function of it)
+        key = request_key({**self.request_settings(),
+                           "messages": vision_messages(question, f"sha256:{image_sha256}")})
         cached = self.cache.load(key)
         if cached is not None:
             self._count(cache_hits=1, unknown=int(cached["answer"] == "unknown"))
             return cached["answer"]
-        content = [{"type": "text", "text": f"{question} Answer with yes or no."},
-                   {"type": "image_url", "image_url": {"url": data_url}}]
         try:
-            text = self._create(messages=[{"role": "user", "content": content}], max_tokens=self.max_tokens)
+            text = self._create(messages=vision_messages(question, data_url), max_tokens=self.max_tokens)
         except CallFailed as error:
-            self._count(failures=1, unknown=1)
+            self._count(failures=1)
             with self._lock:
                 self.errors.append(f"{question!r} (image {image_sha256[:12]}): {error}")
-            return "unknown"
+            return None
         answer = parse_yes_no(text)
         self._count(unknown=int(answer == "unknown"))
         self.cache.save(key, {"model": self.model, "question": question, "image_sha256": image_sha256,

@@ -233,6 +233,8 @@ class FeedbackParams:
     """Retries (exponential backoff) on 429, 5xx, timeouts and connection errors."""
     timeout_s: PositiveFloat = 60.0
     """Seconds before one request counts as timed out."""
+    max_failed_fraction: Probability = 0.01
+    """Most sub-sentences (a share) that may stay unlabelled because their fact extraction or a verifier call failed for good: they get null labels, which the reward models skip. Above it stage 03 stops with an error naming them once every answer is cached, so a rerun retries only the failures. Not 0: one answer a model never makes usable would block the stage for good."""
     verifier: Literal["detector", "hf", "openai-vision"] = "detector"
     """Who answers the yes/no questions: the tiny detector verifier, an HF LVLM (models.verifier; "tiny" = stage 01's LVLM verifier), or an OpenAI-compatible vision endpoint."""
     vision_model: str = "gpt-4o-2024-08-06"

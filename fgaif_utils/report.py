@@ -23,16 +23,16 @@ from fgaif_utils.facts import FACT_TYPES, describe_fact
 THUMBNAIL_SIDE = 320   # pixels: the longest side of an image embedded in a report
 
 LABELS = (-1, 0, 1)
-LABEL_NAMES = {-1: "n/a", 0: "correct", 1: "halluc."}
+LABEL_NAMES = {-1: "n/a", 0: "correct", 1: "halluc.", None: "no label"}   # None: not judged (failure)
 TYPE_LETTERS = {"object": "O", "attribute": "A", "relation": "R"}
 
 
 # ---------------------------------------------------------------------------------------------- checks
 
-def _check_labels(labels, where):
+def _check_labels(labels, where, allowed=LABELS):
     if not isinstance(labels, (list, tuple)) or len(labels) != len(FACT_TYPES) or any(
-            label not in LABELS for label in labels):
-        raise ValueError(f"{where}: labels must be {len(FACT_TYPES)} values in {LABELS} "
+            label not in allowed for label in labels):
+        raise ValueError(f"{where}: labels must be {len(FACT_TYPES)} values in {allowed} "
                          f"(object, attribute, relation), got {labels!r}")
 
 
@@ -46,7 +46,7 @@ def _check_record(record):
         for key in ("text", "labels", "fact_ids"):
             if key not in sub:
                 raise ValueError(f"{where}: no {key!r}")
-        _check_labels(sub["labels"], where + " labels")
+        _check_labels(sub["labels"], where + " labels", LABELS + (None,))   # None: a failure left it unlabelled
         if sub.get("gt_labels") is not None:
             _check_labels(sub["gt_labels"], where + " gt_labels")
     return record
@@ -100,13 +100,13 @@ def _type_agreement(pairs):
 
 
 def label_agreement(records):
-    """Per fact type, AI labels vs ground-truth labels of the sub-sentences that have gt_labels:
+    """Per fact type, AI labels vs ground-truth labels of the sub-sentences that have gt_labels and AI labels:
     n / accuracy / precision / recall / F1 of the hallucination class (1) / majority-class baseline accuracy over
     the sub-sentences where both labels are applicable (!= -1); `confusion` (3x3, rows = truth, cols = AI, order
     -1, 0, 1) over all sub-sentences with gt_labels. Undefined values (nothing to divide by) are None."""
     pairs = {fact_type: [] for fact_type in FACT_TYPES}
     for sub in _subsentences(records):
-        if sub.get("gt_labels") is None:
+        if sub.get("gt_labels") is None or None in sub["labels"]:
             continue
         for i, fact_type in enumerate(FACT_TYPES):
             pairs[fact_type].append((sub["gt_labels"][i], sub["labels"][i]))

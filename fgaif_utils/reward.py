@@ -67,8 +67,9 @@ def marked_sequence(prompt, token_ids, last_tokens, eos_id, where="response"):
 
 def holistic_label(labels):
     """One "any hallucination" label from per-type labels: 1 if any type is hallucinated, 0 if some type is
-    judged and none hallucinated, -1 if none applies (the holistic ablation's single reward model)."""
-    if labels is None:
+    judged and none hallucinated, -1 if none applies (the holistic ablation's single reward model); None where the
+    labels are None or hold a None (stage 03 could not judge the sub-sentence)."""
+    if labels is None or None in labels:
         return None
     return 1 if 1 in labels else 0 if 0 in labels else -1
 
@@ -137,7 +138,8 @@ def claim_token_ids(tokenizer, claim_words, types):
 
 def examples_from_records(records, prompt, eos_id, vocab_size=None, n_types=3, claim_ids=None):
     """One training/eval example per fg_labels record that has sub-sentences: ids, marker positions, AI labels
-    shifted to classes (K, 3), ground-truth labels (K, 3) in {-1, 0, 1} or None, and with `claim_ids`
+    shifted to classes (K, 3) (a null label, which stage 03 gives a sub-sentence it could not judge, becomes IGNORE:
+    no target, and left out of the metrics), ground-truth labels (K, 3) in {-1, 0, 1} or None, and with `claim_ids`
     (claim_token_ids) the stated claim word per sub-sentence and type (K, T), -1 where none."""
     examples = []
     for record in records:
@@ -153,13 +155,14 @@ def examples_from_records(records, prompt, eos_id, vocab_size=None, n_types=3, c
                              f"({vocab_size}); the reward backbone must share the policy's tokenizer")
         ids, positions = marked_sequence(prompt, record["token_ids"], [s["last_token"] for s in subs], eos_id, where)
         for k, sub in enumerate(subs):
-            if len(sub.get("labels") or []) != n_types or any(v not in (-1, 0, 1) for v in sub["labels"]):
-                raise ValueError(f"{where}, sub-sentence {k}: labels must be {n_types} values in (-1, 0, 1), "
-                                 f"got {sub.get('labels')!r}")
+            if len(sub.get("labels") or []) != n_types or any(v not in (-1, 0, 1, None) for v in sub["labels"]):
+                raise ValueError(f"{where}, sub-sentence {k}: labels must be {n_types} values in (-1, 0, 1) or "
+                                 f"null, got {sub.get('labels')!r}")
         has_truth = all(sub.get("gt_labels") is not None for sub in subs)
         examples.append({"response_id": record.get("response_id"), "twin_of": record.get("twin_of"),
                          "image_id": record["image_id"], "ids": ids,
-                         "positions": positions, "classes": [[v + 1 for v in sub["labels"]] for sub in subs],
+                         "positions": positions, "classes": [[IGNORE if v is None else v + 1 for v in sub["labels"]]
+                                                             for sub in subs],
                          "gt": [list(sub["gt_labels"]) for sub in subs] if has_truth else None})
         if claim_ids is not None:
             examples[-1]["claims"] = claim_indices(record["token_ids"], [s["last_token"] for s in subs], claim_ids)
@@ -272,7 +275,7 @@ def balanced_class_weights(examples, fact_type, n_classes=3, cap=10.0, twin_shar
     for e in examples:
         seen = [(e, 1.0)] if not (twin_share and e.get("twin")) else [(e, 1.0 - twin_share), (e["twin"], twin_share)]
         for example, share in seen:
-            np.add.at(counts, [c[index] for c in example["classes"]], share)
+            np.add.at(counts, [c[index] for c in example["classes"] if c[index] != IGNORE], share)
     weights = np.minimum(counts.sum() / (n_classes * np.maximum(counts, 1e-9)), cap)
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -617,11 +620,19 @@ def constant_baselines(reference):
             "always_hallucinated_f1": 2 * halluc / (halluc + len(judged)) if halluc else None}
 
 
+def ai_labels(examples):
+    """(N, labels per sub-sentence) AI labels in {-1, 0, 1} of all sub-sentences of `examples` in order, IGNORE
+    where stage 03 gave none."""
+    classes = np.array([c for e in examples for c in e["classes"]])
+    return np.where(classes == IGNORE, IGNORE, classes - 1)
+
+
 def evaluate(predicted, examples, types=FACT_TYPES):
     """Per type: label_metrics of the predictions and the constant baselines against the AI labels ("ai",
-    "baseline_ai") and, where every example has them, the ground truth ("gt", "baseline_gt"). `predicted` (N, T)
-    is in the order of the examples' sub-sentences, its columns in the order of `types`."""
-    ai = np.array([c for e in examples for c in e["classes"]]) - 1
+    "baseline_ai"; sub-sentences without an AI label left out) and, where every example has them, the ground truth
+    ("gt", "baseline_gt"). `predicted` (N, T) is in the order of the examples' sub-sentences, its columns in the
+    order of `types`."""
+    ai = ai_labels(examples)
     gt = np.array([g for e in examples for g in e["gt"]]) if examples and all(e["gt"] for e in examples) else None
     result = {}
     for t, name in enumerate(types):
@@ -630,8 +641,9 @@ def evaluate(predicted, examples, types=FACT_TYPES):
             if reference is None:
                 continue
             column = reference[:, label_index(name)]
-            entry[source] = label_metrics(predicted[:, t], column)
-            entry[f"baseline_{source}"] = constant_baselines(list(column))
+            labelled = column != IGNORE
+            entry[source] = label_metrics(predicted[labelled, t], column[labelled])
+            entry[f"baseline_{source}"] = constant_baselines(list(column[labelled]))
         result[name] = entry
     return result
 
@@ -664,6 +676,8 @@ def word_swap_probe(rm, records, pixels, swaps, batch_size=64):
     for (_, image_id, _, _), tokens in zip(cases + cases, [c[2] for c in cases] + [c[3] for c in cases]):
         ids, positions = marked_sequence(rm.prompt, tokens, [len(tokens) - 1], rm.eos)
         alone.append({"image_id": image_id, "ids": ids, "positions": positions})
+        if rm.claim_ids is not None:   # a claim-word head compares with the stated word, as in scoring
+            alone[-1]["claims"] = claim_indices(tokens, [len(tokens) - 1], rm.claim_ids)
     _, probs = rm.predict(alone, pixels, batch_size)
     hallucinated = probs[:, :, 2]                                       # (2N, T)
     written, swapped = hallucinated[:len(cases)], hallucinated[len(cases):]
@@ -702,6 +716,8 @@ def _save_state(folder, params, best, optimizer, state, average=None):
     torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
     os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
     state = dict(state, torch_rng=torch.get_rng_state().tolist())
+    if torch.cuda.is_available():   # LoRA dropout on a GPU draws from the CUDA generators
+        state["cuda_rng"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     (folder / "state.json.tmp").write_text(json.dumps(state))
     os.replace(folder / "state.json.tmp", folder / "state.json")
 
@@ -718,6 +734,13 @@ def _load_state(folder, params, optimizer, average=None):
         _assign(average, load_file(folder / "average.safetensors"))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+    cuda_rng = state.pop("cuda_rng", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        if len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda_rng])
+        else:
+            warnings.warn(f"{folder}: a checkpoint of {len(cuda_rng)} GPUs resumed with {torch.cuda.device_count()}; "
+                          f"the CUDA generators start from the seed, so dropout draws differ from an unbroken run")
     return state, best
 
 
@@ -735,11 +758,12 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     on from the last step's weights. `after_epoch(entry)`, when given, runs after each dev scoring with the scored
     weights loaded and may add keys to that epoch's dev entry (benchmarks/reward_epochs.py scores the test split).
 
-    Checkpoints (adapter weights, best weights, optimizer, torch RNG, logs) go into `checkpoint_dir` at every
-    epoch end and every `checkpoint_every` steps; a call finds them and continues the same trajectory (batch
-    order comes from (seed, epoch)), or, when training had finished, just loads the result. `stop_after` ends
-    after that many steps with a checkpoint (simulates an interruption). Returns the history dict: "loss"
-    [[step, loss]], "dev" [{"epoch", "step", "macro_f1", "accuracy", "halluc_f1"}], "best_epoch", "stopped_early", "done"."""
+    Checkpoints (adapter weights, best weights, optimizer, torch RNG and the CUDA RNGs where there is CUDA, logs)
+    go into `checkpoint_dir` at every epoch end and every `checkpoint_every` steps; a call finds them and continues the
+    same trajectory (batch order comes from (seed, epoch)), or, when training had finished, just loads the result.
+    `stop_after` ends after that many steps with a checkpoint (simulates an interruption). Returns the history
+    dict: "loss" [[step, loss]], "dev" [{"epoch", "step", "macro_f1", "accuracy", "halluc_f1"}], "best_epoch",
+    "stopped_early", "done"."""
     model, type_index = rm.model, label_index(fact_type)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -754,7 +778,7 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     best = None
     average = {n: p.detach().clone() for n, p in params.items()} if ema_decay else None
     torch.manual_seed(seed)
-    if (checkpoint_dir / "state.json").is_file():
+    if (checkpoint_dir / "state.json").is_file():   # after manual_seed: the checkpoint's RNG states win
         state, best = _load_state(checkpoint_dir, params, optimizer, average)
     steps_per_epoch = math.ceil(len(train_examples) / batch_size)
     total_steps = epochs * steps_per_epoch
@@ -847,10 +871,12 @@ def learning_rate(lr, schedule, step, total_steps):
 
 
 def _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, state, best, epoch, epochs, patience):
-    """Dev macro-F1 against the AI labels; keep the best weights; decide whether training is done."""
+    """Dev macro-F1 against the AI labels (of the sub-sentences that have one); keep the best weights; decide
+    whether training is done."""
     predicted, _ = rm.predict(dev_examples, pixels, eval_batch_size, types=[fact_type])
-    reference = np.array([c[label_index(fact_type)] for e in dev_examples for c in e["classes"]]) - 1
-    metrics = label_metrics(predicted[:, 0], reference)
+    reference = ai_labels(dev_examples)[:, label_index(fact_type)]
+    labelled = reference != IGNORE
+    metrics = label_metrics(predicted[labelled, 0], reference[labelled])
     f1 = metrics["macro_f1"] or 0.0
     # halluc_f1 is recorded, not used: it shows how far the selection rule (macro-F1) and the class PPO rewards part
     state["dev"].append({"epoch": epoch + 1, "step": state["step"], "macro_f1": f1, "accuracy": metrics["accuracy"],

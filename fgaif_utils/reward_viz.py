@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from fgaif_utils import report
 
 LABELS = (-1, 0, 1)
-LABEL_NAMES = {-1: "n/a", 0: "correct", 1: "halluc."}
+LABEL_NAMES = {-1: "n/a", 0: "correct", 1: "halluc.", None: "no label"}
 SOURCE_NAMES = {"ai": "AI labels", "gt": "ground truth"}
 TYPE_LETTERS = {"object": "O", "attribute": "A", "relation": "R"}
 
@@ -137,7 +137,7 @@ def _badge(fact_type, predicted, prob, ai, gt):
     text = f"{TYPE_LETTERS.get(fact_type, fact_type)} {LABEL_NAMES[predicted]} p={prob:.2f} · AI {LABEL_NAMES[ai]}"
     if gt is not None:
         text += f" · truth {LABEL_NAMES[gt]}"
-    wrong = " wrong" if predicted != reference else ""
+    wrong = " wrong" if reference is not None and predicted != reference else ""
     return f'<span class="badge l{predicted}{wrong}" title="{html.escape(fact_type)}">{html.escape(text)}</span>'
 
 

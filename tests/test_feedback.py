@@ -270,3 +270,118 @@ def test_hf_verifier_generates_each_distinct_image_question_pair_once(monkeypatc
     assert answers == ["is there a star ? @ 1", "is there a star ? @ 2", "is the star red ? @ 1",
                        "is there a star ? @ 1", "is there a star ? @ 2"]
     assert asked == [(1, "is there a star ?"), (2, "is there a star ?"), (1, "is the star red ?")]
+
+
+class FlakyVerifier:
+    """Says yes to everything, except that its calls about the questions in `fail` fail (None) the first time."""
+    def __init__(self, fail):
+        self.fail, self.asked = set(fail), []
+
+    def answer(self, images, questions):
+        self.asked += list(questions)
+        answers = [None if q in self.fail else "yes" for q in questions]
+        self.fail -= set(questions)
+        return answers
+
+
+def _object_rows(subjects):
+    facts = [{"type": "object", "subject": s, "negated": False} for s in subjects]
+    return [{"fact_id": f"7-0-{i}-0", "response_id": "7-0", "image_id": 7, "subsentence": i, "fact": f,
+             "question": language.question_for_fact(f)} for i, f in enumerate(facts)]
+
+
+def test_a_failed_verifier_call_is_not_cached_and_a_rerun_asks_it_again(tmp_path):
+    rows = _object_rows(["heart", "ring"])
+    load_image = lambda image_id: np.zeros((8, 8, 3), np.uint8)
+    verifier = FlakyVerifier([rows[1]["question"]])
+    first = feedback.verify_facts([dict(r) for r in rows], verifier, load_image,
+                                  feedback.AnswerCache(tmp_path / "a.jsonl", ["v"]))
+    assert [r["answer"] for r in first] == ["yes", None] and [r["verdict"] for r in first] == [True, None]
+    assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 1      # only the answer is stored
+    record = _two_subsentence_record()
+    [labelled] = feedback.label_records([record], first)
+    assert [s["labels"] for s in labelled["subsentences"]] == [[0, -1, -1], [None, None, None]]
+    assert labelled["subsentences"][1]["label_error"] == "the verifier call failed for facts ['7-0-1-0']"
+    assert "label_error" not in labelled["subsentences"][0]
+    summary = feedback.label_summary([labelled], first, [[{"status": "ok"}, {"status": "ok"}]])
+    assert summary["verification_failed"] == 1 and summary["unlabelled"] == 1
+    assert summary["warnings"][0].startswith("1 of 2 sub-sentences carry no label")
+    second = feedback.verify_facts([dict(r) for r in rows], verifier, load_image,
+                                   feedback.AnswerCache(tmp_path / "a.jsonl", ["v"]))
+    assert verifier.asked == [rows[0]["question"], rows[1]["question"], rows[1]["question"]]
+    assert [r["answer"] for r in second] == ["yes", "yes"]
+    assert [s["labels"] for s in feedback.label_records([record], second)[0]["subsentences"]] == [[0, -1, -1]] * 2
+
+
+class FlakyExtractor:
+    """The rules extractor, except that it fails for sub-sentences holding `failing` (as an LLM backend does)."""
+    def __init__(self, failing):
+        self.failing = failing
+
+    def extract_many(self, items):
+        from fgaif_utils import llm
+        results = llm.RulesFactExtractor().extract_many(items)
+        for result, (subsentence, _) in zip(results, items):
+            if self.failing in subsentence:
+                result.update(facts=[], status="failed", error="HTTP 503 after 6 attempts")
+        return results
+
+
+def _responses(tokenizer, texts):
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
+    return [feedback.response_record(SCENE, i, tokenizer(t, add_special_tokens=False).input_ids, t, decode)
+            for i, t in enumerate(texts)]
+
+
+def test_a_failed_extraction_leaves_its_sub_sentence_unlabelled(tokenizer, tmp_path):
+    records = _responses(tokenizer, ["there is a red heart . there is a ring .", "there is a blue star ."])
+    F = params.FeedbackParams(max_failed_fraction=0.5)
+    rows, extraction = feedback.judge_responses(records, FlakyExtractor("ring"), AnswerKey([]),
+                                                feedback.AnswerCache(tmp_path / "a.jsonl", ["k"]),
+                                                lambda i: np.zeros((8, 8, 3), np.uint8), F)
+    labelled = feedback.label_records(records, rows, extraction=extraction)
+    assert [s["labels"] for r in labelled for s in r["subsentences"]] == [[1, 1, -1], [None, None, None], [1, 1, -1]]
+    assert labelled[0]["subsentences"][1]["label_error"] == "fact extraction failed: HTTP 503 after 6 attempts"
+    assert feedback.label_summary(labelled, rows, extraction)["extraction_failed"] == 1
+
+
+def test_stage_03_stops_above_the_failed_share_after_caching_every_answer(tokenizer, tmp_path):
+    records = _responses(tokenizer, ["there is a red heart . there is a ring .", "there is a blue star .",
+                                     "there is a green ring ."])
+    load_image = lambda i: np.zeros((8, 8, 3), np.uint8)
+    verifier = CountingVerifier()
+    with pytest.raises(RuntimeError) as error:       # 2 of 4 sub-sentences failed: 50% > 25%
+        feedback.judge_responses(records, FlakyExtractor("ring"), verifier,
+                                 feedback.AnswerCache(tmp_path / "a.jsonl", ["k"]), load_image,
+                                 params.FeedbackParams(max_failed_fraction=0.25))
+    message = str(error.value)
+    assert message.startswith("2 of 4 sub-sentences (50.0%) could not be labelled, more than "
+                              "feedback.max_failed_fraction = 0.25")
+    assert "response '7-0' sub-sentence 1: fact extraction failed: HTTP 503" in message and "'7-2'" in message
+    assert len(verifier.asked) == 4                                # every fact that could be asked was, and kept
+    again = CountingVerifier()
+    rows, _ = feedback.judge_responses(records, FlakyExtractor("nothing fails"), again,
+                                       feedback.AnswerCache(tmp_path / "a.jsonl", ["k"]), load_image,
+                                       params.FeedbackParams(max_failed_fraction=0.25))
+    assert len(again.asked) == 2 and all("ring" in q for q in again.asked)   # only the failures' facts are new
+    assert len(rows) == 7
+    feedback.judge_responses(records, FlakyExtractor("ring"), CountingVerifier(),    # at the share: no error
+                             feedback.AnswerCache(tmp_path / "a.jsonl", ["k"]), load_image,
+                             params.FeedbackParams(max_failed_fraction=0.5))
+
+
+def test_the_hf_verifier_answer_cache_id_holds_how_it_is_loaded_and_prompted(tokenizer):
+    import inspect
+    from fgaif_utils import tiny_train
+    processor = models.build_tiny_processor(tokenizer, 32, 8)
+    m = params.ModelParams()
+    base = feedback.hf_verifier_id("models/verifier_lvlm", "h", m, processor)
+    assert base == feedback.hf_verifier_id("models/verifier_lvlm", "h", m, processor)
+    ids = [feedback.hf_verifier_id("models/verifier_lvlm", "h", params.ModelParams(dtype="bfloat16"), processor),
+           feedback.hf_verifier_id("models/verifier_lvlm", "h", params.ModelParams(load_in_4bit=True), processor)]
+    other_template = models.build_tiny_processor(tokenizer, 32, 8)
+    other_template.chat_template = other_template.chat_template.replace("USER", "HUMAN")
+    ids.append(feedback.hf_verifier_id("models/verifier_lvlm", "h", m, other_template))
+    assert all(other != base for other in ids) and len({str(i) for i in ids}) == 3
+    # the answer length in the id is the one tiny_train.answer_questions generates
+    assert f"max_new_tokens={feedback.HF_VERIFIER_MAX_NEW_TOKENS})" in inspect.getsource(tiny_train.answer_questions)

@@ -75,6 +75,9 @@ def test_check_llm_fact_accepts_free_text_and_normalises():
     ({"type": "object", "subject": "dog", "negated": "false"}, "boolean 'negated'"),
     ({"type": "object", "subject": "  ", "negated": False}, "non-empty string 'subject'"),
     ({"type": "attribute", "subject": "dog", "kind": "shape", "value": "round"}, "'kind' in"),
+    ({"type": "attribute", "subject": "dog", "kind": ["colour"], "value": "brown"}, "string 'kind'"),
+    ({"type": "attribute", "subject": "dog", "kind": {"colour": "brown"}, "value": "brown"}, "string 'kind'"),
+    ({"type": "object", "subject": ["dog"], "negated": False}, "non-empty string 'subject'"),
     ({"type": "attribute", "subject": "dog", "kind": "colour", "value": 3}, "non-empty string 'value'"),
     ({"type": "relation", "subject": "dog", "relation": "on"}, "non-empty string 'object'"),
     ({"type": "colour", "subject": "dog"}, "fact type must be one of"),
@@ -95,6 +98,13 @@ def test_parse_facts_answer():
     assert "empty" in llm.parse_facts_answer(None)[1]
     assert '"facts" list' in llm.parse_facts_answer("[]")[1]
     assert "invalid fact" in llm.parse_facts_answer('{"facts": [{"type": "object"}]}')[1]
+    # a list or object where a string belongs is an unusable answer (repaired, else failed), never a TypeError
+    for kind in ('["colour"]', '{"colour": "brown"}'):
+        answer = '{"facts": [{"type": "attribute", "subject": "dog", "kind": %s, "value": "brown"}]}' % kind
+        assert "string 'kind'" in llm.parse_facts_answer(answer)[1]
+    number_subject = '{"facts": [{"type": "object", "subject": 3, "negated": true}]}'
+    assert "string 'subject'" in llm.parse_facts_answer(number_subject)[1]
+    assert '"facts" list' in llm.parse_facts_answer('{"facts": {"type": "object", "subject": "dog"}}')[1]
 
 
 @pytest.mark.parametrize("text, answer", [
@@ -277,6 +287,17 @@ def test_invalid_fact_list_is_repaired(stub, tmp_path):
     assert "boolean 'negated'" in stub.requests[1]["body"]["messages"][-1]["content"]
 
 
+def test_a_list_kind_is_repaired_and_twice_fails_without_aborting_the_other_items(stub, tmp_path):
+    list_kind = Reply(content='{"facts": [{"type": "attribute", "subject": "heart", "kind": ["colour"], '
+                              '"value": "red"}]}')
+    stub.script.append(list_kind)
+    [result] = extractor(stub, tmp_path / "a").extract_many(ITEMS[:1])
+    assert result["status"] == "ok" and "string 'kind'" in stub.requests[1]["body"]["messages"][-1]["content"]
+    stub.script.extend([list_kind, list_kind])
+    results = extractor(stub, tmp_path / "b", concurrency=1).extract_many(ITEMS[:2])
+    assert [r["status"] for r in results] == ["failed", "ok"] and "string 'kind'" in results[0]["error"]
+
+
 def test_malformed_twice_fails_and_is_counted(stub, tmp_path):
     stub.script.extend([Reply(content="not json"), Reply(content='{"facts": "none"}')])
     backend = extractor(stub, tmp_path, concurrency=1)
@@ -390,16 +411,39 @@ def test_vision_answers_images_and_cache(tmp_path):
         assert len(stub.requests) == 4
 
 
-def test_vision_failure_is_unknown_and_counted(tmp_path):
+def test_vision_failure_is_none_counted_and_asked_again(tmp_path):
     image = np.zeros((4, 4, 3), np.uint8)
     with StubServer(default=lambda body: Reply(status=503)) as stub:
         backend = verifier(stub, tmp_path)
-        assert backend.answer([image], ["is there a heart ?"]) == ["unknown"]
-        assert backend.usage["failures"] == 1 and backend.usage["unknown"] == 1 and backend.usage["calls"] == 2
+        assert backend.answer([image], ["is there a heart ?"]) == [None]   # not an answer: never "unknown"
+        assert backend.usage["failures"] == 1 and backend.usage["unknown"] == 0 and backend.usage["calls"] == 2
         assert "HTTP 503" in backend.errors[0]
         assert cache_files(tmp_path) == []
         stub.default = vision_answer
         assert verifier(stub, tmp_path).answer([image], ["is there a heart ?"]) == ["yes"]
+
+
+def test_vision_cache_key_holds_the_whole_request(tmp_path, monkeypatch):
+    image = np.zeros((4, 4, 3), np.uint8)
+    question = ["is there a heart ?"]
+    with StubServer(default=vision_answer) as stub, StubServer(default=vision_answer) as other_server:
+        verifier(stub, tmp_path).answer([image], question)
+        verifier(stub, tmp_path).answer([image], question)
+        assert len(stub.requests) == 1 and stub.requests[0]["body"]["max_tokens"] == 10
+        verifier(stub, tmp_path, max_tokens=3).answer([image], question)
+        assert len(stub.requests) == 2 and stub.requests[1]["body"]["max_tokens"] == 3
+        verifier(stub, tmp_path, temperature=0.5).answer([image], question)
+        assert len(stub.requests) == 3
+        verifier(other_server, tmp_path).answer([image], question)      # another server: maybe another model
+        assert len(other_server.requests) == 1
+        monkeypatch.setattr(llm, "YES_NO_INSTRUCTION", " Answer with yes or no.")   # the same text: still cached
+        verifier(stub, tmp_path).answer([image], question)
+        assert len(stub.requests) == 3
+        monkeypatch.setattr(llm, "YES_NO_INSTRUCTION", " Answer yes or no.")
+        stub.default = lambda body: Reply(content="yes")
+        verifier(stub, tmp_path).answer([image], question)
+        assert len(stub.requests) == 4 and stub.requests[3]["body"]["messages"][0]["content"][0]["text"] == \
+            "is there a heart ? Answer yes or no."
 
 
 def test_vision_rejects_bad_input(stub, tmp_path):

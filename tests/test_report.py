@@ -230,3 +230,18 @@ def test_small_images_embed_as_lossless_png_and_large_ones_as_jpeg_thumbnails():
     thumbnail = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
     assert thumbnail.shape == (THUMBNAIL_SIDE * 3 // 4, THUMBNAIL_SIDE, 3)
     assert abs(int(thumbnail[100, 40, 0]) - 200) < 8 and thumbnail[100, 280].max() < 8
+
+
+def test_unlabelled_sub_sentences_are_shown_and_left_out_of_the_agreement():
+    """A failure leaves a sub-sentence with labels [None] * 3 (feedback.label_records): the report shows it as
+    "no label", the agreement and the distribution leave it out, the reward models' page does not mark it wrong."""
+    from fgaif_utils import reward_viz
+    failed = dict(subsentence(None, [None, None, None]), label_error="fact extraction failed: bad JSON")
+    records = [record("7-0", [subsentence([1, -1, -1], [1, -1, -1]), failed])]
+    assert label_agreement(records)["object"]["n_truth"] == 1
+    assert label_distribution(records)["object"]["ai"] == {-1: 0, 0: 0, 1: 1}
+    page = labels_report_html(records, [])
+    assert "no label" in page
+    scores = [{"labels": np.array([[1, -1, -1], [1, -1, -1]]), "probs": np.full((2, 3, 3), 1 / 3)}]
+    scored = reward_viz.scored_examples_html(records, scores, ["object", "attribute", "relation"])
+    assert "AI no label" in scored and scored.count(" wrong") == 0

@@ -246,14 +246,18 @@ def test_the_dev_history_holds_what_the_kept_weights_score_and_the_plot_draws_it
     rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["object"])
     records = _records(processor, 8, seed=3)
     records[6]["subsentences"][0]["labels"][0], records[7]["subsentences"][0]["labels"][0] = 1, 0   # a dev reference with both classes
+    for record in (records[0], records[7]):          # stage 03 could not judge these: no target, no reference
+        record["subsentences"][-1]["labels"] = [None, None, None]
     train, dev = rm.examples(records[:6]), rm.examples(records[6:])
     images = _images(4)
     pixels = lambda ids: reward.pixel_values(processor, [images[i] for i in ids])
     history = reward.train_type(rm, "object", train, dev, pixels, lr=3e-2, batch_size=2, epochs=1, patience=5,
                                 seed=0, checkpoint_dir=tmp_path / "ck")
     predicted, _ = rm.predict(dev, pixels, types=["object"])   # one epoch: the kept weights are that epoch's
-    reference = np.array([c[0] for e in dev for c in e["classes"]]) - 1
-    expected = reward.label_metrics(predicted[:, 0], reference)
+    reference = np.array([c[0] for e in dev for c in e["classes"]])
+    labelled = reference != reward.IGNORE
+    assert (~labelled).sum() == 1
+    expected = reward.label_metrics(predicted[labelled, 0], reference[labelled] - 1)
     assert expected["f1"] is not None
     (entry,) = history["dev"]
     assert entry["halluc_f1"] == pytest.approx(expected["f1"]) and entry["macro_f1"] == pytest.approx(expected["macro_f1"])
@@ -283,6 +287,20 @@ def test_a_resumed_training_run_continues_the_same_trajectory(tiny, tmp_path):
     assert log_again["loss"] == log_straight["loss"]
     for (name, a), (_, b) in zip(straight.model.named_parameters(), again.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_keeps_the_cuda_generators_where_there_is_cuda(tmp_path, monkeypatch):
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: set_to.append([s.tolist() for s in states]))
+    weights = {"w": torch.nn.Parameter(torch.zeros(2))}
+    optimizer = torch.optim.Adam(list(weights.values()))
+    reward._save_state(tmp_path, weights, None, optimizer, {"step": 3})
+    state, _ = reward._load_state(tmp_path, weights, optimizer)
+    assert set_to == [[[1, 2], [3, 4]]] and state == {"step": 3}
 
 
 def test_linear_learning_rate_by_hand_and_a_resumed_run_keeps_the_schedule(tiny, tmp_path):
@@ -437,6 +455,24 @@ def test_word_swap_probe_picks_truth_correct_sub_sentences_and_scores_them_alone
     assert table[2].endswith(f"{rows[0]['attribute']['p_swapped']:.3f} | {rows[0]['attribute']['rises']:.2f} |")
 
 
+def test_word_swap_probe_scores_a_claim_word_head_as_scoring_does(tiny):
+    processor, folder = tiny
+    tok = processor.tokenizer
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4,
+                                    claim_words={"relation": [["left"], ["right"], ["above"], ["below", "under"]]})
+    _randomise(rm, seed=6)
+    tokens = tok("the small heart is left of the star .", add_special_tokens=False)["input_ids"]
+    records = [{"response_id": "0", "image_id": 0, "token_ids": tokens,
+                "subsentences": [{"last_token": len(tokens) - 1, "labels": [0, 0, 0], "gt_labels": [0, 0, 0]}]}]
+    images = _images(1, seed=4)
+    swaps = feedback.word_swaps(tok, {"small": ["small"], "large": ["large"]})
+    [row] = reward.word_swap_probe(rm, records, reward.FeatureCache(rm, processor, lambda i: images[i]), swaps)
+    swapped = [swaps[t][1] if t in swaps else t for t in tokens]
+    direct = rm.score([images[0]] * 2, [tokens, swapped], [[len(tokens) - 1]] * 2)
+    assert row["relation"]["p_written"] == pytest.approx(direct[0]["probs"][0, 2, 2], abs=1e-6)
+    assert row["relation"]["p_swapped"] == pytest.approx(direct[1]["probs"][0, 2, 2], abs=1e-6)
+
+
 def test_value_model_starts_from_the_object_adapter(tiny, tmp_path):
     processor, folder = tiny
     rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8)
@@ -521,6 +557,28 @@ def test_evaluate_reads_each_type_from_its_own_label_column():
     predicted = np.array([[1]])                                         # a relation-only model says hallucinated
     result = reward.evaluate(predicted, examples, ["relation"])
     assert result["relation"]["ai"]["f1"] == 1.0 and result["relation"]["gt"]["f1"] == 1.0
+
+
+def test_a_sub_sentence_without_a_label_is_no_target_and_no_reference():
+    # stage 03 gives null labels to a sub-sentence whose fact extraction or verifier call failed
+    record = {"response_id": "r", "image_id": 0, "token_ids": [5, 6, 7],
+              "subsentences": [{"last_token": 0, "labels": [1, 0, -1], "gt_labels": [1, 0, -1]},
+                               {"last_token": 2, "labels": [None, None, None], "gt_labels": [0, -1, -1]}]}
+    [example] = reward.examples_from_records([record], [1, 2], 3)
+    assert example["classes"] == [[2, 1, 0], [reward.IGNORE] * 3]
+    labels = reward.collate([example], 0, type_index=0)["labels"][0]
+    assert labels[example["positions"]].tolist() == [2, reward.IGNORE]
+    assert reward.balanced_class_weights([example], "object", cap=5.0).tolist() == pytest.approx([5.0, 5.0, 1 / 3])
+    result = reward.evaluate(np.array([[1], [1]]), [example], ["object"])
+    assert result["object"]["ai"]["n"] == 1 and result["object"]["ai"]["accuracy"] == 1.0   # the null one left out
+    assert result["object"]["baseline_ai"]["n_applicable"] == 1
+    assert result["object"]["gt"]["n"] == 2                             # the truth of its facts is still known
+    assert reward.holistic_records([record])[0]["subsentences"][1]["labels"] == [None]
+    [holistic] = reward.examples_from_records(reward.holistic_records([record]), [1, 2], 3, n_types=1)
+    assert holistic["classes"] == [[2], [reward.IGNORE]]
+    with pytest.raises(ValueError, match=r"record 'r', sub-sentence 1: labels must be 3 values in \(-1, 0, 1\) or null"):
+        reward.examples_from_records([{**record, "subsentences": [record["subsentences"][0],
+                                                                   {"last_token": 2, "labels": [2, 0, 0]}]}], [1, 2], 3)
 
 
 def _with_all_twins(examples, twin_class):
