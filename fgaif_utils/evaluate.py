@@ -660,20 +660,24 @@ def records_of_policy(cache_folder, name, evaluate_fn):
     return records, False
 
 
-def policy_sources(own_adapter, compare_runs, final_dir):
+def policy_sources(own_adapter, compare_runs, final_dir, problem=None):
     """{label: adapter folder or None}: "base" (no adapter), "fgaif" (this run's adapter) and each compare run
-    (its 05_ppo/policy_adapter, labelled by the run name), plus notes for the ones that are missing.
+    (its 05_ppo/policy_adapter, labelled by the run name), plus notes for the ones left out: missing, or what
+    `problem(run)` says is wrong with it (stage.compare_run_problem: stale, or another base policy).
     final_dir(run, stage) locates a stage's outputs (stage.final_dir)."""
     sources, notes = {"base": None}, []
     candidates = [("fgaif", Path(own_adapter))] + [(run, Path(final_dir(run, "05_ppo")) / "policy_adapter")
                                                    for run in compare_runs]
     for label, folder in candidates:
+        why = problem(label) if problem is not None and label != "fgaif" else None
         if label in sources:
             notes.append(f"{label}: the label is taken, skipped")
-        elif (folder / "adapter_config.json").is_file():
-            sources[label] = folder
-        else:
+        elif not (folder / "adapter_config.json").is_file():
             notes.append(f"{label}: no policy adapter at {folder}, skipped")
+        elif why:
+            notes.append(f"{label}: {why}; skipped")
+        else:
+            sources[label] = folder
     return sources, notes
 
 

@@ -19,6 +19,7 @@ The launchers stay torchrun / accelerate (no `deepspeed` launcher needed: the pr
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +29,20 @@ class LaunchError(RuntimeError):
     """The multi-process job failed; the message holds the end of its log."""
 
 
+def free_port():
+    """A TCP port no process on this host listens on now (the OS picks it), for the ranks' rendezvous: a fixed one
+    fails when two jobs share a host or a dead job's rank still holds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def command(launcher, nproc, params_path, run, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir,
-            master_port=29531):
-    """The argv that starts `nproc` ranks of the stage-05 job (one GPU a rank where there are GPUs)."""
+            master_port=None):
+    """The argv that starts `nproc` ranks of the stage-05 job (one GPU a rank where there are GPUs), meeting on
+    `master_port` (None: a free one)."""
     import torch
+    master_port = master_port or free_port()
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ValueError(f"{params_path}: key 'ppo.nproc' is {nproc}, but this machine has "
                          f"{torch.cuda.device_count()} CUDA device(s) and each rank takes one: set ppo.nproc to at "

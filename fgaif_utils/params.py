@@ -649,10 +649,36 @@ def _check_across_keys(params, source):
                             "ppo.rollout_engine 'auto' or 'generate' (the static-cache engines read whole weights)")):
             if clash:
                 raise ParamsError(f"{source}: key 'ppo.deepspeed' ({ppo.deepspeed!r}) needs {why}")
+    if ppo.launcher != "none" and ppo.minibatch_size % ppo.nproc:
+        raise ParamsError(f"{source}: key 'ppo.minibatch_size' ({ppo.minibatch_size}) must be a multiple of "
+                          f"'ppo.nproc' ({ppo.nproc}): each rank takes an equal share of every minibatch")
+    _check_models_exist(params, source)
     prompt_images = ppo.rollout_batch // ppo.samples_per_image
     if prompt_images > params.data.n_ppo:
         raise ParamsError(f"{source}: key 'ppo.rollout_batch' asks for {prompt_images} distinct prompt images per "
                           f"iteration, more than the {params.data.n_ppo} of 'data.n_ppo'")
+
+
+def _check_models_exist(params, source):
+    """Models that only stage 01 of the synthetic world trains must be trained there: a run that names one
+    otherwise fails stages later, after the GPU work of the stages before."""
+    models_, feedback = params.models, params.feedback
+    needs = [("models.policy", models_.policy == "tiny", "data.world 'synthetic'", params.data.world == "synthetic"),
+             ("feedback.verifier", feedback.verifier == "detector", "data.world 'synthetic'",
+              params.data.world == "synthetic"),
+             ("reward.backbone", params.reward.backbone in ("pretrained", "verifier_lvlm"), "data.world 'synthetic'",
+              params.data.world == "synthetic"),
+             ("reward.backbone", params.reward.backbone == "verifier_lvlm", "models.train_lvlm_verifier: true",
+              models_.train_lvlm_verifier),
+             ("feedback.verifier", feedback.verifier == "hf" and models_.verifier == "tiny",
+              "models.train_lvlm_verifier: true (models.verifier 'tiny' is stage 01's LVLM verifier)",
+              models_.train_lvlm_verifier),
+             ("feedback.question_suffix", feedback.verifier == "detector" and bool(feedback.question_suffix),
+              "an empty suffix with the detector verifier (it reads only the world's own questions)", False)]
+    for key, chosen, requirement, met in needs:
+        if chosen and not met:
+            value = getattr(params, key.split(".")[0]).__dict__[key.split(".")[1]]
+            raise ParamsError(f"{source}: key '{key}' ({value!r}) needs {requirement}")
 
 
 def _check_paths(params, source):

@@ -95,6 +95,11 @@ def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
             return fail(f"stage {name} is reused from run '{source}' (params key 'reuse_run'), which has "
                         f"not run it: run `python -m fgaif_utils.pipeline PARAMS.yaml --run {source} "
                         f"--stages {name[:2]}` first")
+        changed = S.stale_inputs(source, name)
+        if changed:
+            return fail(f"stage {name} is reused from run '{source}', whose {name} is stale ({', '.join(changed)} "
+                        f"changed since it ran): run `python -m fgaif_utils.pipeline <the params file of run "
+                        f"'{source}'> --stages {name[:2]}` again first")
         S.record_reuse(run, name, source)
         result.update(status="reused", rows=manifest.get("rows", {}), wall_s=round(time.monotonic() - t0, 2))
         print(f"{name}: reused from run '{source}'", flush=True)

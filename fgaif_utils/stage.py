@@ -54,6 +54,7 @@ REWARD_MODULES = FEEDBACK_MODULES + ("reward", "reward_viz")
 PPO_MODULES = REWARD_MODULES + ("ppo", "launch")
 EVALUATE_MODULES = PPO_MODULES + ("evaluate", "coco_synonyms")
 ALL_MODULES = ("*",)
+BASE_STAGE, POLICY_STAGE, COMPARING_STAGE = "01_base_models", "05_ppo", "06_evaluate"
 LATER = ("seed", "num_threads", "data", "models")
 
 # Explicit module lists (not "*"): a new module for a later stage must not invalidate the earlier ones.
@@ -235,7 +236,9 @@ def upstream_hashes(stage, run, params_path=None, params_run=None, params=None):
 
 
 def fingerprint(params, stage, run=None, params_path=None, notebooks=None):
-    """sha256 over the stage's params sections, notebook source, module sources and upstream artifacts."""
+    """sha256 over the stage's params sections, notebook source, module sources and upstream artifacts; for stage
+    05 also the validation batch size and the DeepSpeed config file's contents, for stage 06 the artifacts of the
+    compare runs' stage 05 (their policies are evaluated too)."""
     spec = stage_spec(stage)
     run = run or params.run
     notebook = Path(notebooks or notebooks_dir()) / f"{spec.name}.ipynb"
@@ -245,7 +248,53 @@ def fingerprint(params, stage, run=None, params_path=None, notebooks=None):
         "modules": module_sources(spec.modules),
         "inputs": upstream_hashes(spec.name, run, params_path, params.run, params),
     }
+    if spec.name == POLICY_STAGE:   # what stage 05 reads besides its sections
+        parts["also"] = {"evaluate.batch_size": params.evaluate.batch_size,   # its validation batches
+                         "deepspeed": P.deepspeed_config(params.ppo.deepspeed) if params.ppo.deepspeed else None}
+    if spec.name == COMPARING_STAGE:
+        parts["compare"] = {other: (read_manifest(final_dir(other, POLICY_STAGE)) or {}).get("artifacts_hash")
+                            for other in params.evaluate.compare_runs}
     return sha256_text(canonical_json(parts))
+
+
+def source_run(run, stage):
+    """The run whose outputs hold `stage` as `run` sees it: `run` itself, or where its reuse pointers lead; None
+    when neither has it."""
+    name, seen = stage_spec(stage).name, set()
+    while read_manifest(final_dir(run, name)) is None:
+        if run in seen or not reuse_pointer(run, name).is_file():
+            return None
+        seen.add(run)
+        run = check_run_name(reuse_pointer(run, name).read_text().strip())
+    return run
+
+
+def stale_inputs(run, stage):
+    """The upstream stages whose artifacts changed since `stage` of `run` (its own outputs) was made: those whose
+    hash in its manifest's inputs differs from what `run` reads now. An upstream stage that cannot be found is not
+    counted (nothing to compare with)."""
+    manifest = read_manifest(final_dir(run, stage))
+    stale = []
+    for name, recorded in (manifest or {}).get("inputs", {}).items():
+        source = source_run(run, name)
+        if source is not None and read_manifest(final_dir(source, name))["artifacts_hash"] != recorded:
+            stale.append(name)
+    return stale
+
+
+def compare_run_problem(run, inputs):
+    """Why the policy of compare run `run` cannot stand beside a stage 06 whose upstream artifacts are `inputs`,
+    or None: its stage 05 was made from upstream artifacts that changed since, or on another base policy."""
+    manifest = read_manifest(final_dir(run, POLICY_STAGE))
+    if manifest is None:
+        return None     # no policy to compare: evaluate.policy_sources notes that
+    stale = stale_inputs(run, POLICY_STAGE)
+    if stale:
+        return (f"its stage {POLICY_STAGE} is stale ({', '.join(stale)} changed since it ran): run it again with "
+                f"its params file")
+    if manifest["inputs"].get(BASE_STAGE) != inputs.get(BASE_STAGE):
+        return f"it trained another base policy ({BASE_STAGE} differs from this run's)"
+    return None
 
 
 def artifact_hashes(folder, skip=()):

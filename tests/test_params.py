@@ -120,7 +120,7 @@ def test_missing_local_model_folder(tmp_path):
 
 
 def test_missing_coco_root(tmp_path):
-    path = write(tmp_path, "bad.yaml", f"data:\n  world: coco\n  coco_root: {tmp_path / 'coco'}\n")
+    path = write(tmp_path, "bad.yaml", COCO.replace("coco_root: /x", f"coco_root: {tmp_path / 'coco'}"))
     with pytest.raises(P.ParamsError, match=r"'data.coco_root'.*not a folder"):
         P.load(path)
 
@@ -217,6 +217,36 @@ def test_rollout_batch_fits_the_prompt_images_and_the_ranks(tmp_path):
         P.load(ranks)
     in_kernel = write(tmp_path, "kernel.yaml", "ppo:\n  rollout_batch: 64\n  nproc: 3\n")   # launcher none: one process
     assert P.load(in_kernel).ppo.nproc == 3
+    minibatch = write(tmp_path, "minibatch.yaml", "ppo:\n  rollout_batch: 64\n  minibatch_size: 6\n  launcher: torchrun\n"
+                                                  "  nproc: 4\n")
+    with pytest.raises(P.ParamsError, match=r"minibatch\.yaml: key 'ppo\.minibatch_size' \(6\) must be a multiple of "
+                                           r"'ppo\.nproc' \(4\)"):
+        P.load(minibatch)
+
+
+COCO = "data:\n  world: coco\n  coco_root: /x\nmodels:\n  policy: llava-hf/llava-1.5-7b-hf\n  verifier: v\n" \
+       "feedback:\n  verifier: hf\nreward:\n  backbone: llava-hf/llava-1.5-13b-hf\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (COCO.replace("policy: llava-hf/llava-1.5-7b-hf", "policy: tiny"),
+     "key 'models.policy' ('tiny') needs data.world 'synthetic'"),
+    (COCO.replace("verifier: hf", "verifier: detector"), "key 'feedback.verifier' ('detector') needs data.world"),
+    (COCO.replace("backbone: llava-hf/llava-1.5-13b-hf", "backbone: pretrained"),
+     "key 'reward.backbone' ('pretrained') needs data.world 'synthetic'"),
+    ("models:\n  train_lvlm_verifier: false\nreward:\n  backbone: verifier_lvlm\n",
+     "key 'reward.backbone' ('verifier_lvlm') needs models.train_lvlm_verifier: true"),
+    ("models:\n  train_lvlm_verifier: false\nfeedback:\n  verifier: hf\n",
+     "key 'feedback.verifier' ('hf') needs models.train_lvlm_verifier: true"),
+    ("feedback:\n  question_suffix: ' Answer yes or no.'\n", "key 'feedback.question_suffix' (' Answer yes or no.') needs"),
+])
+def test_models_only_the_synthetic_world_trains_are_refused_elsewhere(tmp_path, text, message):
+    """Each of these failed only at the stage that loads the model, after the stages before had run."""
+    path = write(tmp_path, "models.yaml", text)
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path, check_paths=False)
+    assert f"{path}: {message}" in str(err.value)
+    assert P.load(write(tmp_path, "fine.yaml", COCO), check_paths=False).data.world == "coco"
 
 
 @pytest.mark.parametrize("text, message", [

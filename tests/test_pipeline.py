@@ -422,3 +422,81 @@ def test_a_run_reuses_stages_of_another_run(ws, tmp_path):
     overlay.write_text(f"extends: {ws.params}\nrun: t2\nreuse_stages: [00_data]\n")
     with pytest.raises(S.StageError, match="reuse_run"):
         pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="00-01")
+
+
+def test_a_reused_stage_that_is_stale_in_its_own_run_is_refused(ws, tmp_path):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+    assert ws.run(stages="00-01") == ["run", "run"]
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(f"extends: {ws.params}\nrun: t2\nreuse_run: t\nreuse_stages: [00_data, 01_base_models]\n")
+    statuses = lambda: [r["status"] for r in pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks,  # noqa: E731
+                                                                   stages="00-01")]
+    assert statuses() == ["reused", "reused"]
+    ws.params.write_text(PARAMS_TEXT.replace("n_eval: 3", "n_eval: 4"))
+    assert ws.run(stages="00") == ["run"]                     # t's 01 was made from the old 00: stale now
+    assert S.stale_inputs("t", "01_base_models") == ["00_data"] and S.stale_inputs("t", "00_data") == []
+    results = pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="00-01")
+    assert [r["status"] for r in results] == ["reused", "fail"]
+    assert "01_base_models is stale (00_data changed" in results[1]["error"]
+    assert ws.run(stages="01") == ["run"]
+    assert statuses() == ["reused", "reused"]
+
+
+def test_stage_06_follows_its_compare_runs_and_leaves_out_stale_ones_and_other_bases(ws):
+    """A compare run's policy is evaluated in stage 06 too: its stage 05's artifacts are in 06's fingerprint, and
+    one made from upstream artifacts that changed since, or on another base policy, is left out with a note."""
+    from fgaif_utils import evaluate
+    names = [spec.name for spec in S.STAGES]
+    upstream = names[:names.index("06_evaluate")]
+
+    def manifest(run, name, artifacts_hash, inputs=None):
+        S.write_text(ws.outputs / run / name / "manifest.json",
+                     json.dumps({"artifacts_hash": artifacts_hash, "inputs": inputs or {}}))
+
+    for name in upstream:
+        manifest("t", name, f"{name}-t")
+    inputs = {name: f"{name}-t" for name in upstream}
+    for name in upstream[:-1]:                                # run c reuses t's 00-04 and trains its own policy
+        S.record_reuse("c", name, "t")
+    ws.notebook("06_evaluate", "pass")
+    ws.params.write_text(PARAMS_TEXT + "evaluate:\n  compare_runs: [c]\n")
+    params = P.load(ws.params)
+    without = S.fingerprint(params, "06_evaluate")
+    made_from_t = {name: f"{name}-t" for name in upstream[:-1]}
+    manifest("c", "05_ppo", "c-1", made_from_t)
+    first = S.fingerprint(params, "06_evaluate")
+    manifest("c", "05_ppo", "c-2", made_from_t)
+    assert len({without, first, S.fingerprint(params, "06_evaluate")}) == 3
+
+    adapter = ws.outputs / "c" / "05_ppo" / "policy_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    sources = lambda: evaluate.policy_sources(ws.final("05_ppo") / "policy_adapter", ["c"], S.final_dir,  # noqa: E731
+                                              lambda run: S.compare_run_problem(run, inputs))
+    assert S.compare_run_problem("c", inputs) is None and "c" in sources()[0]
+    manifest("t", "04_reward_models", "04-retrained")        # t's reward models changed: c's policy is stale
+    assert "stale (04_reward_models changed" in S.compare_run_problem("c", inputs)
+    chosen, notes = sources()
+    assert "c" not in chosen and any(note.startswith("c: its stage 05_ppo is stale") for note in notes)
+    manifest("t", "04_reward_models", "04_reward_models-t")
+    manifest("c", "05_ppo", "c-3", dict(made_from_t, **{"01_base_models": "another-base"}))
+    S.remove_path(ws.outputs / "c" / ".01_base_models.reused")       # c trained its own base policy
+    manifest("c", "01_base_models", "another-base")
+    assert "another base policy" in S.compare_run_problem("c", inputs)
+
+
+def test_stage_05_follows_the_deepspeed_file_and_the_validation_batch_size(ws, tmp_path):
+    names = [spec.name for spec in S.STAGES]
+    for name in names[:names.index("05_ppo")]:
+        S.write_text(ws.outputs / "t" / name / "manifest.json", json.dumps({"artifacts_hash": name, "inputs": {}}))
+    ws.notebook("05_ppo", "pass")
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    text = PARAMS_TEXT + f"ppo:\n  launcher: torchrun\n  nproc: 2\n  deepspeed: {config}\n"
+    ws.params.write_text(text)
+    first = S.fingerprint(P.load(ws.params), "05_ppo")
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}}))   # same path
+    second = S.fingerprint(P.load(ws.params), "05_ppo")
+    ws.params.write_text(text + "evaluate:\n  batch_size: 7\n")
+    assert len({first, second, S.fingerprint(P.load(ws.params), "05_ppo")}) == 3

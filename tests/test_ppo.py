@@ -3,6 +3,7 @@ ablation, the value model's start, stop-and-resume, and 2-process gloo runs (pla
 one process."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -511,6 +512,18 @@ def test_a_rank_crashing_fails_the_job_unless_every_rank_had_finished(tmp_path, 
         assert marker.read_text() == "every rank finished its work\n"
         assert "after every rank had finished its work" in capsys.readouterr().out
         assert (tmp_path / "crash.log").read_text().splitlines()[-1].startswith("WARNING: ")
+
+
+def test_launch_picks_a_free_port_unless_told_one():
+    with socket.socket() as held:            # another job holds the port the launcher once always used
+        try:
+            held.bind(("127.0.0.1", 29531))
+        except OSError:
+            pytest.skip("port 29531 is taken on this machine already")
+        held.listen()
+        argv = launch.command("torchrun", 1, "p.yaml", "r", "d", "m", "w", "o", "c")
+        with socket.socket() as ranks:       # the chosen one is free: the ranks can meet there
+            ranks.bind(("127.0.0.1", int(argv[argv.index("--master_port") + 1])))
 
 
 def test_launch_commands():
