@@ -328,7 +328,8 @@ class OpenAIFactExtractor(ChatBackend):
 
     def extract_one(self, subsentence, response=None):
         messages = fact_messages(subsentence, response)
-        key = request_key({"model": self.model, "messages": messages})
+        key = request_key({"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
+                           "messages": messages})   # what the answer depends on, where it was asked
         cached = self.cache.load(key)
         if cached is not None:
             self._count(cache_hits=1)

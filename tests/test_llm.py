@@ -185,18 +185,30 @@ def test_second_run_is_served_from_cache(stub, tmp_path):
     assert again.estimated_cost_usd() == 0.0
 
 
+def test_the_extractor_cache_is_keyed_by_endpoint_and_temperature(tmp_path):
+    items = ITEMS[:1]
+    with StubServer() as stub, StubServer() as other_server:
+        extractor(stub, tmp_path).extract_many(items)
+        extractor(stub, tmp_path).extract_many(items)
+        assert len(stub.requests) == 1
+        extractor(stub, tmp_path, temperature=0.7).extract_many(items)
+        assert len(stub.requests) == 2
+        extractor(other_server, tmp_path).extract_many(items)         # another server: maybe another model
+        assert len(other_server.requests) == 1
+
+
 def test_run_failing_halfway_resumes_without_repeating(tmp_path):
     n_ok = 4
     with StubServer(default=lambda body: Reply(status=500)) as stub:
         stub.script.extend([rules_answer] * n_ok)
         first = extractor(stub, tmp_path, concurrency=1, max_retries=0).extract_many(ITEMS)
-    assert [r["status"] for r in first] == ["ok"] * n_ok + ["failed"] * (len(ITEMS) - n_ok)
-    assert all("HTTP 500" in r["error"] and r["facts"] == [] for r in first[n_ok:])
-    assert len(cache_files(tmp_path)) == n_ok   # failures are not cached
-    with StubServer() as stub:
+        assert [r["status"] for r in first] == ["ok"] * n_ok + ["failed"] * (len(ITEMS) - n_ok)
+        assert all("HTTP 500" in r["error"] and r["facts"] == [] for r in first[n_ok:])
+        assert len(cache_files(tmp_path)) == n_ok   # failures are not cached
+        stub.default, n_before = rules_answer, len(stub.requests)    # the server is back
         resumed = extractor(stub, tmp_path)
         second = resumed.extract_many(ITEMS)
-        asked = [request["body"]["messages"][-1]["content"] for request in stub.requests]
+        asked = [request["body"]["messages"][-1]["content"] for request in stub.requests[n_before:]]
     assert len(asked) == len(ITEMS) - n_ok
     assert all(any(content.endswith(part) for content in asked) for part in WORLD_SUBSENTENCES[n_ok:])
     assert [r["cached"] for r in second] == [True] * n_ok + [False] * (len(ITEMS) - n_ok)
