@@ -265,6 +265,14 @@ def suppressed_token_ids(processor):
     return sorted(i for i in ids if i is not None and i != tokenizer.eos_token_id)
 
 
+def sampling_args(do_sample, temperature, top_p):
+    """generate()'s sampling keywords: temperature and top-p only. top_k=0, because generate() otherwise keeps only
+    the 50 likeliest tokens (transformers' default), which neither the paper's sampling nor our engines do."""
+    if not do_sample:
+        return dict(do_sample=False)
+    return dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+
+
 @torch.no_grad()
 def generate(model, processor, images, prompts, max_new_tokens=64, do_sample=False, temperature=1.0, top_p=1.0,
              seed=None):
@@ -280,10 +288,9 @@ def generate(model, processor, images, prompts, max_new_tokens=64, do_sample=Fal
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     if seed is not None:
         torch.manual_seed(seed)
-    sample_args = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, suppress_tokens=suppressed_token_ids(processor),
-                         **sample_args)
+                         **sampling_args(do_sample, temperature, top_p))
     new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
     token_ids = [_strip_after_eos(seq, tokenizer.eos_token_id, tokenizer.pad_token_id) for seq in new_tokens]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]   # spans index into exactly this

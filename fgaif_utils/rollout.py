@@ -42,8 +42,8 @@ class Rollout(NamedTuple):
     texts:     decoded from exactly those ids (skip_special_tokens), so character spans index into them.
     logprobs:  per sequence, one float per token id: log pi(token | prefix) under the model's plain softmax
                (temperature 1, no suppression, no top-p), i.e. what a forward pass over prompt + response gives.
-               This is the quantity PPO's ratio and KL terms use. When sampling with temperature != 1 or
-               top_p < 1, it is NOT the log-prob under the distribution the token was drawn from.
+               When sampling with temperature != 1 or top_p < 1, it is NOT the log-prob under the distribution
+               the token was drawn from (PPO's ratio and KL use ppo.response_logprobs, at the sampling temperature).
     """
     token_ids: list
     texts: list
@@ -139,7 +139,7 @@ def generate_with_logprobs(model, batch, max_new_tokens, do_sample, temperature,
     """
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    sampling = models.sampling_args(do_sample, temperature, top_p)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
                          suppress_tokens=suppress_ids, output_logits=with_logprobs, return_dict_in_generate=True,
                          **sampling)

@@ -120,6 +120,31 @@ def test_the_image_token_is_never_emitted(tiny, do_sample):
     assert image_id in banned and not banned & {t for ids in got.token_ids for t in ids}
 
 
+@pytest.mark.parametrize("engine", ["generate", "static"])
+def test_sampling_draws_from_the_whole_vocabulary(tiny, engine):
+    """top_p 1 is the whole distribution: generate() would keep only the 50 likeliest tokens unless told top_k=0."""
+    model, processor = tiny
+    flat = _rig_towards(model, processor, 0)             # a copy; then near-uniform logits, all distinct
+    prompt = _prompts(processor, [DESCRIBE])
+    with torch.no_grad():
+        hidden = flat(**rollout.prepare_batch(flat, processor, _images(1), prompt), output_hidden_states=True)
+        last = flat.model.language_model.norm(hidden.hidden_states[-1])[0, -1]
+        ranks = torch.arange(len(flat.lm_head.weight), dtype=torch.float32)[:, None]
+        flat.lm_head.weight.copy_(ranks / len(ranks) * last / last.norm() ** 2)     # logit of token i: i / V
+        logits = flat(**rollout.prepare_batch(flat, processor, _images(1), prompt)).logits[0, -1]
+    logits[models.suppressed_token_ids(processor)] = -float("inf")
+    probs = torch.softmax(logits, -1)
+    assert float(probs.sort(descending=True).values[50:].sum()) > 0.2    # the tail a top 50 would cut
+    n = 600
+    got = rollout.sample(flat, processor, _images(1).repeat(n, 0), _prompts(processor, [DESCRIBE] * n),
+                         max_new_tokens=1, do_sample=True, seed=0, engine=engine, stop_at_eos=False,
+                         with_logprobs=False)
+    assert len({ids[0] for ids in got.token_ids}) > 55    # 600 uniform draws from > 60 tokens miss hardly any
+    _, texts = models.generate(flat, processor, _images(1).repeat(200, 0), _prompts(processor, [DESCRIBE] * 200),
+                               max_new_tokens=1, do_sample=True, seed=0)
+    assert len(set(texts)) > 50
+
+
 def test_the_image_token_is_suppressed_when_the_tokenizer_does_not_name_it():
     """llava-hf tokenizers may carry no `image_token` attribute; LlavaProcessor always knows the id."""
     tokenizer = types.SimpleNamespace(pad_token_id=0, bos_token_id=1, eos_token_id=2)
