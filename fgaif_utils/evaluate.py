@@ -620,14 +620,15 @@ def seed_pooled_tests(records, groups, pairs, split, metrics, n_resamples=1000, 
 
 def load_policy(base_folder, adapter_folder=None, dtype="float32", device="auto", load_in_4bit=False,
                 local_files_only=True):
-    """(model, processor): the base LVLM, with a PEFT LoRA adapter folder merged in when one is given (kept as
-    an unmerged adapter on 4-bit weights)."""
+    """(model, processor): the base LVLM, with a PEFT LoRA adapter folder merged in when one is given and the
+    weights are float32; kept as an unmerged adapter on half-precision or 4-bit weights, where merging would round
+    a small update away (at the paper's learning rate most of a LoRA update is below bf16's resolution)."""
     model, processor = models.load_lvlm(str(base_folder), dtype=dtype, device=device, load_in_4bit=load_in_4bit,
                                         local_files_only=local_files_only)
     if adapter_folder is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter_folder))
-        if not load_in_4bit:   # merging into 4-bit weights would round them; the unmerged adapter generates alike
+        if dtype == "float32" and not load_in_4bit:
             model = model.merge_and_unload()
         model.eval()
     return model, processor
@@ -715,9 +716,19 @@ def _pope_counts(rows):
     return counts
 
 
+def chair_truth(scene, vocabulary, synthetic):
+    """The objects CHAIR counts as present: the scene's objects; on COCO also the objects its reference captions
+    name (Rohrbach et al. 2018 take the union: the instance annotations miss objects the captions see)."""
+    truth = {obj["shape"] for obj in scene["objects"]}
+    if not synthetic:
+        truth |= {m["category"] for caption in scene.get("captions", []) for m in vocabulary.mentions(caption)
+                  if not m["negated"]}
+    return truth
+
+
 def description_record(text, scene, vocabulary, synthetic):
     """Per-image counts of one description: CHAIR (both worlds) and the ground-truth scorer (synthetic)."""
-    truth = {obj["shape"] for obj in scene["objects"]}
+    truth = chair_truth(scene, vocabulary, synthetic)
     chair = chair_counts(text, truth, vocabulary)
     counts = {"images": 1, **{k: v for k, v in chair.items() if k not in ("mentions", "hallucinated_objects")}}
     record = {"description": text, "mentions": chair["mentions"], "hallucinated_objects": chair["hallucinated_objects"]}

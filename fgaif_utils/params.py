@@ -341,6 +341,8 @@ class PpoParams:
     """Responses sampled per iteration (paper: 256)."""
     samples_per_image: PositiveInt = 1
     """Responses per prompt image within a rollout batch."""
+    rollout_chunk: NonNegativeInt = 0
+    """Responses a rank decodes at once in PPO's rollout (0 = its whole share of the batch). The static KV cache holds rows x (prompt + max_new_tokens) for every layer: 35 GiB for 64 LLaVA-7B rows of 1,120 tokens, on top of two bases, adapters and Adam states."""
     minibatch_size: PositiveInt = 64
     """Responses per gradient step."""
     epochs: PositiveInt = 2

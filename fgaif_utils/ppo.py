@@ -51,6 +51,7 @@ from .params import deepspeed_config
 
 VALUE_ADAPTER = "value"
 POLICY_ADAPTER = "policy"
+PROMPT_STREAM = 1    # names the random stream of the prompt images' order (prompt_order) among those of a seed
 
 
 # ---------------------------------------------------------------------------------------------- equations
@@ -345,10 +346,16 @@ class Trainer:
     def rollout(self, images, image_ids, seed):
         s = self.s
         self.policy.eval()
-        token_ids, _, _ = rollout.sample(self.policy, self.processor, images, [self.prompt_text] * len(images),
-                                         max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
-                                         top_p=s.top_p, seed=seed, engine="generate" if self.engines else s.rollout_engine,
-                                         with_logprobs=False)   # log pi comes from a forward pass below
+        chunk = s.rollout_chunk or len(images)
+        token_ids = []
+        for start in range(0, len(images), chunk):
+            chunk_seed = seed if start == 0 else int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
+            token_ids += rollout.sample(self.policy, self.processor, images[start:start + chunk],
+                                        [self.prompt_text] * len(images[start:start + chunk]),
+                                        max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
+                                        top_p=s.top_p, seed=chunk_seed,
+                                        engine="generate" if self.engines else s.rollout_engine,
+                                        with_logprobs=False).token_ids   # log pi comes from a forward pass below
         end_positions = [segment.subsentence_end_positions(ids, self.decode) if ids else [] for ids in token_ids]
         return token_ids, end_positions
 
@@ -694,7 +701,7 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
     t_start = time.monotonic()
     while state["iteration"] < s.steps and state["stopped"] is None:
         iteration = state["iteration"] + 1
-        order = np.random.default_rng([seed, iteration]).choice(len(prompt_scenes), images_per_batch, replace=False)
+        order = prompt_order(len(prompt_scenes), images_per_batch, iteration, seed)
         chosen = [prompt_scenes[i] for i in order for _ in range(s.samples_per_image)]
         mine = chosen[rank::world_size]
         images = load_images(mine)
@@ -725,6 +732,19 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
     if rank == 0:
         world.write_jsonl(log_path, state["log"])
     return state
+
+
+def prompt_order(n_images, per_iteration, iteration, seed):
+    """Indices of iteration `iteration`'s (1-based) prompt images: the next `per_iteration` of a seeded permutation
+    of the n images, a new permutation each pass, so every image prompts once per pass (the paper's one pass over
+    its PPO images)."""
+    passes, indices = {}, []
+    for position in range((iteration - 1) * per_iteration, iteration * per_iteration):
+        n_pass, offset = divmod(position, n_images)
+        if n_pass not in passes:
+            passes[n_pass] = np.random.default_rng([seed, PROMPT_STREAM, n_pass]).permutation(n_images)
+        indices.append(int(passes[n_pass][offset]))
+    return indices
 
 
 def _mean_over_ranks(row):

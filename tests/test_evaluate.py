@@ -230,6 +230,15 @@ def test_chair_reads_hyphens_as_spaces_and_pluralises_x_of_y():
     assert E.plural("glass of wine") == "glasses of wine" and E.plural("hot dog") == "hot dogs"
 
 
+def test_chair_on_coco_counts_what_the_reference_captions_name_as_present():
+    scene = {"objects": [{"shape": "dog"}], "captions": ["A dog leaps for a frisbee.", "There is no car here."]}
+    vocabulary = E.coco_vocabulary()
+    assert E.chair_truth(scene, vocabulary, synthetic=False) == {"dog", "frisbee"}     # not the negated car
+    record = E.description_record("A dog catches a frisbee near a car.", scene, vocabulary, synthetic=False)
+    assert record["hallucinated_objects"] == ["car"]
+    assert E.chair_truth(scene, vocabulary, synthetic=True) == {"dog"}     # the synthetic world's truth is exact
+
+
 def test_chair_with_the_world_vocabulary():
     m = E.chair_counts("there is a large red heart and two boxes . there is no ring .", {"heart", "circle"},
                        E.world_vocabulary())
@@ -600,6 +609,16 @@ def test_policy_sources_and_adapter_merge(tiny_setup, tmp_path):
         expected = peft_model(**batch).logits
         assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
         assert not torch.allclose(plain(**batch).logits, expected, atol=1e-3)
+    assert not hasattr(merged, "peft_config")                     # float32: merged, generates at full speed
+    with torch.no_grad():                                         # an update below bf16's resolution
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 1e-4)
+    peft_model.save_pretrained(tmp_path / "small" / "policy_adapter")
+    half, _ = E.load_policy(root / "policy", tmp_path / "small" / "policy_adapter", dtype="bfloat16", device="cpu")
+    assert hasattr(half, "peft_config")                           # bf16: the adapter stays unmerged
+    lora_b = [w for n, w in half.named_parameters() if "lora_B" in n]
+    assert lora_b and all(w.abs().max() > 0 for w in lora_b)     # ... and whole (merging would round it away)
     (tmp_path / "runs" / "sparse" / "05_ppo").mkdir(parents=True)
     peft_model.save_pretrained(tmp_path / "runs" / "sparse" / "05_ppo" / "policy_adapter")
     sources, notes = E.policy_sources(tmp_path / "own" / "policy_adapter", ["sparse", "no_object"],
