@@ -232,9 +232,12 @@ def _four_bit_config(target, compute_dtype):
     except ImportError as err:
         raise ModelLoadError("models.load_in_4bit needs the bitsandbytes package: pip install bitsandbytes") from err
     from transformers import BitsAndBytesConfig
+    # Module paths from the top: transformers 5 matches a skip pattern from the start of a module's name or as its
+    # suffix, so a bare "vision_tower" skipped nothing and the CLIP tower and projector were quantised too (5.24
+    # here; on 5.17 too, by the 258 Linear4bit layers of shared/notes/gpu-anchor.md's probe).
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype,
-                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+                              llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
 
 
 def _check_quantised(model):
@@ -251,8 +254,38 @@ def chat_prompt(processor, text):
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
+def square_images(images, processor):
+    """The images as LLaVA-1.5 saw them: each uint8 (H, W, 3) image (of a list, or a row of a stacked (B, H, W, 3)
+    array) centred on a max(H, W) square filled with the image processor's mean colour; returns a list.
+
+    LLaVA-1.5 was trained and evaluated with `image_aspect_ratio: pad` (its `expand2square`, fill
+    tuple(int(x * 255) for x in image_mean): (122, 116, 104) for CLIP) before the CLIP processor, whose
+    shortest-edge resize and centre crop then drop nothing. llava-hf's processor alone crops: a 640x480 COCO image
+    loses a quarter of its width (transformers issue #33175). Square images come back as they are, not copied, so
+    the synthetic world's inputs do not change. `processor`: a LlavaProcessor or its image processor."""
+    mean = getattr(processor, "image_processor", processor).image_mean
+    fill = np.array([int(x * 255) for x in mean], dtype=np.uint8)
+    return [_pad_to_square(image, fill) for image in images]
+
+
+def _pad_to_square(image, fill):
+    """`image` itself if square, else a new max(H, W) square of `fill` with it pasted in the middle (as LLaVA-1.5's
+    expand2square: an odd margin leaves the extra pixel below or to the right)."""
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    if height == width:
+        return image
+    side = max(height, width)
+    square = np.empty((side, side, pixels.shape[2]), dtype=pixels.dtype)
+    square[:] = fill
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top:top + height, left:left + width] = pixels
+    return square
+
+
 def pixel_values_from_uint8(images):
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]: what the tiny processor computes (mean = std = 0.5)."""
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]: what the tiny processor computes (mean = std = 0.5) for
+    square images of its size, the synthetic world's (no padding, no resizing here)."""
     images = torch.as_tensor(np.asarray(images))
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -278,11 +311,12 @@ def generate(model, processor, images, prompts, max_new_tokens=64, do_sample=Fal
              seed=None):
     """Batched generation. Returns (new_token_ids list of lists without padding/EOS, texts).
 
-    Token ids are what later stages place rewards on; the text is decoded from exactly those ids.
+    Token ids are what later stages place rewards on; the text is decoded from exactly those ids. Non-square
+    images are padded to squares first (`square_images`), as LLaVA-1.5 saw them.
     """
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    batch = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    batch = processor(images=square_images(images, processor), text=list(prompts), return_tensors="pt", padding=True)
     batch = {k: v.to(model.device) for k, v in batch.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)

@@ -195,8 +195,10 @@ def collate(examples, pad_id, type_index=None):
 
 
 def pixel_values(processor, images):
-    """(B, 3, H, W) float pixel values of uint8 (H, W, 3) images, as the backbone's processor computes them."""
-    return processor.image_processor(images=[np.asarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    """(B, 3, H, W) float pixel values of uint8 (H, W, 3) images, as the backbone's processor computes them from the
+    images padded to squares (models.square_images), as LLaVA-1.5 saw them."""
+    squares = models.square_images(images, processor)
+    return processor.image_processor(images=[np.asarray(i) for i in squares], return_tensors="pt")["pixel_values"]
 
 
 class PixelCache:

@@ -113,9 +113,11 @@ def _cache_kwarg(base):
 # ---------------------------------------------------------------------------------------------- inputs
 
 def prepare_batch(model, processor, images, prompts):
-    """Tokenise (left padding, so every row's last prompt token sits in the last column) and move to the model."""
+    """Tokenise (left padding, so every row's last prompt token sits in the last column), pad non-square images to
+    squares as LLaVA-1.5 saw them (`models.square_images`), and move to the model."""
     processor.tokenizer.padding_side = "left"
-    batch = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    batch = processor(images=models.square_images(images, processor), text=list(prompts), return_tensors="pt",
+                      padding=True)
     device, dtype = _device_and_dtype(model)
     batch = {key: value.to(device) for key, value in batch.items()}
     if "pixel_values" in batch:

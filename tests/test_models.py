@@ -1,6 +1,8 @@
 """The model layer: the one loader on a llava-hf checkpoint written here, prompts, LoRA targets, generation
 that never emits <image>, the tiny training loop's resume, the detector verifier and the question sets."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -183,6 +185,21 @@ def test_four_bit_without_cuda_fails_clearly_instead_of_loading_full_precision(t
         models.load_lvlm(str(folder), load_in_4bit=True)
 
 
+def test_four_bit_config_quantises_the_language_model_only(tiny):
+    """Loading with load_lvlm's NF4 config also works on the CPU (bitsandbytes quantises there): the vision tower and
+    projector stay in full precision, as the config means."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import LlavaForConditionalGeneration
+    _, _, folder = tiny
+    config = models._four_bit_config(torch.device("cuda"), torch.float32)   # only builds the config
+    quantised = LlavaForConditionalGeneration.from_pretrained(folder, quantization_config=config,
+                                                              device_map={"": "cpu"})
+    linear = {name: isinstance(module, bnb.nn.Linear4bit) for name, module in quantised.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    assert [name for name, four_bit in linear.items() if four_bit] == \
+        [name for name in linear if name.startswith("model.language_model.")]
+
+
 def test_lora_targets_exactly_the_language_model_projections(tiny):
     model, _, _ = tiny
     import copy
@@ -226,6 +243,53 @@ def test_sequence_builder_matches_the_processor(tiny):
     assert processor.tokenizer.decode(answer) == "there is a red heart . </s>"
     ids, labels = builder.packed_qa([("is the heart red ?", "yes", "colour"), ("is there a star in the image ?", "no", "object")])
     assert processor.tokenizer.decode([i for i, l in zip(ids, labels) if l != tiny_train.IGNORE]) == "yes </s> no </s>"
+
+
+CLIP_MEAN = types.SimpleNamespace(image_mean=[0.48145466, 0.4578275, 0.40821073])   # CLIP's image processor
+
+
+def test_square_images_pad_by_hand_with_the_mean_colour_and_keep_squares():
+    wide = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)    # H=2, W=3 -> 3x3, margin of 1 below
+    tall = np.full((4, 1, 3), 200, np.uint8)                         # H=4, W=1 -> 4x4, 1 column left, 2 right
+    square = _images(1)[0]
+    padded_wide, padded_tall, same = models.square_images([wide, tall, square], CLIP_MEAN)
+    fill = [122, 116, 104]                                           # LLaVA-1.5's int(mean * 255)
+    assert padded_wide.shape == (3, 3, 3) and np.array_equal(padded_wide[:2], wide)
+    assert (padded_wide[2] == fill).all()
+    assert padded_tall.shape == (4, 4, 3) and (padded_tall[:, 1] == 200).all()
+    assert (padded_tall[:, [0, 2, 3]] == fill).all()
+    assert same is square
+    stacked = np.stack([wide, wide + 1])                             # (B, H, W, 3) rows, padded one by one
+    assert [p.tolist() for p in models.square_images(stacked, CLIP_MEAN)] == \
+        [p.tolist() for p in models.square_images([wide, wide + 1], CLIP_MEAN)]
+
+
+def _spy_on_generate(model):
+    """A copy of the model whose generate() records the pixel values it is given."""
+    import copy
+    spied, seen = copy.deepcopy(model), []
+    real = spied.generate
+
+    def generate(**batch):
+        seen.append(batch["pixel_values"])
+        return real(**batch)
+
+    spied.generate = generate
+    return spied, seen
+
+
+def test_generate_pads_a_non_square_image_and_leaves_a_square_one_as_it_was(tiny):
+    model, processor, _ = tiny
+    spied, seen = _spy_on_generate(model)
+    wide = np.random.default_rng(1).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    padded = np.full((40, 40, 3), 127, np.uint8)                     # the tiny processor's mean 0.5 -> 127
+    padded[10:30] = wide
+    square = _images(1)[0]
+    prompt = models.chat_prompt(processor, language.DESCRIBE_PROMPT)
+    models.generate(spied, processor, [wide, square], [prompt] * 2, max_new_tokens=1)
+    by_hand = processor.image_processor(images=[padded, square], return_tensors="pt")["pixel_values"]
+    assert torch.equal(seen[0], by_hand)
+    assert torch.equal(seen[0][1], processor(images=[square], text=[prompt], return_tensors="pt")["pixel_values"][0])
 
 
 def test_train_phase_resume_continues_the_same_trajectory(tiny, tmp_path):

@@ -90,6 +90,22 @@ def test_end_markers_and_labels_land_after_the_spliced_image_tokens(tiny):
     assert torch.allclose(probs[0, :, 0], logits[0, [33, 39]].softmax(-1), atol=1e-6)
 
 
+def test_pixel_values_of_a_non_square_image_are_those_of_it_padded_by_hand(tiny):
+    processor, _ = tiny
+    wide = np.random.default_rng(5).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    padded = np.full((40, 40, 3), 127, np.uint8)            # the tiny processor's mean 0.5 -> 127, as LLaVA-1.5 pads
+    padded[10:30] = wide
+    by_hand = processor.image_processor(images=[padded, padded], return_tensors="pt")["pixel_values"]
+    assert torch.equal(reward.pixel_values(processor, [wide, wide]), by_hand)
+    assert torch.equal(reward.pixel_values(processor, np.stack([wide, wide])), by_hand)   # a stacked batch too
+    squares = _images(2)                                    # square images go in as they did before
+    assert torch.equal(reward.pixel_values(processor, squares),
+                       processor.image_processor(images=list(squares), return_tensors="pt")["pixel_values"])
+    dot = np.zeros((32, 64, 3), np.uint8)
+    dot[14:18, 4:8] = 255                                   # in the left quarter: a centre crop would cut it away
+    assert reward.pixel_values(processor, [dot])[0, :, :, :8].max() > 0.5
+
+
 def test_marker_positions_are_checked():
     with pytest.raises(ValueError, match="record 'bad'"):
         reward.examples_from_records([{"response_id": "bad", "image_id": 0, "token_ids": [7, 8, 9],
@@ -471,6 +487,66 @@ def test_word_swap_probe_scores_a_claim_word_head_as_scoring_does(tiny):
     direct = rm.score([images[0]] * 2, [tokens, swapped], [[len(tokens) - 1]] * 2)
     assert row["relation"]["p_written"] == pytest.approx(direct[0]["probs"][0, 2, 2], abs=1e-6)
     assert row["relation"]["p_swapped"] == pytest.approx(direct[1]["probs"][0, 2, 2], abs=1e-6)
+
+
+def _four_bit_backbone(processor, folder):
+    """A tiny LLaVA saved in `folder` and loaded with load_lvlm's NF4 config on the CPU, where bitsandbytes quantises
+    and runs it when the language model's layers span whole 64-wide quantisation blocks (hidden size 64)."""
+    import bitsandbytes as bnb
+    from transformers import LlavaForConditionalGeneration
+    arch = params.TinyArchParams(vision_hidden=32, text_hidden=64, text_layers=1, vision_layers=1, heads=2)
+    models.save_lvlm(models.build_tiny_llava(arch, 32, processor.tokenizer, seed=0), processor, folder)
+    lvlm = LlavaForConditionalGeneration.from_pretrained(
+        folder, quantization_config=models._four_bit_config(torch.device("cuda"), torch.float32),   # config only
+        device_map={"": "cpu"})
+    for module in lvlm.modules():   # on AVX512-BF16 CPUs an eval forward repacks the 4-bit weights for its kernels:
+        if isinstance(module, bnb.nn.Linear4bit):   # keep one layout so that "unchanged" is checked byte for byte
+            module.support_avx512bf16_for_cpu = False
+    return lvlm
+
+
+def test_training_on_a_four_bit_backbone_moves_only_the_adapter_and_round_trips(tiny, tmp_path):
+    """Stage 04 trains the reward adapters on the NF4 base stage 05 applies them to (models.load_in_4bit)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    processor, _ = tiny
+    lvlm = _four_bit_backbone(processor, tmp_path / "base")
+    quantised = {n: (m.weight.data.clone(), m.weight.quant_state.absmax.clone())
+                 for n, m in lvlm.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantised) == 7
+    rm = reward.RewardModels.create(lvlm, processor, PROMPT, r=2, alpha=4, types=["object"])
+    reward.enable_gradient_checkpointing(lvlm)
+    before = {n: p.detach().clone() for n, p in rm.model.named_parameters() if p.is_floating_point()}
+    images = _images(4, seed=8)
+    history = reward.train_type(rm, "object", rm.examples(_records(processor, 8)), rm.examples(_records(processor, 4)),
+                                reward.PixelCache(processor, lambda i: images[i]), lr=1e-2, batch_size=4, epochs=1,
+                                patience=1, seed=0, checkpoint_dir=tmp_path / "ckpt")
+    assert history["done"] and all(np.isfinite(loss) for _, loss in history["loss"])
+    moved = {n for n, p in rm.model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert moved and all(".object." in n and ("lora_" in n or "modules_to_save" in n) for n in moved)
+    for n, m in lvlm.named_modules():
+        if n in quantised:
+            assert torch.equal(m.weight.data, quantised[n][0]) and torch.equal(m.weight.quant_state.absmax,
+                                                                              quantised[n][1]), n
+    rm.save(tmp_path / "rm")
+    loaded = reward.RewardModels.load(_four_bit_backbone(processor, tmp_path / "base2"), processor, PROMPT,
+                                      tmp_path / "rm", types=["object"])
+    batch = reward.collate(rm.examples(_records(processor, 4, seed=3)), rm.pad)
+    pixels = reward.pixel_values(processor, images)
+    assert torch.equal(rm.class_probs(batch, pixels), loaded.class_probs(batch, pixels))
+
+
+def test_stage_04_loads_the_backbone_as_stage_05_applies_the_adapters():
+    """Every models.load_lvlm call of notebooks/04_reward_models.ipynb passes models.load_in_4bit, as ppo.run_job
+    does for the same backbone: adapters trained on a full-precision base are not applied to an NF4 one."""
+    import ast
+    import json
+    from pathlib import Path
+    notebook = json.loads((Path(__file__).resolve().parent.parent / "notebooks" / "04_reward_models.ipynb").read_text())
+    code = "\n".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
+    calls = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "load_lvlm"]
+    assert calls and all({k.arg: ast.unparse(k.value) for k in call.keywords}.get("load_in_4bit") ==
+                         "P.models.load_in_4bit" for call in calls)
 
 
 def test_value_model_starts_from_the_object_adapter(tiny, tmp_path):

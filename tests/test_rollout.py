@@ -93,6 +93,22 @@ def test_sampling_is_seeded_and_stop_at_eos_false_gives_full_length(tiny):
     assert [len(ids) for ids in first.token_ids] == [9, 9, 9]
 
 
+def test_prepare_batch_pads_images_to_squares_so_a_dot_near_the_left_edge_stays_in_view(tiny):
+    """The processor alone keeps the middle square of a wide image: a dot in the left quarter of a 32x64 image is
+    cropped away. Padded to 64x64 first (models.square_images), the image is only scaled and the dot stays."""
+    model, processor = tiny
+    wide = np.zeros((32, 64, 3), np.uint8)
+    wide[14:18, 4:8] = 255                                  # white dot (pixel value 1) on black (-1)
+    tall = np.zeros((48, 32, 3), np.uint8)                  # another shape in the same batch
+    square = _images(1)[0]
+    batch = rollout.prepare_batch(model, processor, [wide, tall, square], _prompts(processor, [DESCRIBE] * 3))
+    pixels = batch["pixel_values"]
+    assert pixels.shape == (3, 3, 32, 32)
+    assert pixels[0, :, :, :8].max() > 0.5                  # the dot, in the left quarter of the squared image
+    unpadded = processor(images=[square], text=_prompts(processor, [DESCRIBE]), return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels[2], unpadded[0])              # a square image goes in as it did before
+
+
 def _rig_towards(model, processor, token_id, scale=50.0):
     """A copy of the model whose lm_head makes `token_id` by far the most likely next token everywhere."""
     rigged = copy.deepcopy(model)
