@@ -4,6 +4,9 @@
 #
 #     bash benchmarks/device_check.sh          # device tool: run(command="bash benchmarks/device_check.sh", timeout_s=600)
 #
+# Before it (its parts fill the 600 s a command may take), `python3 benchmarks/review_gpu_check.py` checks in half a
+# minute what the 2026-12-07 review fixed for GPUs: PPO's reductions under a plain NCCL group, the 4-bit skip list.
+#
 # Four parts, each under its own time limit so that one that hangs leaves time for the rest (under 9 1/2 minutes
 # in all at most; about 6 1/2 expected from the H200 run of 2026-12-04, benchmarks/results/h200-2026-12-04);
 # every log and result lands in $OUT (default /tmp/device_check):
