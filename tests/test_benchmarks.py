@@ -35,3 +35,13 @@ def test_reward_step_benchmark_trains_the_same_with_pixels_and_cached_features(t
     assert set(results["results"]) == {"pixels", "features"}
     assert all(len(r["seconds"]) == 2 and min(r["seconds"]) > 0 for r in results["results"].values())
     assert results["loss_gap"] < 1e-4   # the same training trajectory either way
+
+
+def test_review_gpu_check_runs_its_reduction_checks_under_gloo_on_the_cpu():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "review_gpu_check.py"), "--backend", "gloo"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("ok ") for line in lines) == 3 and not any(line.startswith("FAIL") for line in lines)
+    assert any(line.startswith("skip  4-bit") for line in lines)   # no CUDA here
