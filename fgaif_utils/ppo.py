@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import models, reward, rollout, scorer, segment, tiny_train, world
+from . import models, reward, rollout, scorer, segment, stage, tiny_train, world
 from .params import deepspeed_config
 
 VALUE_ADAPTER = "value"
@@ -542,8 +542,9 @@ def rollout_stats(batch, reward_types, weights):
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(trainer, folder, state, rank=0):
-    """Adapter, value adapter + head, both optimisers and the loop state, each written atomically. Every rank
-    calls it; rank 0 writes (under DeepSpeed every rank also writes its partition of the Adam states)."""
+    """Adapter, value adapter + head, both optimisers and the loop state, as one set that a kill never tears
+    (`stage.write_checkpoint`). Every rank calls it; rank 0 writes (under DeepSpeed every rank also writes its
+    partition of the Adam states)."""
     from safetensors.torch import save_file
     if rank != 0 and not trainer.engines:
         return
@@ -557,14 +558,11 @@ def save_checkpoint(trainer, folder, state, rank=0):
             engine.save_checkpoint(str(folder / "deepspeed"), tag=tag, exclude_frozen_parameters=True)
     if rank != 0:
         return
-    save_file(tensors, folder / "weights.safetensors.tmp")
+    writers = {"weights.safetensors": lambda path: save_file(tensors, path)}
     if not trainer.engines:
-        torch.save({"policy": trainer.policy_opt.state_dict(), "value": trainer.value_opt.state_dict()},
-                   folder / "optimizers.pt.tmp")
-    (folder / "state.json.tmp").write_text(json.dumps(state))
-    optimizers = () if trainer.engines else ("optimizers.pt",)
-    for name in ("weights.safetensors", *optimizers, "state.json"):   # state.json last: it marks a whole set
-        os.replace(folder / f"{name}.tmp", folder / name)
+        writers["optimizers.pt"] = lambda path: torch.save(
+            {"policy": trainer.policy_opt.state_dict(), "value": trainer.value_opt.state_dict()}, path)
+    stage.write_checkpoint(folder, writers, state)
     if trainer.engines:
         for old in (folder / "deepspeed").iterdir():
             if old.is_dir() and old.name not in _deepspeed_tags(state):
@@ -578,24 +576,24 @@ def _deepspeed_tags(state):
 def load_checkpoint(trainer, folder):
     """The loop state saved by save_checkpoint (weights and optimisers restored into `trainer`), or None."""
     from safetensors.torch import load_file
-    folder = Path(folder)
-    if not (folder / "state.json").is_file():
+    checkpoint = stage.read_checkpoint(folder, ("weights.safetensors", "optimizers.pt"))
+    if checkpoint is None:
         return None
+    state, files = checkpoint
     if trainer.engines:     # each rank reads its partition of weights and Adam states
-        state = json.loads((folder / "state.json").read_text())
         for tag, engine in zip(_deepspeed_tags(state), trainer.engines):
-            engine.load_checkpoint(str(folder / "deepspeed"), tag=tag, load_module_strict=False)
+            engine.load_checkpoint(str(Path(folder) / "deepspeed"), tag=tag, load_module_strict=False)
         return state
-    tensors = load_file(folder / "weights.safetensors")
+    tensors = load_file(files["weights.safetensors"])
     with torch.no_grad():
         for n, p in trainer.policy_params.items():
             p.copy_(tensors[f"policy/{n}"])
         for n, p in trainer.value_params.items():
             p.copy_(tensors[f"value/{n}"])
-    optimizers = torch.load(folder / "optimizers.pt", weights_only=True)
+    optimizers = torch.load(files["optimizers.pt"], weights_only=True)
     trainer.policy_opt.load_state_dict(optimizers["policy"])
     trainer.value_opt.load_state_dict(optimizers["value"])
-    return json.loads((folder / "state.json").read_text())
+    return state
 
 
 def save_policy_adapter(trainer, folder):

@@ -22,7 +22,6 @@ none (README "Relations: an XOR the gradient does not see").
 import contextlib
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm   # text bars: tqdm.auto wants ipywidgets, which the project does not install
 
-from . import models
+from . import models, stage
 from . import params as P
 
 FACT_TYPES = ["object", "attribute", "relation"]
@@ -707,34 +706,41 @@ def _adapter_params(model, name):
     return {n: p for n, p in model.named_parameters() if f".{name}." in n and ("lora_" in n or "modules_to_save" in n)}
 
 
+CHECKPOINT_FILES = ("adapter.safetensors", "best.safetensors", "average.safetensors", "optimizer.pt")
+
+
 def _save_state(folder, params, best, optimizer, state, average=None):
     from safetensors.torch import save_file
-    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, folder / "adapter.safetensors.tmp")
-    os.replace(folder / "adapter.safetensors.tmp", folder / "adapter.safetensors")
+
+    def tensors(weights):
+        return lambda path: save_file({n: w.detach().cpu().contiguous() for n, w in weights.items()}, path)
+    writers = {"adapter.safetensors": tensors(params)}
     for name, weights in (("best", best), ("average", average)):
         if weights is not None:
-            save_file({n: w.detach().cpu().contiguous() for n, w in weights.items()}, folder / f"{name}.safetensors.tmp")
-            os.replace(folder / f"{name}.safetensors.tmp", folder / f"{name}.safetensors")
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
-    os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
+            writers[f"{name}.safetensors"] = tensors(weights)
+    writers["optimizer.pt"] = lambda path: torch.save(optimizer.state_dict(), path)
     state = dict(state, torch_rng=torch.get_rng_state().tolist())
     if torch.cuda.is_available():   # LoRA dropout on a GPU draws from the CUDA generators
         state["cuda_rng"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    (folder / "state.json.tmp").write_text(json.dumps(state))
-    os.replace(folder / "state.json.tmp", folder / "state.json")
+    stage.write_checkpoint(folder, writers, state)
 
 
 def _load_state(folder, params, optimizer, average=None):
+    """The training state of the checkpoint in `folder` (weights, averages and optimiser restored), and the best
+    weights it kept; None when the folder holds no checkpoint."""
     from safetensors.torch import load_file
-    state = json.loads((folder / "state.json").read_text())
-    weights = load_file(folder / "adapter.safetensors")
-    best = load_file(folder / "best.safetensors") if (folder / "best.safetensors").is_file() else None
+    checkpoint = stage.read_checkpoint(folder, CHECKPOINT_FILES)
+    if checkpoint is None:
+        return None
+    state, files = checkpoint
+    weights = load_file(files["adapter.safetensors"])
+    best = load_file(files["best.safetensors"]) if "best.safetensors" in files else None
     _assign(params, weights)
     if average is not None:
-        if not (folder / "average.safetensors").is_file():
+        if "average.safetensors" not in files:
             raise ValueError(f"{folder}: a checkpoint without weight averages, resumed with ema_decay > 0")
-        _assign(average, load_file(folder / "average.safetensors"))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        _assign(average, load_file(files["average.safetensors"]))
+    optimizer.load_state_dict(torch.load(files["optimizer.pt"], weights_only=True))
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     cuda_rng = state.pop("cuda_rng", None)
     if cuda_rng is not None and torch.cuda.is_available():
@@ -780,8 +786,9 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     best = None
     average = {n: p.detach().clone() for n, p in params.items()} if ema_decay else None
     torch.manual_seed(seed)
-    if (checkpoint_dir / "state.json").is_file():   # after manual_seed: the checkpoint's RNG states win
-        state, best = _load_state(checkpoint_dir, params, optimizer, average)
+    resumed = _load_state(checkpoint_dir, params, optimizer, average)   # after manual_seed: its RNG states win
+    if resumed is not None:
+        state, best = resumed
     steps_per_epoch = math.ceil(len(train_examples) / batch_size)
     total_steps = epochs * steps_per_epoch
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"reward model: {fact_type}",

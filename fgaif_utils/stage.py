@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -345,6 +346,52 @@ def write_text(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+# ---- checkpoints: a whole set or none -------------------------------------------------------------------
+
+CHECKPOINT_STATE = "state.json"
+_CHECKPOINT_TOKEN = re.compile(r"-[0-9a-f]{8}$")
+
+
+def write_checkpoint(folder, writers, state):
+    """Write a training checkpoint so that a kill at any moment leaves one whole set behind: every file of
+    `writers` ({name: function(path) that writes it}) under a name no earlier set used, then state.json naming them
+    (replaced in one rename: that is the commit), then the files of earlier or cut-short sets are deleted."""
+    folder = Path(folder)
+    token = secrets.token_hex(4)
+    files = {}
+    for name, write in writers.items():
+        stem, dot, suffix = name.partition(".")
+        files[name] = f"{stem}-{token}{dot}{suffix}"
+        with atomic_path(folder / files[name]) as tmp:
+            write(tmp)
+    write_text(folder / CHECKPOINT_STATE, json.dumps(dict(state, checkpoint_files=files)))
+    kept = set(files.values())
+    for path in folder.iterdir():
+        stem, dot, suffix = path.name.partition(".")
+        if path.is_file() and path.name not in kept and _CHECKPOINT_TOKEN.search(stem) \
+                and f"{_CHECKPOINT_TOKEN.sub('', stem)}{dot}{suffix}" in files:
+            path.unlink()
+
+
+def read_checkpoint(folder, names):
+    """(state, {name: path}) of the checkpoint set in `folder` (None when it has none); `names`: the file names
+    the writer may have written, of which the set holds those it wrote. A set written before 2026-12-07 (no
+    names in its state.json) holds the files of those names that exist."""
+    folder = Path(folder)
+    state_path = folder / CHECKPOINT_STATE
+    if not state_path.is_file():
+        return None
+    state = json.loads(state_path.read_text())
+    files = state.pop("checkpoint_files", None)
+    if files is None:
+        return state, {name: folder / name for name in names if (folder / name).is_file()}
+    missing = [files[name] for name in names if name in files and not (folder / files[name]).is_file()]
+    if missing:
+        raise StageError(f"{state_path} names {', '.join(missing)}, which {folder} does not hold: delete the folder "
+                         f"to train from the start")
+    return state, {name: folder / files[name] for name in names if name in files}
 
 
 def read_jsonl(path):

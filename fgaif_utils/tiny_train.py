@@ -6,9 +6,7 @@ Recipe (../shared/notes/calibration.md, round 2): one clean-caption pre-training
 Step counts, not wall-clock budgets, so the same params give the same weights. Each phase checkpoints into
 the stage cache and resumes from there after an interruption.
 """
-import json
 import math
-import os
 import random
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import language, models
+from . import language, models, stage
 
 IGNORE = -100
 
@@ -159,11 +157,11 @@ def train_phase(model, make_batch, steps, peak_lr, seed, checkpoint_dir, desc, c
                                   weight_decay=0.01)
     rng = np.random.default_rng(seed)
     log, start = [], 0
-    state_file = checkpoint_dir / "state.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        model.load_state_dict(load_file(checkpoint_dir / "model.safetensors"), strict=False)
-        optimizer.load_state_dict(torch.load(checkpoint_dir / "optimizer.pt", weights_only=True))
+    checkpoint = stage.read_checkpoint(checkpoint_dir, ("model.safetensors", "optimizer.pt"))
+    if checkpoint is not None:
+        state, files = checkpoint
+        model.load_state_dict(load_file(files["model.safetensors"]), strict=False)
+        optimizer.load_state_dict(torch.load(files["optimizer.pt"], weights_only=True))
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         log, start = [tuple(x) for x in state["log"]], state["step"]
@@ -192,13 +190,9 @@ def train_phase(model, make_batch, steps, peak_lr, seed, checkpoint_dir, desc, c
 
 def _save_checkpoint(model, optimizer, rng, log, step, folder, save_file):
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, folder / "model.safetensors.tmp")
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
-    os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
     state = {"step": step, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state().tolist(), "log": log}
-    (folder / "state.json.tmp").write_text(json.dumps(state))
-    os.replace(folder / "state.json.tmp", folder / "state.json")
+    stage.write_checkpoint(folder, {"model.safetensors": lambda path: save_file(tensors, path),
+                                    "optimizer.pt": lambda path: torch.save(optimizer.state_dict(), path)}, state)
 
 
 # ---------------------------------------------------------------------------------------------- batches

@@ -338,6 +338,58 @@ def test_atomic_path_keeps_old_file_on_error(tmp_path):
     assert (tmp_path / "folder" / "w.bin").read_bytes() == b"1"
 
 
+def _checkpoint_set(folder, step):
+    """A two-file checkpoint whose every file says which step wrote it."""
+    S.write_checkpoint(folder, {"weights.bin": lambda path: path.write_text(f"weights {step}"),
+                                "optimizer.pt": lambda path: path.write_text(f"optimizer {step}")}, {"step": step})
+
+
+def _read_set(folder):
+    state, files = S.read_checkpoint(folder, ("weights.bin", "optimizer.pt"))
+    return state["step"], {name: path.read_text() for name, path in files.items()}
+
+
+def test_a_checkpoint_interrupted_at_any_rename_reads_back_as_one_whole_set(tmp_path, monkeypatch):
+    """A kill between any two renames of a save leaves the old set or the new one, never new weights beside an old
+    state (the old three-rename writes could); a later save removes what the cut-short one left."""
+    real_replace = os.replace
+    renames_per_save = 3   # two files, then state.json
+    for interrupted in range(renames_per_save):
+        folder = tmp_path / f"cut{interrupted}"
+        _checkpoint_set(folder, 1)
+        calls = []
+
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == interrupted + 1:
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            _checkpoint_set(folder, 2)
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert _read_set(folder) == (1, {"weights.bin": "weights 1", "optimizer.pt": "optimizer 1"})
+        _checkpoint_set(folder, 3)
+        assert _read_set(folder) == (3, {"weights.bin": "weights 3", "optimizer.pt": "optimizer 3"})
+        assert len(list(folder.iterdir())) == 3, sorted(p.name for p in folder.iterdir())   # no orphans
+
+
+def test_read_checkpoint_without_one_an_old_style_set_and_a_missing_file(tmp_path):
+    assert S.read_checkpoint(tmp_path / "none", ("weights.bin",)) is None
+    old = tmp_path / "old"                      # written before the sets had names: plain file names
+    old.mkdir()
+    (old / "weights.bin").write_text("w")
+    (old / "state.json").write_text(json.dumps({"step": 4}))
+    state, files = S.read_checkpoint(old, ("weights.bin", "optimizer.pt"))
+    assert state == {"step": 4} and files == {"weights.bin": old / "weights.bin"}
+    new = tmp_path / "new"
+    _checkpoint_set(new, 5)
+    _, files = S.read_checkpoint(new, ("weights.bin", "optimizer.pt"))
+    files["optimizer.pt"].unlink()
+    with pytest.raises(S.StageError, match=r"state\.json names optimizer-[0-9a-f]{8}\.pt"):
+        S.read_checkpoint(new, ("weights.bin", "optimizer.pt"))
+
+
 def test_savefig_is_atomic_png(ws):
     import matplotlib
     matplotlib.use("Agg")
