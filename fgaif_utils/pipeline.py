@@ -167,7 +167,8 @@ def prune_caches(run, results):
         manifest = S.read_manifest(S.final_dir(run, result["stage"])) if result["status"] in ("run", "skip") else None
         if manifest is None:
             continue
-        for folder in S.stale_checkpoints(run, result["stage"], manifest["fingerprint"]):
+        key = manifest.get("checkpoint_key", manifest["fingerprint"])   # manifests before 2026-12-07: the fingerprint
+        for folder in S.stale_checkpoints(run, result["stage"], key):
             size = folder_bytes(folder)
             S.remove_path(folder)
             freed += size

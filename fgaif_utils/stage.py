@@ -70,6 +70,10 @@ STAGES = [
 ]
 # Orchestration only: editing them never changes what a stage computes, so "*" leaves them out.
 NOT_HASHED = ("__init__", "stage", "pipeline", "params")
+# Params that change what a stage shows or how often it checkpoints, never what it trains or evaluates: left out
+# of the checkpoint key (a resumed run repeats an unbroken one whatever the checkpoint schedule; tests say so).
+DISPLAY_ONLY = {"reward": ("checkpoint_every", "report_records"), "ppo": ("checkpoint_every", "report_images"),
+                "evaluate": ("report_images",)}
 
 
 def stage_spec(name):
@@ -149,14 +153,14 @@ def cache_dir(run, stage):
     return outputs_root() / run / ".cache" / stage_spec(stage).name
 
 
-def stale_checkpoints(run, stage, fingerprint):
-    """Folders in the stage's cache that are named by a fingerprint (its first 16 hex digits) other than
-    `fingerprint`: checkpoints and kept records of earlier params, code or inputs. The caches that serve every
+def stale_checkpoints(run, stage, key):
+    """Folders in the stage's cache that are named by a checkpoint key (its first 16 hex digits) other than
+    `key`: checkpoints and kept records of earlier params, code or inputs. The caches that serve every
     fingerprint (LLM and verifier answers, judge replies, vision features) are named otherwise and never listed."""
     folder = cache_dir(run, stage)
     if not folder.is_dir():
         return []
-    return sorted(path for path in folder.iterdir() if path.is_dir() and path.name != fingerprint[:16]
+    return sorted(path for path in folder.iterdir() if path.is_dir() and path.name != key[:16]
                   and len(path.name) == 16 and all(c in "0123456789abcdef" for c in path.name))
 
 
@@ -236,16 +240,23 @@ def upstream_hashes(stage, run, params_path=None, params_run=None, params=None):
     return hashes
 
 
-def fingerprint(params, stage, run=None, params_path=None, notebooks=None):
+def fingerprint(params, stage, run=None, params_path=None, notebooks=None, for_checkpoints=False):
     """sha256 over the stage's params sections, notebook source, module sources and upstream artifacts; for stage
     05 also the validation batch size and the DeepSpeed config file's contents, for stage 06 the artifacts of the
-    compare runs' stage 05 (their policies are evaluated too)."""
+    compare runs' stage 05 (their policies are evaluated too). `for_checkpoints`: the key of the stage's training
+    checkpoints and kept records, which leaves out what cannot change them (markdown cells, DISPLAY_ONLY params),
+    so that editing a notebook's prose or a report size re-runs the stage from its last checkpoint."""
     spec = stage_spec(stage)
     run = run or params.run
     notebook = Path(notebooks or notebooks_dir()) / f"{spec.name}.ipynb"
+    sections, cells = params_subset(params, spec.name), notebook_source(notebook)
+    if for_checkpoints:
+        sections = {name: {key: value for key, value in values.items() if key not in DISPLAY_ONLY.get(name, ())}
+                    if isinstance(values, dict) else values for name, values in sections.items()}
+        cells = [cell for cell in cells if cell[0] == "code"]
     parts = {
-        "params": params_subset(params, spec.name),
-        "notebook": notebook_source(notebook),
+        "params": sections,
+        "notebook": cells,
         "modules": module_sources(spec.modules),
         "inputs": upstream_hashes(spec.name, run, params_path, params.run, params),
     }
@@ -444,6 +455,7 @@ class StageContext:
         self.run = check_run_name(run or self.params.run)
         self.inputs = upstream_hashes(self.stage, self.run, params_path, self.params.run, self.params)   # fails early
         self.fingerprint = fingerprint(self.params, self.stage, self.run, params_path)
+        self.checkpoint_key = fingerprint(self.params, self.stage, self.run, params_path, for_checkpoints=True)
         self.final_dir = final_dir(self.run, self.stage)
         self.by_hand = work_dir is None
         if self.by_hand:   # run in JupyterLab: start a fresh partial folder, promote it in finish()
@@ -454,6 +466,7 @@ class StageContext:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = cache_dir(self.run, self.stage)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir = self.cache_dir / self.checkpoint_key[:16]   # training checkpoints, kept records
         self.rows = {}
         self.started = _now()
         self._t0 = time.monotonic()
@@ -511,6 +524,7 @@ class StageContext:
             "params_path": str(self.params_path),
             "params": params_subset(self.params, self.stage),
             "fingerprint": self.fingerprint,
+            "checkpoint_key": self.checkpoint_key,
             "inputs": self.inputs,
             "artifacts": artifacts,
             "artifacts_hash": sha256_text(canonical_json(artifacts)),

@@ -122,8 +122,8 @@ def test_runs_skips_and_reruns_what_changed(ws):
 
 
 CHECKPOINTING = """
-(ctx.cache_dir / ctx.fingerprint[:16]).mkdir(parents=True, exist_ok=True)
-(ctx.cache_dir / ctx.fingerprint[:16] / "checkpoint.bin").write_bytes(b"x" * 1000)
+ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+(ctx.checkpoint_dir / "checkpoint.bin").write_bytes(b"x" * 1000)
 (ctx.cache_dir / "llm").mkdir(exist_ok=True)                  # a cache every fingerprint shares
 (ctx.cache_dir / "llm" / f"{ctx.fingerprint[:8]}.json").write_text("{}")
 """
@@ -136,7 +136,7 @@ def test_prune_deletes_checkpoints_of_earlier_fingerprints_of_the_selected_stage
     ws.params.write_text(PARAMS_TEXT.replace("n_eval: 3", "n_eval: 5"))    # both stages get new fingerprints
     assert ws.run(stages="00-01") == ["run", "run"]
     cache = ws.outputs / "t" / ".cache"
-    current = {name: ws.manifest(name)["fingerprint"][:16] for name in ("00_data", "01_base_models")}
+    current = {name: ws.manifest(name)["checkpoint_key"][:16] for name in ("00_data", "01_base_models")}
     assert all(len([p for p in (cache / name).iterdir() if p.name != "llm"]) == 2 for name in current)
 
     assert ws.run(stages="01", prune=True) == ["skip"]                      # up to date: only pruned
@@ -147,6 +147,46 @@ def test_prune_deletes_checkpoints_of_earlier_fingerprints_of_the_selected_stage
     assert ws.run(stages="00-01", prune=True) == ["skip", "skip"]
     assert sorted(p.name for p in (cache / "00_data").iterdir()) == sorted([current["00_data"], "llm"])
     assert (cache / "00_data" / current["00_data"] / "checkpoint.bin").is_file()
+
+
+def test_a_prose_edit_reruns_a_stage_from_its_checkpoints(ws):
+    """The checkpoint key leaves out markdown: the stage runs again (its notebook changed) and finds its checkpoint."""
+    body = STAGE_00 + 'ctx.write_json("resumed.json", (ctx.checkpoint_dir / "checkpoint.bin").is_file())\n' + CHECKPOINTING
+    ws.notebook("00_data", body)
+    assert ws.run(stages="00") == ["run"]
+    assert json.loads((ws.final("00_data") / "resumed.json").read_text()) is False
+    notebook = make_notebook("00_data", body)
+    notebook.cells[0].source = "# 00 data\n\nWhat this stage does, told better."
+    nbformat.write(notebook, ws.notebooks / "00_data.ipynb")
+    assert ws.run(stages="00") == ["run"]
+    assert json.loads((ws.final("00_data") / "resumed.json").read_text()) is True
+    ws.notebook("00_data", body + "# a code edit")
+    assert ws.run(stages="00") == ["run"]
+    assert json.loads((ws.final("00_data") / "resumed.json").read_text()) is False
+
+
+def test_checkpoint_key_leaves_out_markdown_and_display_only_params_only(ws):
+    names = [spec.name for spec in S.STAGES]
+    for name in names[:names.index("05_ppo")]:
+        S.write_text(ws.outputs / "t" / name / "manifest.json", json.dumps({"artifacts_hash": name, "inputs": {}}))
+
+    def keys(text=PARAMS_TEXT):
+        ws.params.write_text(text)
+        params = P.load(ws.params)
+        return S.fingerprint(params, "05_ppo"), S.fingerprint(params, "05_ppo", for_checkpoints=True)
+    ws.notebook("05_ppo", "pass")
+    fingerprint, key = keys()
+    assert fingerprint != key
+    notebook = make_notebook("05_ppo", "pass")
+    notebook.cells[0].source = "# PPO, retold"
+    nbformat.write(notebook, ws.notebooks / "05_ppo.ipynb")
+    assert keys() == (keys()[0], key) and keys()[0] != fingerprint
+    shown = PARAMS_TEXT + "ppo:\n  checkpoint_every: 3\n  report_images: 2\nreward:\n  report_records: 5\n"
+    assert keys(shown)[1] == key and keys(shown)[0] != keys()[0]
+    assert keys(PARAMS_TEXT + "ppo:\n  beta: 0.3\n")[1] != key                # what it trains
+    assert keys(PARAMS_TEXT + "reward:\n  checkpoint_every: 7\n  lr: 0.5\n")[1] != key
+    ws.notebook("05_ppo", "pass\n# a code edit")
+    assert keys()[1] != key
 
 
 def test_failing_cell_names_stage_and_cell_and_keeps_final(ws, capsys):
