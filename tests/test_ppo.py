@@ -179,12 +179,15 @@ def test_whitened_rewards_are_scaled_not_shifted(tiny):
     plain = _trainer(tiny, _settings(max_new_tokens=16, sparse=True))
     token_ids, ends = plain.rollout(images, list(range(6)), seed=2)
     labels = plain.score(images, token_ids, ends)
-    raw = plain.make_batch(images, list(range(6)), token_ids, ends, labels).fine_grained
+    raw_batch = plain.make_batch(images, list(range(6)), token_ids, ends, labels)
+    raw, response_tokens = raw_batch.fine_grained, raw_batch.mask.bool()
     whitened = _trainer(tiny, _settings(max_new_tokens=16, sparse=True, whiten_rewards=True)).make_batch(
         images, list(range(6)), token_ids, ends, labels).fine_grained
     assert raw.abs().sum() > 0 and torch.equal(whitened == 0, raw == 0)   # still only on the last tokens
-    mask = (raw != 0) | (whitened != 0)
-    assert torch.allclose(whitened[mask] / raw[mask], (whitened[mask] / raw[mask])[:1].expand(int(mask.sum())))
+    # divided by the standard deviation over every response token (the zeros between the last tokens included)
+    std = torch.sqrt(raw[response_tokens].var(unbiased=False) + 1e-8)
+    assert torch.allclose(whitened, raw / std, atol=1e-6)
+    assert not torch.allclose(std, torch.ones(())) and not torch.allclose(whitened, raw)
 
 
 def test_prompt_images_pass_through_every_image_once_per_pass():
