@@ -143,7 +143,7 @@ def test_verifier_asks_each_image_question_pair_once_across_batches(tmp_path):
     assert [r["verdict"] for r in out] == [True, False, True, False, True, False, False, True]
 
 
-def test_sampling_resumes_with_identical_samples(tokenizer, tmp_path):
+def test_sampling_resumes_with_identical_samples(tokenizer, tmp_path, monkeypatch):
     arch = params.TinyArchParams(vision_hidden=32, text_hidden=32, text_layers=1, vision_layers=1, heads=2)
     processor = models.build_tiny_processor(tokenizer, 32, 8)
     model = models.build_tiny_llava(arch, 32, tokenizer, seed=0).eval()
@@ -153,8 +153,15 @@ def test_sampling_resumes_with_identical_samples(tokenizer, tmp_path):
     straight = feedback.sample_responses(model, processor, scenes, images, sampling, 0, tmp_path / "a")
     assert len(straight) == 10 and [r["response_id"] for r in straight[:3]] == ["0-0", "0-1", "1-0"]
     (tmp_path / "a" / "batch_00001.jsonl").unlink()                # as if killed before batch 1 was written
+    calls = []
+    sample = feedback.rollout.sample
+    monkeypatch.setattr(feedback.rollout, "sample", lambda model, processor, chunk, *a, **k: (
+        calls.append((len(chunk), k["seed"])), sample(model, processor, chunk, *a, **k))[1])
     resumed = feedback.sample_responses(model, processor, scenes, images, sampling, 0, tmp_path / "a")
     assert resumed == straight
+    # 2 images a batch (4 // 2 samples): batches 0 and 2 come from the cache; only batch 1 (images 2 and 3, twice
+    # each, seed 0 * 100003 + 1) is sampled again
+    assert calls == [(4, 1)]
     image_id = processor.tokenizer.image_token_id
     for record in straight:
         assert image_id not in record["token_ids"]
