@@ -167,6 +167,34 @@ def coco_pope_rows(instances, preferred, n, n_objects=3, seed=0, suffix=""):
     return [{**row, "image": file_name_of[row["image_id"]]} for row in rows]
 
 
+def _negatives_by_image(rows):
+    """{image_id: {sampler: frozenset of the absent objects asked about}}, images in the rows' order."""
+    negatives = {}
+    for row in rows:
+        sets = negatives.setdefault(row["image_id"], {})
+        sets.setdefault(row["sampler"], set())
+        if row["label"] == "no":
+            sets[row["sampler"]].add(row["object"])
+    return {image: {sampler: frozenset(objects) for sampler, objects in sets.items()}
+            for image, sets in negatives.items()}
+
+
+def images_whose_samplers_agree(rows):
+    """(images whose samplers asked about the same absent objects, images): where they agree, the samplers' rows
+    of a split measure the same questions (few categories: the synthetic world's six shapes)."""
+    negatives = _negatives_by_image(rows)
+    return sum(len(set(sets.values())) == 1 for sets in negatives.values()), len(negatives)
+
+
+def pope_rows_of_an_image_where_samplers_differ(rows):
+    """The POPE rows of the first image whose samplers drew different absent objects (of the first image when
+    none did)."""
+    negatives = _negatives_by_image(rows)
+    differing = [image for image, sets in negatives.items() if len(set(sets.values())) > 1]
+    chosen = differing[0] if differing else next(iter(negatives), None)
+    return [row for row in rows if row["image_id"] == chosen]
+
+
 def _image_id_from_name(name):
     digits = re.findall(r"\d+", Path(name).stem)
     return int(digits[-1]) if digits else None

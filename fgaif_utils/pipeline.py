@@ -67,6 +67,22 @@ def execute(notebook, output, params_path, run, work_dir):
         kernel_name="python3", language="python", progress_bar=False, cwd=str(S.REPO_ROOT), config=encrypted)
 
 
+def keep_rerunnable(executed, stage_name, params_path, run):
+    """Rewrite the parameters papermill injected into an executed copy: the params path relative to the repository,
+    and no work_dir (the runner's partial folder, gone after the run). The copy then re-runs from anywhere, as the
+    notebook in notebooks/ does, instead of writing into a hidden folder of the machine that made it."""
+    import nbformat
+    notebook = nbformat.read(str(executed), as_version=4)
+    for cell in notebook.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.source = (f"# The pipeline runner ran this copy with these params and run (in a work folder of its own,\n"
+                           f"# now this stage's folder). To run the stage again, open notebooks/{stage_name}.ipynb\n"
+                           f"# or run `python -m fgaif_utils.pipeline {S.shown_path(params_path)} --stages "
+                           f"{stage_name[:2]}`.\n"
+                           f"params_path = {S.shown_path(params_path)!r}\nrun = {run!r}\nwork_dir = None\n")
+    nbformat.write(notebook, str(executed))
+
+
 def failure_message(name, err):
     from papermill.exceptions import PapermillExecutionError
     if isinstance(err, PapermillExecutionError):
@@ -127,6 +143,7 @@ def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
             os.replace(executed, S.failed_notebook(run, name))
             return fail(failure_message(name, err) + f"\n  executed notebook: {S.failed_notebook(run, name)}")
         return fail(failure_message(name, err))
+    keep_rerunnable(executed, name, params_path, run)
     manifest = S.read_manifest(partial)
     if manifest is None:
         return fail(f"stage {name} failed: the notebook did not call ctx.finish() (no {S.MANIFEST} in {partial})")

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from . import scorer
 
 CURVES = [
-    ("fine-grained reward / response", ["reward_fine_grained", "reward_object", "reward_attribute", "reward_relation",
+    ("reward-model reward / response", ["reward_fine_grained", "reward_object", "reward_attribute", "reward_relation",
                                         "reward_holistic"]),
     ("KL to reference (nats / response)", ["kl"]),
     ("response length (tokens)", ["response_length"]),
@@ -20,6 +20,11 @@ CURVES = [
     ("explained variance", ["explained_variance"]),
     ("advantage: hallucinated − correct", ["advantage_contrast"]),
 ]
+
+
+# reward_fine_grained is what PPO paid per response: the types' +1 / -1 times their weights, plus the claim bonus,
+# nothing for repeated sub-sentences (ppo.reward_repeats: false), scaled; the per-type curves are the plain +1 / -1.
+CURVE_LABELS = {"reward_fine_grained": "paid (weights, bonus, repeats)"}
 
 
 def _smooth(values, window):
@@ -42,11 +47,13 @@ def training_curves(log, window=5):
             if not values or any(v is None for v in values):
                 continue
             line, = ax.plot(its, values, lw=0.6, alpha=0.5)
-            ax.plot(its, _smooth(values, window), lw=1.8, color=line.get_color(), label=key.replace("reward_", ""))
+            ax.plot(its, _smooth(values, window), lw=1.8, color=line.get_color(), label=CURVE_LABELS.get(
+                key, key.replace("reward_", "")))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration", fontsize=8)
         if len(keys) > 1:
             ax.legend(fontsize=7)
+    fig.suptitle(f"PPO diagnostics per iteration (thin: as logged; thick: moving average of {window})", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -54,8 +61,8 @@ def training_curves(log, window=5):
 VALIDATION_CURVES = [
     ("validation: ground-truth hallucination rate (greedy)",
      ["val_gt_object_error_rate", "val_gt_attribute_error_rate", "val_gt_relation_error_rate"]),
-    ("validation: coverage, sentences, repeats", ["val_gt_coverage", "val_gt_mean_sentences",
-                                                  "val_gt_duplicate_sentence_rate"]),
+    ("validation: coverage (ground truth)", ["val_gt_coverage"]),
+    ("validation: sentences, repeated-sentence rate", ["val_gt_mean_sentences", "val_gt_duplicate_sentence_rate"]),
     ("validation: reward-model reward / response", ["val_reward_object", "val_reward_attribute",
                                                     "val_reward_relation", "val_reward_holistic"]),
 ]
@@ -64,8 +71,8 @@ VALIDATION_CURVES = [
 def validation_curves(log):
     """The validation split (never eval) over iterations: what the truth says, and what the reward models say."""
     rows = [r for r in log if any(k.startswith("val_") for k in r)]
-    fig = Figure(figsize=(13, 3.4))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(17, 3.4))
+    axes = fig.subplots(1, len(VALIDATION_CURVES))
     for ax, (title, keys) in zip(axes, VALIDATION_CURVES):
         for key in keys:
             points = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]

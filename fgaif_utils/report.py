@@ -12,7 +12,9 @@ output is untrusted.
 import base64
 import html
 import io
+import re
 from collections import Counter
+from html.parser import HTMLParser
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -379,3 +381,97 @@ def labels_report_html(records, facts, image_loader=None, title="AI feedback", m
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>\n"
             f"{_metrics_tables(records, facts)}\n<h2>Responses</h2>\n{body}\n</body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------- in a notebook
+
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+def _css_rules(css):
+    """[(selector as [(tag or None, {classes})], declarations)] of a style sheet of simple selectors: an optional
+    tag and classes, combined by descendance (`table.metrics td`), comma lists split."""
+    rules = []
+    for selectors, declarations in re.findall(r"([^{}]+)\{([^{}]*)\}", re.sub(r"/\*.*?\*/", "", css, flags=re.S)):
+        declarations = " ".join(declarations.split()).strip().rstrip(";")
+        for selector in selectors.split(","):
+            compounds = []
+            for compound in selector.split():
+                tag, *classes = compound.split(".")
+                compounds.append((tag or None, set(classes)))
+            rules.append((compounds, declarations))
+    return rules
+
+
+def _matches(compound, element):
+    tag, classes = compound
+    return (tag is None or tag == element[0]) and classes <= element[1]
+
+
+def _selects(compounds, element, ancestors):
+    """Does a descendant selector pick `element` (tag, classes) under `ancestors` (outermost first)?"""
+    if not _matches(compounds[-1], element):
+        return False
+    wanted = list(compounds[:-1])
+    for ancestor in reversed(ancestors):
+        if wanted and _matches(wanted[-1], ancestor):
+            wanted.pop()
+    return not wanted
+
+
+class _StyleInliner(HTMLParser):
+    """Re-writes a page's body with every style rule copied into the style attributes of the elements it selects;
+    text and attribute values are escaped again on the way out."""
+
+    def __init__(self, rules):
+        super().__init__(convert_charrefs=True)
+        self.rules, self.out, self.ancestors, self.in_body = rules, [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "body" or not self.in_body:
+            self.in_body = self.in_body or tag == "body"
+            return
+        attrs = dict(attrs)
+        element = (tag, set((attrs.get("class") or "").split()))
+        styles = [d for compounds, d in self.rules if d and _selects(compounds, element, self.ancestors)]
+        if attrs.get("style"):
+            styles.append(attrs["style"].strip().rstrip(";"))   # its own style comes last: it wins
+        if styles:
+            attrs["style"] = "; ".join(styles)
+        text = "".join(f' {name}="{html.escape(value or "", quote=True)}"' for name, value in attrs.items())
+        self.out.append(f"<{tag}{text}>")
+        if tag not in VOID_TAGS:
+            self.ancestors.append(element)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID_TAGS:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag):
+        if tag == "body":
+            self.in_body = False
+        if not self.in_body or tag in VOID_TAGS:
+            return
+        if self.ancestors:
+            self.ancestors.pop()
+        self.out.append(f"</{tag}>")
+
+    def handle_data(self, data):
+        if self.in_body:
+            self.out.append(html.escape(data, quote=False))
+
+
+def notebook_view(page):
+    """One of this project's self-contained pages as a fragment for a notebook's output: its <style> rules copied
+    into style attributes, <head> dropped. JupyterLab removes <style> blocks from a notebook it does not trust (an
+    executed copy opened later: the colours were gone) and applies them to the whole application in one it does
+    (a `body` rule restyled JupyterLab); style attributes work in both. The `body` rules style a wrapping <div>."""
+    css = "\n".join(re.findall(r"<style[^>]*>(.*?)</style>", page, flags=re.S | re.I))
+    rules = _css_rules(css)
+    wrapper = "; ".join(d for compounds, d in rules if compounds == [("body", set())] and d)
+    inliner = _StyleInliner([(c, d) for c, d in rules if c != [("body", set())]])
+    inliner.feed(page if re.search(r"<body[\s>]", page, flags=re.I) else f"<body>{page}</body>")
+    inliner.close()
+    return f'<div style="{html.escape(wrapper, quote=True)}">{"".join(inliner.out)}</div>'
+

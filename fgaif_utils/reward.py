@@ -22,6 +22,7 @@ none (README "Relations: an XOR the gradient does not see").
 import contextlib
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -900,6 +901,29 @@ def _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, sta
     elif epoch + 1 >= epochs:
         state["done"] = True
     return best
+
+
+def train_all(rm, examples, pixels, settings, seed, checkpoint_dir):
+    """Stage 04's training: every type's adapter in turn through train_type with the `reward` params `settings`
+    (balanced class weights when asked), each checkpointing into checkpoint_dir/<type>. Returns ({type: history},
+    {type: seconds})."""
+    histories, seconds = {}, {}
+    for index, fact_type in enumerate(rm.types):
+        t0 = time.monotonic()
+        weights = None
+        if settings.class_weights == "balanced":
+            weights = balanced_class_weights(examples["train"], fact_type, twin_share=settings.twin_share)
+            print(f"{fact_type}: class weights (n/a, correct, hallucinated) {[round(w, 3) for w in weights.tolist()]}")
+        histories[fact_type] = h = train_type(
+            rm, fact_type, examples["train"], examples["dev"], pixels, lr=settings.lr, batch_size=settings.batch_size,
+            epochs=settings.epochs_of(fact_type), patience=settings.patience, seed=seed * 100 + index,
+            checkpoint_dir=Path(checkpoint_dir) / fact_type, checkpoint_every=settings.checkpoint_every,
+            eval_batch_size=settings.eval_batch_size, class_weights=weights, lr_schedule=settings.lr_schedule,
+            twin_share=settings.twin_share, ema_decay=settings.ema_decay)
+        seconds[fact_type] = round(time.monotonic() - t0, 1)
+        print(f"{fact_type}: {h['step']} steps, best dev macro-F1 {h['best_f1']:.3f} at epoch {h['best_epoch']}"
+              f"{' (stopped early)' if h['stopped_early'] else ''}, {seconds[fact_type]} s")
+    return histories, seconds
 
 
 def _history(state):

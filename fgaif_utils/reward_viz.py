@@ -76,6 +76,26 @@ def metrics_table(evaluation):
     return "\n".join(lines)
 
 
+def below_baselines(evaluation):
+    """One line per type and reference where the reward model does not beat a constant guess: its hallucination
+    F1 at most the always-hallucinated F1, or its accuracy where judged at most the majority class's. PPO still
+    uses such a model's reward (its weight is a param); the line says that reward carries no signal."""
+    lines = []
+    for fact_type, entry in evaluation.items():
+        for source in ("ai", "gt"):
+            if source not in entry:
+                continue
+            m, b = entry[source], entry[f"baseline_{source}"]
+            failed = [f"{label} {_fmt(mine)} <= {_fmt(theirs)} ({baseline})" for label, mine, theirs, baseline in (
+                ("halluc. F1", m["f1"], b["always_hallucinated_f1"], "always hallucinated"),
+                ("accuracy where judged", m["applicable_accuracy"], b["majority_accuracy"], "majority class"))
+                if mine is not None and theirs is not None and mine <= theirs]
+            if failed:
+                lines.append(f"the {fact_type} reward model does not beat a constant guess against the "
+                             f"{SOURCE_NAMES[source]}: {'; '.join(failed)}")
+    return lines
+
+
 def metrics_figure(evaluation):
     """Bars per type: macro-F1 and hallucination precision / recall / F1, one panel per reference; the best
     constant guess's hallucination F1 (always hallucinated) as a black tick."""
@@ -95,6 +115,7 @@ def metrics_figure(evaluation):
                    marker="_", s=300, color="black", label="always-halluc. F1", zorder=3)
         ax.set_xticks(xs, types)
         ax.set_ylim(0, 1)
+        ax.set_ylabel("score on held-out responses")
         ax.set_title(f"held-out, against {SOURCE_NAMES[source]}", fontsize=10)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()

@@ -48,11 +48,11 @@ class StageSpec:
 # params.py is not hashed: what it means for a stage is already in the hashed params values (defaults included),
 # so adding a field for a later stage does not re-run the earlier ones.
 DATA_MODULES = ("language", "world", "coco", "viz")
-BASE_MODULES = DATA_MODULES + ("models", "tiny_train", "scorer", "facts", "detector")
-SAMPLE_MODULES = BASE_MODULES + ("segment", "feedback", "rollout")
+BASE_MODULES = DATA_MODULES + ("models", "tiny_train", "scorer", "facts", "segment", "detector")
+SAMPLE_MODULES = BASE_MODULES + ("feedback", "rollout")
 FEEDBACK_MODULES = SAMPLE_MODULES + ("llm", "report")
 REWARD_MODULES = FEEDBACK_MODULES + ("reward", "reward_viz")
-PPO_MODULES = REWARD_MODULES + ("ppo", "launch")
+PPO_MODULES = REWARD_MODULES + ("ppo", "ppo_viz", "launch")
 EVALUATE_MODULES = PPO_MODULES + ("evaluate", "coco_synonyms")
 ALL_MODULES = ("*",)
 BASE_STAGE, POLICY_STAGE, COMPARING_STAGE = "01_base_models", "05_ppo", "06_evaluate"
@@ -325,6 +325,13 @@ def artifact_hashes(folder, skip=()):
 
 # ---- atomic writes -----------------------------------------------------------------------------------
 
+def shown_path(path):
+    """A path as printed and recorded: relative to the repository when inside it (no machine's folders in the
+    outputs someone else opens), absolute otherwise."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def remove_path(path):
     """Delete a file, link or folder if it exists."""
     if path.is_dir() and not path.is_symlink():
@@ -521,7 +528,7 @@ class StageContext:
         manifest = {
             "stage": self.stage,
             "run": self.run,
-            "params_path": str(self.params_path),
+            "params_path": shown_path(self.params_path),
             "params": params_subset(self.params, self.stage),
             "fingerprint": self.fingerprint,
             "checkpoint_key": self.checkpoint_key,

@@ -54,6 +54,7 @@ def _bars(ax, counts, title, colours=None):
     names = list(counts)
     ax.bar(names, [counts[k] for k in names], color=colours or "tab:blue", edgecolor="black", linewidth=0.5)
     ax.set_title(title, fontsize=10)
+    ax.set_ylabel("count", fontsize=8)
     ax.tick_params(axis="x", labelrotation=45, labelsize=8)
 
 
@@ -80,6 +81,7 @@ def world_stats_figure(stats):
                width=width, label=split)
     ax.set_xticks(counts)
     ax.set_title("objects per image (share of split)", fontsize=10)
+    ax.set_ylabel("share of the split's images", fontsize=8)
     ax.legend(fontsize=7)
 
     ax = axes[1, 2]
@@ -95,6 +97,7 @@ def world_stats_figure(stats):
                fill=False, hatch="//", edgecolor="black")
         ax.set_xticks(list(xs), ["object", "colour", "relation", "sys colour\n(per object)"], fontsize=8)
         ax.set_title(f"noise injections (clean captions: {noise['clean']:.2f})", fontsize=10)
+        ax.set_ylabel("share of captions (or of objects)", fontsize=8)
         ax.legend(fontsize=7)
     else:
         ax.set_axis_off()
@@ -161,7 +164,8 @@ def profile_figure(profiles):
     ax.set_xticks(np.arange(len(keys)) + width * (len(profiles) - 1) / 2)
     ax.set_xticklabels([name for name, _ in keys])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("rate")
+    ax.set_ylabel("share")
+    ax.set_title("base policy on eval: hallucination rates per type (lower is better), coverage (higher)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -217,8 +221,10 @@ def length_histograms(lengths, n_subsentences):
     left, right = fig.subplots(1, 2)
     left.hist(lengths, bins=30)
     left.set_xlabel("tokens per response")
+    left.set_ylabel("responses")
     right.hist(n_subsentences, bins=np.arange(0, max(n_subsentences, default=0) + 2) - 0.5)
     right.set_xlabel("sub-sentences per response")
+    right.set_ylabel("responses")
     fig.tight_layout()
     return fig
 

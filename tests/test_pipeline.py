@@ -98,6 +98,12 @@ def test_runs_skips_and_reruns_what_changed(ws):
     assert m01["inputs"] == {"00_data": m00["artifacts_hash"]}
     assert (ws.final("00_data") / "00_data.ipynb").is_file()
     assert not (ws.outputs / "t" / ".00_data.partial").exists()
+    # the executed copy re-runs by hand: no runner's work folder in its parameters (it would write to a hidden one)
+    injected = [c for c in nbformat.read(ws.final("00_data") / "00_data.ipynb", as_version=4).cells
+                if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "work_dir = None" in injected[0].source and "run = 't'" in injected[0].source
+    assert f"params_path = {str(ws.params)!r}" in injected[0].source and ".partial" not in injected[0].source
+    assert m00["params_path"] == str(ws.params)                       # outside the repository: as it is
 
     start = time.monotonic()
     assert ws.run() == ["skip", "skip", "missing"]
@@ -350,6 +356,38 @@ def test_fingerprint_follows_source_params_and_upstream(ws):
         S.write_text(ws.final("00_data") / "manifest.json", json.dumps({"artifacts_hash": artifacts_hash}))
         fingerprints.append(S.fingerprint(params, "01_base_models"))
     assert fingerprints[0] != fingerprints[1]                            # upstream artifacts feed downstream
+
+
+def _fgaif_imports(source, anywhere):
+    """fgaif_utils modules a source imports: at its top level (a module; a function's lazy import is left out), or
+    anywhere (a notebook's cells)."""
+    import ast
+    tree = ast.parse(source)
+    nodes = ast.walk(tree) if anywhere else tree.body
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("fgaif_utils", ""):
+            inside = (node.module or "").split(".")[1:] if node.module and node.module.startswith("fgaif_utils") \
+                else ([node.module] if node.module else [])
+            found |= set(inside[:1]) if inside else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("fgaif_utils.")}
+    return {name for name in found if (S.PACKAGE_DIR / f"{name}.py").is_file()}
+
+
+@pytest.mark.parametrize("spec", S.STAGES, ids=lambda spec: spec.name)
+def test_a_stage_hashes_every_module_its_notebook_reaches(spec):
+    """Else editing such a module leaves the stage "up to date" with what the old code made (ppo_viz for stage
+    05's plots and segment, which the scorer imports, for stage 01's profile were missing)."""
+    notebook = nbformat.read(S.REPO_ROOT / "notebooks" / f"{spec.name}.ipynb", as_version=4)
+    todo = _fgaif_imports("\n".join(c.source for c in notebook.cells if c.cell_type == "code"), anywhere=True)
+    reached = set()
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo |= _fgaif_imports((S.PACKAGE_DIR / f"{name}.py").read_text(), anywhere=False)
+    assert reached and reached - set(spec.modules) - set(S.NOT_HASHED) == set()
 
 
 def test_input_dir_only_reads_finished_earlier_stages(ws):

@@ -9,7 +9,7 @@ import pytest
 from matplotlib.image import imread
 
 from fgaif_utils.report import (agreement_figure, distribution_figure, fact_agreement, label_agreement,
-                                label_distribution, labels_report_html)
+                                label_distribution, labels_report_html, notebook_view)
 
 # (truth, AI) label pairs per type, one pair per sub-sentence; the types are zipped into sub-sentences below.
 OBJECT_PAIRS = ([(1, 1)] * 2 + [(0, 1)] + [(1, 0)] * 2 + [(0, 0)] * 4     # applicable: tp 2, fp 1, fn 2, tn 4
@@ -149,6 +149,33 @@ def test_html_escapes_everything_from_records():
     assert "a blue heart ." in page and "left of a star ." in page
 
 
+def test_notebook_view_moves_the_style_sheet_into_style_attributes_and_stays_escaped():
+    """JupyterLab drops <style> in an untrusted notebook and applies it to the whole app in a trusted one."""
+    records, facts = html_case()
+    view = notebook_view(labels_report_html(records, facts, title="<u>feedback</u>"))
+    assert "<style" not in view and "<title" not in view and "<head" not in view and "<body" not in view
+    assert view.startswith('<div style="font-family: sans-serif; font-size: 14px; margin: 20px; color: #222">')
+    # the response with the label mismatch: its box red (.response then .response.disagrees, in the sheet's order)
+    assert re.search(r'<div class="response disagrees" style="[^"]*border: 1px solid #ccc[^"]*'
+                     r'border-color: #c00; border-width: 2px"', view)
+    # the injected text stays text, on a green sub-sentence (AI labels say correct)
+    assert re.search(r'<span class="ss correct" title="[^"]*" style="padding: 1px 3px; border-radius: 3px; '
+                     r'background: #c8ecc8">&lt;script&gt;alert\(1\)&lt;/script&gt; a heart \.</span>', view)
+    assert "<script" not in view.lower() and "<u>" not in view and "&lt;u&gt;feedback&lt;/u&gt;" in view
+    # a descendant rule reaches the cells of the metrics tables only
+    assert re.search(r'<td style="border: 1px solid #ccc; padding: 2px 8px; text-align: right">', view)
+    assert view.count("<td") == view.count('<td style="border: 1px solid #ccc')
+
+
+def test_notebook_view_keeps_an_elements_own_style_last_and_handles_void_tags():
+    page = ("<html><head><style>.a { color: red } span.a.b { color: blue } p img { width: 5px }</style></head><body>"
+            "<p><img src='x?a=1&amp;b=2'><span class='a b' style='color: green'>x &amp; y</span><br/>"
+            "<span class='a'>z</span></p></body></html>")
+    assert notebook_view(page) == ('<div style=""><p><img src="x?a=1&amp;b=2" style="width: 5px">'
+                                   '<span class="a b" style="color: red; color: blue; color: green">x &amp; y</span>'
+                                   '<br><span class="a" style="color: red">z</span></p></div>')
+
+
 def test_html_marks_disagreements_first():
     records, facts = html_case()
     page = labels_report_html(records, facts)
@@ -245,3 +272,23 @@ def test_unlabelled_sub_sentences_are_shown_and_left_out_of_the_agreement():
     scores = [{"labels": np.array([[1, -1, -1], [1, -1, -1]]), "probs": np.full((2, 3, 3), 1 / 3)}]
     scored = reward_viz.scored_examples_html(records, scores, ["object", "attribute", "relation"])
     assert "AI no label" in scored and scored.count(" wrong") == 0
+
+
+def test_reward_models_that_do_not_beat_a_constant_guess_are_named():
+    from fgaif_utils import reward_viz
+
+    def entry(f1, accuracy, always_f1, majority):
+        return {"f1": f1, "applicable_accuracy": accuracy}, {"always_hallucinated_f1": always_f1,
+                                                             "majority_accuracy": majority}
+    evaluation = {}
+    for fact_type, ai, gt in (("object", entry(0.78, 0.80, 0.64, 0.53), entry(0.70, 0.73, 0.62, 0.55)),
+                              ("relation", entry(0.56, 0.60, 0.69, 0.52), entry(0.56, 0.47, 0.69, 0.53)),
+                              ("attribute", entry(None, None, None, None), entry(0.50, 0.70, 0.50, 0.65))):
+        evaluation[fact_type] = {"ai": ai[0], "baseline_ai": ai[1], "gt": gt[0], "baseline_gt": gt[1]}
+    assert reward_viz.below_baselines(evaluation) == [
+        "the relation reward model does not beat a constant guess against the AI labels: "
+        "halluc. F1 0.560 <= 0.690 (always hallucinated)",
+        "the relation reward model does not beat a constant guess against the ground truth: "
+        "halluc. F1 0.560 <= 0.690 (always hallucinated); accuracy where judged 0.470 <= 0.530 (majority class)",
+        "the attribute reward model does not beat a constant guess against the ground truth: "
+        "halluc. F1 0.500 <= 0.500 (always hallucinated)"]

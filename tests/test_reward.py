@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgaif_utils import feedback, models, params, reward, reward_viz
+from fgaif_utils import feedback, models, params, reward, reward_viz, stage
 
 torch.set_num_threads(1)
 PROMPT = "Describe this image in detail."
@@ -346,8 +346,9 @@ def test_weight_averaging_by_hand_and_the_kept_weights_are_the_average(tiny, tmp
     weights, averages = [], []
     for step in range(1, 10):
         _, history = _train(processor, folder, tmp_path / "steps", stop_after=step, ema_decay=decay)
-        weights.append(load_file(tmp_path / "steps" / "adapter.safetensors"))
-        averages.append(load_file(tmp_path / "steps" / "average.safetensors"))
+        _, files = stage.read_checkpoint(tmp_path / "steps", reward.CHECKPOINT_FILES)   # the set state.json names
+        weights.append(load_file(files["adapter.safetensors"]))
+        averages.append(load_file(files["average.safetensors"]))
     assert history["done"] and history["step"] == 9
     expected = initial
     for step, (w, a) in enumerate(zip(weights, averages), start=1):
