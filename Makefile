@@ -151,4 +151,4 @@ test: setup
 	$(PY) -m pytest -q tests
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab

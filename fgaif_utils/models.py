@@ -184,7 +184,7 @@ def resolve_checkpoint(name_or_path, local_files_only=True):
         raise ModelLoadError(
             f"{name_or_path!r} is not in the local Hugging Face cache and models.local_files_only is set "
             f"({err.__class__.__name__}). Download it where there is network "
-            f"(`huggingface-cli download {name_or_path} --local-dir DIR`), copy DIR here and set the params key "
+            f"(`hf download {name_or_path} --local-dir DIR`), copy DIR here and set the params key "
             f"to that folder, or point HF_HOME at a cache that holds it.") from err
 
 
@@ -212,7 +212,7 @@ def load_lvlm(name_or_path, dtype="float32", device="auto", load_in_4bit=False, 
             raise ModelLoadError(f"could not load the llava-hf checkpoint in {name_or_path!r}: {err}") from err
         raise ModelLoadError(
             f"could not load {name_or_path!r} from the Hugging Face hub cache ({err.__class__.__name__}). "
-            f"With no network, download it elsewhere (`huggingface-cli download {name_or_path} --local-dir DIR`), "
+            f"With no network, download it elsewhere (`hf download {name_or_path} --local-dir DIR`), "
             f"copy DIR here and set models.policy / models.verifier to that local path (e.g. /data/llava-1.5-7b-hf), "
             f"or point HF_HOME at a cache that holds it.") from err
     if load_in_4bit:
