@@ -689,6 +689,37 @@ def records_of_policy(cache_folder, name, evaluate_fn):
     return records, False
 
 
+def evaluate_policies(sources, base_path, params, inputs, kept_records, judge=None, versions=None):
+    """Every policy of `sources` ({label: adapter folder or None}) on the same images and questions, one in memory
+    at a time: its records read back from `kept_records` when an earlier run of this stage finished it, else
+    evaluated (evaluate_policy, and the judged benchmarks when `judge` is given) and kept there. `inputs`:
+    evaluation_inputs' (scenes_by_split, pope_by_split, load_image, vocabulary, synthetic). Returns the records of
+    all policies, in the order of `sources`."""
+    import gc
+    scenes_by_split, pope_by_split, load_image, vocabulary, synthetic = inputs
+    P, EP = params, params.evaluate
+
+    def evaluate_one(label, adapter):
+        model, processor = load_policy(base_path, adapter, P.models.dtype, P.models.device, P.models.load_in_4bit,
+                                       P.models.local_files_only)
+        rows = evaluate_policy(model, processor, scenes_by_split, load_image, pope_by_split, vocabulary, synthetic,
+                               policy=label, prompt=P.sampling.prompt, batch_size=EP.batch_size,
+                               max_new_tokens=EP.max_new_tokens)
+        if judge is not None:
+            rows += run_judged_benchmarks(model, processor, label, EP, judge, EP.batch_size)
+        return rows
+
+    records = []
+    for label, adapter in sources.items():
+        name = policy_cache_name(label, adapter, versions or {})
+        rows, kept = records_of_policy(kept_records, name, lambda: evaluate_one(label, adapter))
+        if kept:
+            print(f"{label}: {len(rows)} records kept from an earlier run of this stage ({name})")
+        records += rows
+        gc.collect()
+    return records
+
+
 def policy_sources(own_adapter, compare_runs, final_dir, problem=None):
     """{label: adapter folder or None}: "base" (no adapter), "fgaif" (this run's adapter) and each compare run
     (its 05_ppo/policy_adapter, labelled by the run name), plus notes for the ones left out: missing, or what

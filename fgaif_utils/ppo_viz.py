@@ -88,15 +88,30 @@ def validation_curves(log):
     return fig
 
 
-def before_after_html(scenes, before_texts, after_texts, image_html=None):
-    """A table: per image, the truth, and the greedy descriptions before and after PPO with every fact coloured
-    by the ground-truth scorer (green correct, red hallucinated)."""
+def describe_before_and_after(policy, processor, images, seed, prompt, max_new_tokens):
+    """Greedy descriptions of `images` by the base policy (the PPO adapter disabled) and by the PPO policy (a peft
+    model with the adapter): (before, after) lists of texts."""
+    from . import tiny_train
+
+    def describe():
+        return tiny_train.describe_images(policy, processor, images, False, seed, prompt=prompt,
+                                          max_new_tokens=max_new_tokens)[1]
+    with policy.disable_adapter():
+        before = describe()
+    return before, describe()
+
+
+def before_after_html(scenes, before_texts, after_texts, images=None):
+    """A table: per image (uint8 arrays, optional), the truth, and the greedy descriptions before and after PPO with
+    every fact coloured by the ground-truth scorer (green correct, red hallucinated, grey not judged)."""
+    from .report import image_data_url
     rows = ["<table style='font-family:sans-serif;font-size:13px;border-collapse:collapse'>"
             "<tr><th>image</th><th>truth</th><th>before PPO</th><th>after PPO</th></tr>"]
     for k, (scene, before, after) in enumerate(zip(scenes, before_texts, after_texts)):
         truth = ", ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in scene["objects"])
         cells = [scorer.highlight_html(t, scorer.score_description(t, scene)["facts"]) for t in (before, after)]
-        picture = image_html(k) if image_html else html.escape(str(scene["image_id"]))
+        picture = (f'<img src="{image_data_url(images[k])}" alt="image {html.escape(str(scene["image_id"]))}">'
+                   if images is not None else html.escape(str(scene["image_id"])))
         rows.append(f"<tr style='border-top:1px solid #ccc;vertical-align:top'><td>{picture}</td>"
                     f"<td>{html.escape(truth)}</td><td>{cells[0]}</td><td>{cells[1]}</td></tr>")
     rows.append("</table>")

@@ -380,6 +380,15 @@ def param_bytes(module):
     return sum(seen.values())
 
 
+def scorer_memory(backbone_bytes, scorer_bytes, n_types):
+    """What one base with n_types adapters holds against one backbone, and against n_types separately loaded
+    reward models (a backbone and an adapter each)."""
+    adapter_bytes = (scorer_bytes - backbone_bytes) / n_types
+    return {"backbone_bytes": backbone_bytes, "scorer_bytes": scorer_bytes, "adapter_bytes_each": adapter_bytes,
+            "scorer_vs_one_backbone": scorer_bytes / backbone_bytes,
+            "separate_models_vs_one_backbone": n_types * (backbone_bytes + adapter_bytes) / backbone_bytes}
+
+
 class RewardModels:
     """One frozen backbone, one peft adapter + head per fact type, and the sequence layout they all read."""
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm   # text bars: they stream into papermill's live notebook and logs
 
-from . import language, models, stage
+from . import language, models, scorer, stage
 
 IGNORE = -100
 
@@ -247,6 +247,19 @@ def describe_images(model, processor, images, do_sample, seed, batch_size=100, m
         token_ids += ids
         texts += txt
     return token_ids, texts
+
+
+def hallucination_profile(model, processor, scenes, images, seed):
+    """What the ground-truth scorer says of a policy's descriptions of `images`, greedy and sampled:
+    ({mode: scorer.aggregate}, {mode: [(text, score)]})."""
+    profile, examples = {}, {}
+    for mode in ("greedy", "sampled"):
+        _, texts = describe_images(model, processor, images, do_sample=(mode == "sampled"), seed=seed,
+                                   desc=f"describe ({mode})")
+        scores = [scorer.score_description(text, scene) for text, scene in zip(texts, scenes)]
+        profile[mode] = scorer.aggregate(scores)
+        examples[mode] = list(zip(texts, scores))
+    return profile, examples
 
 
 def answer_questions(model, processor, images, questions, batch_size=200, desc="answer"):

@@ -292,3 +292,16 @@ def test_reward_models_that_do_not_beat_a_constant_guess_are_named():
         "halluc. F1 0.560 <= 0.690 (always hallucinated); accuracy where judged 0.470 <= 0.530 (majority class)",
         "the attribute reward model does not beat a constant guess against the ground truth: "
         "halluc. F1 0.500 <= 0.500 (always hallucinated)"]
+
+
+def test_before_after_page_embeds_the_images_and_escapes_the_descriptions():
+    from fgaif_utils import ppo_viz
+    scene = {"image_id": 5, "objects": [{"shape": "circle", "colour": "red", "size": "large", "cx": 10, "cy": 10}],
+             "relations": []}
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    page = ppo_viz.before_after_html([scene], ["a large red circle . <script>x</script>"], ["a large red circle ."],
+                                     [image])
+    assert page.count('<img src="data:image/png;base64,') == 1 and 'alt="image 5"' in page
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "large red circle" in page and "<td>large red circle</td>" in page    # the truth column
+    assert ppo_viz.before_after_html([scene], ["a ."], ["a ."]).count("<img") == 0   # no images: the id

@@ -806,3 +806,10 @@ def test_check_trainable_warns_per_empty_type_and_refuses_when_every_type_is_emp
         reward.check_trainable([record((-1, -1, -1))] * 3, reward.FACT_TYPES, "run/03/fg_labels.jsonl")
     holistic = reward.holistic_records([record((-1, 1, -1))])
     assert reward.check_trainable(holistic, ["holistic"], "x.jsonl") == []
+
+
+def test_scorer_memory_by_hand():
+    # one 100-byte base with three 10-byte adapters, against three bases with one adapter each
+    assert reward.scorer_memory(100, 130, 3) == {"backbone_bytes": 100, "scorer_bytes": 130, "adapter_bytes_each": 10,
+                                                 "scorer_vs_one_backbone": 1.3,
+                                                 "separate_models_vs_one_backbone": 3.3}
