@@ -30,6 +30,7 @@ sum of model scores / sum of reference scores * 100), through any OpenAI-compati
 A judge answer that cannot be read is an item with status "malformed" (JSON / regex parsing only, never eval).
 """
 import csv
+import gc
 import hashlib
 import html
 import io
@@ -48,7 +49,7 @@ from tqdm import tqdm
 from fgaif_utils import facts as facts_lib
 from fgaif_utils import language, llm, models, scorer, segment, world
 from fgaif_utils.coco_synonyms import COCO_SYNONYMS, IRREGULAR_PLURALS, NOT_OBJECTS
-from fgaif_utils.report import image_data_url
+from fgaif_utils.report import image_tag
 
 SYNTHETIC_SPLITS = ["eval", "eval_long", "eval_ood"]
 POPE_SAMPLERS = ["random", "popular", "adversarial"]
@@ -695,7 +696,6 @@ def evaluate_policies(sources, base_path, params, inputs, kept_records, judge=No
     evaluated (evaluate_policy, and the judged benchmarks when `judge` is given) and kept there. `inputs`:
     evaluation_inputs' (scenes_by_split, pope_by_split, load_image, vocabulary, synthetic). Returns the records of
     all policies, in the order of `sources`."""
-    import gc
     scenes_by_split, pope_by_split, load_image, vocabulary, synthetic = inputs
     P, EP = params, params.evaluate
 
@@ -1207,10 +1207,6 @@ def metrics_figure(summary, split, metrics, title=None):
     return fig
 
 
-def _image_tag(image):
-    return f'<img src="{image_data_url(np.asarray(image))}" style="width:160px;image-rendering:pixelated">'
-
-
 def _highlighted(record):
     """The description with its facts (synthetic) or CHAIR mentions (COCO) coloured; everything escaped."""
     if "facts" in record:
@@ -1239,7 +1235,7 @@ def examples_html(records, scenes, load_image=None, n=12, split="eval", title="P
     shown = [s for s in scenes if all(s["image_id"] in described[p] for p in policies)][:n]
     blocks = []
     for scene in shown:
-        image = _image_tag(load_image(scene)) if load_image else ""
+        image = image_tag(load_image(scene), style="width:160px;image-rendering:pixelated") if load_image else ""
         rows = "".join(f'<div class="pol"><span class="name">{html.escape(p)}</span>: '
                        f"{_highlighted(described[p][scene['image_id']])}</div>" for p in policies)
         blocks.append(f'<div class="ex">{image}<div><div>image {html.escape(str(scene["image_id"]))} — truth: '

@@ -104,14 +104,14 @@ def describe_before_and_after(policy, processor, images, seed, prompt, max_new_t
 def before_after_html(scenes, before_texts, after_texts, images=None):
     """A table: per image (uint8 arrays, optional), the truth, and the greedy descriptions before and after PPO with
     every fact coloured by the ground-truth scorer (green correct, red hallucinated, grey not judged)."""
-    from .report import image_data_url
+    from .report import image_tag
     rows = ["<table style='font-family:sans-serif;font-size:13px;border-collapse:collapse'>"
             "<tr><th>image</th><th>truth</th><th>before PPO</th><th>after PPO</th></tr>"]
     for k, (scene, before, after) in enumerate(zip(scenes, before_texts, after_texts)):
         truth = ", ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in scene["objects"])
         cells = [scorer.highlight_html(t, scorer.score_description(t, scene)["facts"]) for t in (before, after)]
-        picture = (f'<img src="{image_data_url(images[k])}" alt="image {html.escape(str(scene["image_id"]))}">'
-                   if images is not None else html.escape(str(scene["image_id"])))
+        picture = (image_tag(images[k], alt=f"image {scene['image_id']}") if images is not None
+                   else html.escape(str(scene["image_id"])))
         rows.append(f"<tr style='border-top:1px solid #ccc;vertical-align:top'><td>{picture}</td>"
                     f"<td>{html.escape(truth)}</td><td>{cells[0]}</td><td>{cells[1]}</td></tr>")
     rows.append("</table>")

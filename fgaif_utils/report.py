@@ -294,7 +294,14 @@ def _image_html(record, image_loader):
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image_loader returned {image.dtype} {image.shape} for response "
                          f"{record['response_id']!r}; expected uint8 (H, W, 3)")
-    return f'<img src="{image_data_url(image)}" alt="image {html.escape(str(record.get("image_id")))}">'
+    return image_tag(image, alt=f"image {record.get('image_id')}")
+
+
+def image_tag(image, alt=None, style=None):
+    """An <img> holding a uint8 (H, W, 3) image inline (image_data_url); alt and style escaped when given."""
+    attributes = "".join(f' {name}="{html.escape(value, quote=True)}"'
+                         for name, value in (("alt", alt), ("style", style)) if value is not None)
+    return f'<img src="{image_data_url(np.asarray(image))}"{attributes}>'
 
 
 def image_data_url(image, max_side=THUMBNAIL_SIDE):

@@ -240,23 +240,15 @@ def upstream_hashes(stage, run, params_path=None, params_run=None, params=None):
     return hashes
 
 
-def fingerprint(params, stage, run=None, params_path=None, notebooks=None, for_checkpoints=False):
-    """sha256 over the stage's params sections, notebook source, module sources and upstream artifacts; for stage
-    05 also the validation batch size and the DeepSpeed config file's contents, for stage 06 the artifacts of the
-    compare runs' stage 05 (their policies are evaluated too). `for_checkpoints`: the key of the stage's training
-    checkpoints and kept records, which leaves out what cannot change them (markdown cells, DISPLAY_ONLY params),
-    so that editing a notebook's prose or a report size re-runs the stage from its last checkpoint."""
+def fingerprint_parts(params, stage, run=None, params_path=None, notebooks=None):
+    """What a stage's result depends on: its params sections, notebook source, module sources and upstream
+    artifacts; for stage 05 also the validation batch size and the DeepSpeed config file's contents, for stage 06
+    the artifacts of the compare runs' stage 05 (their policies are evaluated too)."""
     spec = stage_spec(stage)
     run = run or params.run
-    notebook = Path(notebooks or notebooks_dir()) / f"{spec.name}.ipynb"
-    sections, cells = params_subset(params, spec.name), notebook_source(notebook)
-    if for_checkpoints:
-        sections = {name: {key: value for key, value in values.items() if key not in DISPLAY_ONLY.get(name, ())}
-                    if isinstance(values, dict) else values for name, values in sections.items()}
-        cells = [cell for cell in cells if cell[0] == "code"]
     parts = {
-        "params": sections,
-        "notebook": cells,
+        "params": params_subset(params, spec.name),
+        "notebook": notebook_source(Path(notebooks or notebooks_dir()) / f"{spec.name}.ipynb"),
         "modules": module_sources(spec.modules),
         "inputs": upstream_hashes(spec.name, run, params_path, params.run, params),
     }
@@ -266,7 +258,22 @@ def fingerprint(params, stage, run=None, params_path=None, notebooks=None, for_c
     if spec.name == COMPARING_STAGE:
         parts["compare"] = {other: (read_manifest(final_dir(other, POLICY_STAGE)) or {}).get("artifacts_hash")
                             for other in params.evaluate.compare_runs}
-    return sha256_text(canonical_json(parts))
+    return parts
+
+
+def checkpoint_parts(parts):
+    """The parts that key a stage's training checkpoints and kept records: without what cannot change them
+    (markdown cells, DISPLAY_ONLY params), so that editing a notebook's prose or a report size re-runs the stage
+    from its last checkpoint."""
+    sections = {name: {key: value for key, value in values.items() if key not in DISPLAY_ONLY.get(name, ())}
+                if isinstance(values, dict) else values for name, values in parts["params"].items()}
+    return dict(parts, params=sections, notebook=[cell for cell in parts["notebook"] if cell[0] == "code"])
+
+
+def fingerprint(params, stage, run=None, params_path=None, notebooks=None, for_checkpoints=False):
+    """sha256 of fingerprint_parts; with `for_checkpoints`, of checkpoint_parts (the checkpoint key)."""
+    parts = fingerprint_parts(params, stage, run, params_path, notebooks)
+    return sha256_text(canonical_json(checkpoint_parts(parts) if for_checkpoints else parts))
 
 
 def source_run(run, stage):
@@ -461,8 +468,9 @@ class StageContext:
         self.stage = stage_spec(stage).name
         self.run = check_run_name(run or self.params.run)
         self.inputs = upstream_hashes(self.stage, self.run, params_path, self.params.run, self.params)   # fails early
-        self.fingerprint = fingerprint(self.params, self.stage, self.run, params_path)
-        self.checkpoint_key = fingerprint(self.params, self.stage, self.run, params_path, for_checkpoints=True)
+        parts = fingerprint_parts(self.params, self.stage, self.run, params_path)
+        self.fingerprint = sha256_text(canonical_json(parts))
+        self.checkpoint_key = sha256_text(canonical_json(checkpoint_parts(parts)))
         self.final_dir = final_dir(self.run, self.stage)
         self.by_hand = work_dir is None
         if self.by_hand:   # run in JupyterLab: start a fresh partial folder, promote it in finish()
