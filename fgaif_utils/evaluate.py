@@ -50,6 +50,7 @@ from fgaif_utils import facts as facts_lib
 from fgaif_utils import language, llm, models, scorer, segment, world
 from fgaif_utils.coco_synonyms import COCO_SYNONYMS, IRREGULAR_PLURALS, NOT_OBJECTS
 from fgaif_utils.report import image_tag
+from fgaif_utils.stage import shown_path
 
 SYNTHETIC_SPLITS = ["eval", "eval_long", "eval_ood"]
 POPE_SAMPLERS = ["random", "popular", "adversarial"]
@@ -733,7 +734,7 @@ def policy_sources(own_adapter, compare_runs, final_dir, problem=None):
         if label in sources:
             notes.append(f"{label}: the label is taken, skipped")
         elif not (folder / "adapter_config.json").is_file():
-            notes.append(f"{label}: no policy adapter at {folder}, skipped")
+            notes.append(f"{label}: no policy adapter at {shown_path(folder)}, skipped")
         elif why:
             notes.append(f"{label}: {why}; skipped")
         else:

@@ -392,7 +392,7 @@ class PpoParams:
     oracle_rewards: bool = False
     """A control, not FGAIF (synthetic world only): the ground-truth scorer's labels replace the reward models' (perfect feedback), to tell what the reward models get wrong from what the RL does with any reward."""
     kl_budget: NonNegativeFloat = 0.0
-    """Stop when the mean per-token KL to the reference exceeds this (nats); 0 = no budget."""
+    """Stop when the mean per-token KL to the reference of an iteration's rollout exceeds this (nats; the k3 estimate, never negative, logged as kl_k3_per_token); 0 = no budget."""
     value_init: Literal["object_reward", "fresh"] = "object_reward"
     """Value model start (a fourth adapter on the reward models' backbone + a scalar head): the object reward model's LoRA weights (paper), or a fresh adapter. A value model from the policy: `reward.backbone: policy` with "fresh"."""
     validate_every: PositiveInt = 10

@@ -80,6 +80,11 @@ def keep_rerunnable(executed, stage_name, params_path, run):
                            f"# or run `python -m fgaif_utils.pipeline {S.shown_path(params_path)} --stages "
                            f"{stage_name[:2]}`.\n"
                            f"params_path = {S.shown_path(params_path)!r}\nrun = {run!r}\nwork_dir = None\n")
+    papermill = notebook.metadata.get("papermill")
+    if papermill is not None:   # papermill's record of the run names the machine's folders and the partial one
+        papermill["input_path"] = S.shown_path(papermill["input_path"])
+        papermill["output_path"] = S.shown_path(S.final_dir(run, stage_name) / executed.name)
+        papermill["parameters"] = {"params_path": S.shown_path(params_path), "run": run, "work_dir": None}
     nbformat.write(notebook, str(executed))
 
 

@@ -112,6 +112,14 @@ def kl_penalised_rewards(fine_grained, logprobs, ref_logprobs, mask, beta):
     return fine_grained * mask - beta * kl, kl
 
 
+def k3_kl(logprobs, ref_logprobs, mask):
+    """Per-token KL(pi || pi_ref) estimate k3 = (r - 1) - log r, r = pi_ref / pi at the sampled token: unbiased
+    like the penalty's log pi - log pi_ref (k1), but never negative and of lower variance, so a budget compares a
+    steadier number. Diagnostic and budget only; the reward keeps the paper's k1."""
+    log_ratio = (ref_logprobs - logprobs) * mask
+    return (torch.expm1(log_ratio) - log_ratio) * mask
+
+
 def gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation over right-padded responses: (advantages, returns), (B, T) each.
     V after a response's last action is 0 (the episode ends there)."""
@@ -524,6 +532,7 @@ def rollout_stats(batch, reward_types, weights):
         "reward_total": float(batch.rewards.sum() / n),
         "kl": float(batch.kl.sum() / n),                      # sum over tokens: KL of the response, per response
         "kl_per_token": float(batch.kl.sum() / mask.sum()),
+        "kl_k3_per_token": float(k3_kl(batch.logprobs, batch.ref_logprobs, mask).sum() / mask.sum()),
         "entropy": float(batch.entropy.sum() / mask.sum()),
         "response_length": float(mask.sum() / n),
         "subsentences": float(np.mean([len(e) for e in batch.end_positions])),
@@ -597,7 +606,11 @@ def load_checkpoint(trainer, folder):
 
 
 def save_policy_adapter(trainer, folder):
-    """The policy's LoRA adapter as a peft folder (load: PeftModel.from_pretrained(base, folder))."""
+    """The policy's LoRA adapter as a peft folder (load: PeftModel.from_pretrained(base, folder)); the base it was
+    trained on is recorded repository-relative, as every path in the outputs."""
+    config = trainer.policy.peft_config[POLICY_ADAPTER]
+    if config.base_model_name_or_path:
+        config.base_model_name_or_path = stage.shown_path(config.base_model_name_or_path)
     trainer.policy.save_pretrained(str(folder), selected_adapters=[POLICY_ADAPTER])
     nested = Path(folder) / POLICY_ADAPTER     # peft writes non-default adapters into a sub-folder
     if nested.is_dir():
@@ -687,7 +700,7 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
     batch. Checkpoints every `checkpoint_every` iterations resume the same trajectory (each iteration's image
     batch and sampling seed come from (seed, iteration)). `validate(trainer, iteration)` returns a dict logged
     to the same JSONL (and to `writer`, a TensorBoard SummaryWriter, when given). Stops early when the per-token
-    KL exceeds `kl_budget`. Returns the loop state (its "log" holds the rows)."""
+    KL (its k3 estimate) exceeds `kl_budget`. Returns the loop state (its "log" holds the rows)."""
     s = settings
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     images_per_batch = max(1, s.rollout_batch // s.samples_per_image)
@@ -711,8 +724,9 @@ def train(trainer, prompt_scenes, load_images, settings, seed, checkpoint_dir, l
             row.update(validate(trainer, iteration))
         state["log"].append(row)
         state["iteration"] = iteration
-        if s.kl_budget and row["kl_per_token"] > s.kl_budget:
-            state["stopped"] = f"KL budget: {row['kl_per_token']:.3f} nats/token > {s.kl_budget} at iteration {iteration}"
+        if s.kl_budget and row["kl_k3_per_token"] > s.kl_budget:
+            state["stopped"] = (f"KL budget: {row['kl_k3_per_token']:.3f} nats/token (k3) > {s.kl_budget} "
+                                f"at iteration {iteration}")
         if rank == 0:
             bar.update(1)
             bar.set_postfix(fg=f"{row['reward_fine_grained']:.2f}", kl=f"{row['kl_per_token']:.3f}",
@@ -846,7 +860,7 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
     if rank == 0:
         (Path(out_dir) / "summary.json").write_text(json.dumps(
             {"iterations": state["iteration"], "stopped": state["stopped"], "world_size": world_size,
-             "policy_base": policy_path, "reward_backbone": backbone, "reward_types": types}, indent=2))
+             "policy_base": stage.shown_path(policy_path), "reward_backbone": stage.shown_path(backbone), "reward_types": types}, indent=2))
     return state
 
 

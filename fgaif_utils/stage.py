@@ -334,8 +334,12 @@ def artifact_hashes(folder, skip=()):
 
 def shown_path(path):
     """A path as printed and recorded: relative to the repository when inside it (no machine's folders in the
-    outputs someone else opens), absolute otherwise."""
-    path = Path(path).resolve()
+    outputs someone else opens), absolute otherwise. A relative name that is no file here (a model hub id) is
+    returned as it is."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        return str(path)
+    path = path.resolve()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 

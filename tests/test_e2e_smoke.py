@@ -217,6 +217,17 @@ def test_executed_notebooks_show_no_nested_bar_codes_or_warnings_about_code_not_
         assert str(REPO) not in source and ".partial" not in source, name
 
 
+def test_no_artifact_names_the_machine_s_repository_folder(smoke_run):
+    """Executed notebooks (papermill's record of the run included), manifests, summaries, peft adapter configs and
+    reports name the repository's files relative to it: outputs copied to another machine or shared with students
+    carry no one's home folder."""
+    run_dir, _, _ = smoke_run
+    texts = [path for path in run_dir.rglob("*") if path.is_file() and ".cache" not in path.parts
+             and path.suffix in {".ipynb", ".json", ".jsonl", ".md", ".html", ".csv", ".txt"}]
+    assert len(texts) > 30 and any(p.name == "adapter_config.json" for p in texts)
+    assert [str(p.relative_to(run_dir)) for p in texts if str(REPO) in p.read_text(errors="replace")] == []
+
+
 def test_evaluation_rerun_keeps_finished_policies_and_gives_the_same_records(smoke_run):
     """As after an interruption during the second policy: the base policy's kept records are read back, fgaif's
     (removed) are evaluated again, and records.jsonl is byte-identical to the uninterrupted run's."""

@@ -99,8 +99,12 @@ def test_runs_skips_and_reruns_what_changed(ws):
     assert (ws.final("00_data") / "00_data.ipynb").is_file()
     assert not (ws.outputs / "t" / ".00_data.partial").exists()
     # the executed copy re-runs by hand: no runner's work folder in its parameters (it would write to a hidden one)
-    injected = [c for c in nbformat.read(ws.final("00_data") / "00_data.ipynb", as_version=4).cells
-                if "injected-parameters" in c.metadata.get("tags", [])]
+    executed = nbformat.read(ws.final("00_data") / "00_data.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    # papermill's own record of the run says the same: the final copy, not the partial folder it ran in
+    assert executed.metadata.papermill["parameters"] == {"params_path": str(ws.params), "run": "t", "work_dir": None}
+    assert executed.metadata.papermill["output_path"] == str(ws.final("00_data") / "00_data.ipynb")
+    assert executed.metadata.papermill["input_path"] == str(ws.notebooks / "00_data.ipynb")
     assert len(injected) == 1 and "work_dir = None" in injected[0].source and "run = 't'" in injected[0].source
     assert f"params_path = {str(ws.params)!r}" in injected[0].source and ".partial" not in injected[0].source
     assert m00["params_path"] == str(ws.params)                       # outside the repository: as it is
@@ -630,3 +634,11 @@ def test_stage_05_follows_the_deepspeed_file_and_the_validation_batch_size(ws, t
     second = S.fingerprint(P.load(ws.params), "05_ppo")
     ws.params.write_text(text + "evaluate:\n  batch_size: 7\n")
     assert len({first, second, S.fingerprint(P.load(ws.params), "05_ppo")}) == 3
+
+
+def test_shown_path_is_repository_relative_inside_it_and_leaves_hub_ids_and_outside_paths_alone(tmp_path):
+    assert S.shown_path(S.REPO_ROOT / "params" / "tiny.yaml") == "params/tiny.yaml"
+    assert S.shown_path(S.REPO_ROOT / "outputs" / "tiny" / ".." / "tiny" / "05_ppo") == "outputs/tiny/05_ppo"
+    assert S.shown_path(tmp_path / "p.yaml") == str(tmp_path / "p.yaml")
+    # a model named by its hub id is no folder here; resolving it against the working folder would invent one
+    assert S.shown_path("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"

@@ -730,6 +730,8 @@ def test_rollout_stats_by_hand():
         fine_grained=torch.tensor([[1.0, 0, -1, 0], [0, -2, 0, 0]]),
         rewards=torch.tensor([[0.9, -0.1, -1.1, 0], [-0.1, -2.1, 0, 0]]),
         kl=torch.tensor([[0.1, 0.1, 0.1, 0], [0.1, 0.1, 0, 0]]),
+        logprobs=torch.tensor([[-1.0, -2.0, -1.0, 0], [-1.0, -1.0, 0, 0]]),
+        ref_logprobs=torch.tensor([[-1.5, -1.0, -1.0, 0], [-1.0, -1.0, 0, 0]]),
         entropy=torch.tensor([[1.0, 2, 3, 0], [4, 5, 0, 0]]),
         values=torch.tensor([[1.0, 2, 3, 0], [4, 5, 0, 0]]), returns=torch.tensor([[1.0, 2, 3, 0], [4, 5, 0, 0]]),
         advantages=torch.zeros(2, 4))
@@ -738,6 +740,8 @@ def test_rollout_stats_by_hand():
     assert (row["reward_object"], row["reward_attribute"], row["reward_relation"]) == (-0.5, 0.0, 0.0)
     assert row["reward_fine_grained"] == pytest.approx(-2 / 2) and row["reward_total"] == pytest.approx(-2.5 / 2)
     assert row["kl"] == pytest.approx(0.5 / 2) and row["kl_per_token"] == pytest.approx(0.5 / 5)
+    # k3 = r - 1 - log r with log r = ref - logprob: -0.5 -> e^-0.5 - 0.5 = 0.10653, +1.0 -> e - 2 = 0.71828
+    assert row["kl_k3_per_token"] == pytest.approx((math.exp(-0.5) - 1 + 0.5 + math.e - 1 - 1) / 5)
     assert row["entropy"] == pytest.approx(15 / 5) and row["response_length"] == 2.5 and row["subsentences"] == 1.5
     assert row["explained_variance"] == pytest.approx(1.0) and row["value_mean"] == pytest.approx(15 / 5)
     # judged labels: object [0, 1, 1], attribute [0, 1], relation none
@@ -771,18 +775,34 @@ def test_a_fresh_value_adapter_is_not_the_object_reward_model(tiny):
     assert torch.equal(head.linear.weight, torch.zeros_like(head.linear.weight))
 
 
+def test_k3_is_never_negative_and_its_expectation_under_the_policy_is_the_exact_kl():
+    torch.manual_seed(0)
+    # near the reference, as PPO's policy stays (tiny: ~0.02 nats per token); far from it k3's tail is the heavier
+    logits = torch.randn(50)
+    policy, reference = logits.log_softmax(0), (logits + 0.3 * torch.randn(50)).log_softmax(0)
+    exact = float((policy.exp() * (policy - reference)).sum())
+    per_token = ppo.k3_kl(policy, reference, torch.ones(50))
+    assert float((policy.exp() * per_token).sum()) == pytest.approx(exact, rel=1e-5)
+    k1 = policy - reference
+    assert (k1 < 0).any() and (per_token >= 0).all()         # k1 goes below 0 on tokens pi_ref prefers; k3 never
+    # and on samples it is the steadier estimate of the same number (Schulman's note on KL estimators)
+    draws = torch.multinomial(policy.exp(), 200 * 64, replacement=True).reshape(200, 64)
+    k1_means, k3_means = k1[draws].mean(1), per_token[draws].mean(1)
+    assert float(k3_means.mean()) == pytest.approx(exact, rel=0.05) and k3_means.std() < k1_means.std()
+
+
 def test_the_kl_budget_stops_the_run_and_a_resume_keeps_it_stopped(tiny, tmp_path):
     scenes = [{"image_id": i} for i in range(12)]
     images = {i: im for i, im in enumerate(_images(12, seed=5))}
     load = lambda chunk: [images[s["image_id"]] for s in chunk]  # noqa: E731
-    trainer = _trainer(tiny, _settings(kl_budget=0.005, steps=5))
+    trainer = _trainer(tiny, _settings(kl_budget=0.003, steps=5))
     state = ppo.train(trainer, scenes, load, trainer.s, seed=0, checkpoint_dir=tmp_path / "c",
                       log_path=tmp_path / "log.jsonl")
-    # iteration 1 samples from the untrained adapter (KL 0); the sampled estimate of later ones may even be < 0
-    kls = [row["kl_per_token"] for row in state["log"]]
-    assert kls[0] == 0.0 and all(kl <= 0.005 for kl in kls[:-1]) and kls[-1] > 0.005
+    # iteration 1 samples from the untrained adapter (KL 0); the budget reads the k3 estimate, never negative
+    kls = [row["kl_k3_per_token"] for row in state["log"]]
+    assert kls[0] == 0.0 and all(0 <= kl <= 0.003 for kl in kls[:-1]) and kls[-1] > 0.003
     assert state["iteration"] == len(kls) < 5 and state["stopped"].startswith("KL budget")
-    again = _trainer(tiny, _settings(kl_budget=0.005, steps=5))
+    again = _trainer(tiny, _settings(kl_budget=0.003, steps=5))
     resumed = ppo.train(again, scenes, load, again.s, seed=0, checkpoint_dir=tmp_path / "c",
                         log_path=tmp_path / "log.jsonl")
     assert resumed["iteration"] == state["iteration"] and resumed["stopped"] == state["stopped"]
