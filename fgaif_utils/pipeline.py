@@ -134,6 +134,10 @@ def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
     if not force and manifest is not None and manifest.get("fingerprint") == fingerprint:
         result.update(status="skip", rows=manifest.get("rows", {}), wall_s=round(time.monotonic() - t0, 2))
         print(f"{name}: skip (up to date)", flush=True)
+        changed = S.changed_versions(manifest)
+        if changed:   # not in the fingerprint: an upgrade would redo every stage, and most upgrades change nothing
+            print(f"{name}: note: made with other packages than this environment's ({changed}); "
+                  f"--force --stages {name[:2]} makes it again with these", flush=True)
         return result
 
     partial = S.partial_dir(run, name)

@@ -457,6 +457,14 @@ def package_versions():
     return versions
 
 
+def changed_versions(manifest):
+    """'torch 2.12.0 -> 2.13.0, ...' for the packages whose version differs between a manifest and this environment
+    ('' when none does, or the manifest records none)."""
+    made_with, now = manifest.get("versions") or {}, package_versions()
+    return ", ".join(f"{name} {made_with[name]} -> {now.get(name, 'absent')}" for name in sorted(made_with)
+                     if made_with[name] != now.get(name, "absent"))
+
+
 def _now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

@@ -642,3 +642,18 @@ def test_shown_path_is_repository_relative_inside_it_and_leaves_hub_ids_and_outs
     assert S.shown_path(tmp_path / "p.yaml") == str(tmp_path / "p.yaml")
     # a model named by its hub id is no folder here; resolving it against the working folder would invent one
     assert S.shown_path("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_a_stage_made_with_other_packages_is_kept_and_says_so(ws, capsys):
+    ws.notebook("00_data", STAGE_00)
+    assert ws.run(stages="00") == ["run"]
+    manifest_path = ws.final("00_data") / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["versions"] == S.package_versions() and S.changed_versions(manifest) == ""
+    capsys.readouterr()
+    manifest["versions"] = {**manifest["versions"], "torch": "1.0.0", "gone": "0.1"}
+    manifest_path.write_text(json.dumps(manifest))
+    assert ws.run(stages="00") == ["skip"]                 # versions are not in the fingerprint
+    printed = capsys.readouterr().out
+    assert f"torch 1.0.0 -> {S.package_versions()['torch']}" in printed and "gone 0.1 -> absent" in printed
+    assert "--force --stages 00" in printed
