@@ -1277,13 +1277,13 @@ def headline_checks(summary, tests, policy="fgaif", baseline="base", split="eval
 
 def ablation_rows(vs_ablations, split="eval", types=("object_halluc", "attribute_halluc", "relation_halluc")):
     """FGAIF against each ablation run at the same PPO steps ({run: paired_tests(...)["fgaif"]}): one row per
-    run, passed when FGAIF's rate is lower on at least two of the three types (point estimates; the detail gives
-    each difference and its p)."""
+    run, passed when FGAIF's rate is lower on at least two of the three types with paired p < 0.05, the bar the
+    base comparison sets (a point estimate of -0.000 is no "better"; the detail gives each difference and its p)."""
     rows = []
     for run, per_split in vs_ablations.items():
         tests = per_split.get(split, {})
         measured = {t: tests[t] for t in types if tests.get(t) and tests[t]["diff"] is not None}
-        lower = [t for t, test in measured.items() if test["diff"] < 0]
+        lower = [t for t, test in measured.items() if test["diff"] < 0 and test["p"] is not None and test["p"] < 0.05]
         detail = ", ".join(f"{t} {test['diff']:+.3f} (p={test['p']:.3f})" for t, test in measured.items())
         rows.append((f"fgaif better than {run} on >= 2 of 3 types", len(lower) >= 2 if measured else None,
                      detail or "not measured"))

@@ -748,6 +748,13 @@ def test_ablation_rows_checks_markdown_and_figures():
     vs = {"sparse": E.paired_tests(records, "sparse", n_resamples=100)["fgaif"]}
     (check, passed, detail), = E.ablation_rows(vs)
     assert passed is True and "object_halluc -0.250" in detail and "relation_halluc +1.000" in detail
+    # lower point estimates that the paired test cannot tell from noise are not "better"
+    noisy = {"sparse": {"eval": {"object_halluc": {"diff": -0.0004, "p": 0.91},
+                                 "attribute_halluc": {"diff": -0.005, "p": 0.17},
+                                 "relation_halluc": {"diff": -0.03, "p": 0.01}}}}
+    assert E.ablation_rows(noisy)[0][1] is False
+    noisy["sparse"]["eval"]["attribute_halluc"]["p"] = 0.04
+    assert E.ablation_rows(noisy)[0][1] is True
     table = E.checks_markdown([(check, passed, detail), ("x", None, "not measured"), ("y", False, "d")])
     assert table.splitlines()[2].startswith("| fgaif better than sparse on >= 2 of 3 types | yes |")
     assert "| y | **no** | d |" in table
