@@ -87,16 +87,19 @@ def fine_grained_rewards(labels, end_positions, n_actions, weights, sparse=False
     """(n_actions,) rewards of one response: at each sub-sentence's last token, sum over types of
     weight * (+1 correct / -1 hallucinated / 0 n/a). `labels` (K, T) in {-1, 0, 1} (reward-model classes
     shifted), `end_positions` K token indices. `sparse`: the same total on the last action instead.
-    `claim_bonus`: added at a sub-sentence judged correct for some type and hallucinated for none.
+    `claim_bonus`: added at a sub-sentence judged correct for some type and hallucinated for none, among the types
+    whose weight is not 0 (a switched-off reward model must not decide the bonus either: the ablations).
     `skip`: K booleans, True for sub-sentences that earn nothing (repeats, when repeats are not rewarded)."""
     rewards = torch.zeros(n_actions)
     labels = np.asarray(labels).reshape(len(end_positions), len(weights))
+    counted = np.asarray(weights, dtype=float) != 0
     for k, position in enumerate(end_positions):
         if skip is not None and skip[k]:
             continue
         per_type = np.where(labels[k] == 0, 1.0, np.where(labels[k] == 1, -1.0, 0.0))
         value = float(np.dot(per_type, weights))
-        if claim_bonus and (labels[k] == 0).any() and not (labels[k] == 1).any():
+        judged = labels[k][counted]
+        if claim_bonus and (judged == 0).any() and not (judged == 1).any():
             value += claim_bonus
         rewards[position] += value
     if sparse and n_actions:

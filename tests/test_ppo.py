@@ -78,6 +78,10 @@ def test_fine_grained_rewards_by_hand():
     assert bonus.tolist() == pytest.approx([0, 0, 1.5 + 0.25, 0, 0, -0.5, 0])   # no bonus where anything is wrong
     off = ppo.fine_grained_rewards(labels, [2, 5], 7, np.array([0.0, 0.5, 0.0]))   # object and relation switched off
     assert off.tolist() == pytest.approx([0, 0, 0, 0, 0, 0.5, 0])
+    # a switched-off model decides no bonus either: sub-sentence 1's wrong object no longer withholds it, and
+    # sub-sentence 0, judged only by switched-off models, earns none
+    off_bonus = ppo.fine_grained_rewards(labels, [2, 5], 7, np.array([0.0, 0.5, 0.0]), claim_bonus=0.25)
+    assert off_bonus.tolist() == pytest.approx([0, 0, 0, 0, 0, 0.5 + 0.25, 0])
 
 
 def test_reward_positions_follow_tokens_that_straddle_sub_sentence_boundaries():
