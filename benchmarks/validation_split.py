@@ -13,22 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fgaif_utils import evaluate, params, scorer, stage, tiny_train, world  # noqa: E402
-
-COUNTS = ("n_covered", "n_scene_objects", "n_object_false", "n_object_judged")
-
-
-def per_image_counts(base_folder, adapter, scenes, images, prompt):
-    model, processor = evaluate.load_policy(base_folder, adapter)
-    _, texts = tiny_train.describe_images(model, processor, images, False, 0, 100, 64, prompt=prompt, progress=False)
-    scores = [scorer.score_description(text, scene) for text, scene in zip(texts, scenes)]
-    return {key: np.array([score[key] for score in scores], float) for key in COUNTS}
+from fgaif_utils import evaluate, params, stage, world  # noqa: E402
 
 
 def main():
@@ -45,22 +35,22 @@ def main():
     torch.set_num_threads(P.num_threads)
     data_dir = stage.final_dir(P.run, "00_data")
     base_folder = stage.final_dir(P.run, "01_base_models") / "policy"
+    scenes_by_split = {split: world.load_scenes(data_dir, split)[:n] for split, n in zip(args.splits, args.images)}
+    records = []
+    for label in ["base"] + args.runs:   # stage 06's loader and per-image records, one policy in memory at a time
+        adapter = None if label == "base" else stage.final_dir(label, "05_ppo") / "policy_adapter"
+        model, processor = evaluate.load_policy(base_folder, adapter)
+        records += evaluate.evaluate_policy(model, processor, scenes_by_split, lambda s: world.load_image(data_dir, s),
+                                            policy=label, prompt=P.sampling.prompt, progress=False)
+    tests = evaluate.paired_tests(records, "base", n_resamples=args.bootstrap)
     print("| split | run | coverage, base -> policy | coverage (points) [95%] (p) | object [95%] (p) |")
     print("|---|---|---|---|---|")
-    for split, n in zip(args.splits, args.images):
-        scenes = world.load_scenes(data_dir, split)[:n]
-        images = world.load_images(data_dir, scenes)
-        base = per_image_counts(base_folder, None, scenes, images, P.sampling.prompt)
+    for split, scenes in scenes_by_split.items():
         for run in args.runs:
-            mine = per_image_counts(base_folder, stage.final_dir(run, "05_ppo") / "policy_adapter", scenes, images,
-                                    P.sampling.prompt)
-            cov = evaluate.paired_bootstrap(mine["n_covered"], mine["n_scene_objects"], base["n_covered"],
-                                            base["n_scene_objects"], args.bootstrap)
-            obj = evaluate.paired_bootstrap(mine["n_object_false"], mine["n_object_judged"], base["n_object_false"],
-                                            base["n_object_judged"], args.bootstrap)
+            cov, obj = tests[run][split]["coverage"], tests[run][split]["object_halluc"]
             print(f"| {split} ({len(scenes)}) | {run} | {cov['b']:.3f} -> {cov['a']:.3f} | {100 * cov['diff']:+.1f} "
                   f"[{100 * cov['low']:+.1f}, {100 * cov['high']:+.1f}] ({cov['p']:.3f}) | {obj['diff']:+.3f} "
-                  f"[{obj['low']:+.3f}, {obj['high']:+.3f}] ({obj['p']:.3f}) |", flush=True)
+                  f"[{obj['low']:+.3f}, {obj['high']:+.3f}] ({obj['p']:.3f}) |")
 
 
 if __name__ == "__main__":

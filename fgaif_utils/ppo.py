@@ -119,8 +119,8 @@ def k3_kl(logprobs, ref_logprobs, mask):
     """Per-token KL(pi || pi_ref) estimate k3 = (r - 1) - log r, r = pi_ref / pi at the sampled token: unbiased
     like the penalty's log pi - log pi_ref (k1), but never negative and of lower variance, so a budget compares a
     steadier number. Diagnostic and budget only; the reward keeps the paper's k1."""
-    log_ratio = (ref_logprobs - logprobs) * mask
-    return (torch.expm1(log_ratio) - log_ratio) * mask
+    log_ratio = (ref_logprobs - logprobs) * mask     # 0 on padding, where k3 is then 0 too
+    return torch.expm1(log_ratio) - log_ratio
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -863,7 +863,8 @@ def run_job(params, data_dir, models_dir, reward_dir, out_dir, checkpoint_dir, s
     if rank == 0:
         (Path(out_dir) / "summary.json").write_text(json.dumps(
             {"iterations": state["iteration"], "stopped": state["stopped"], "world_size": world_size,
-             "policy_base": stage.shown_path(policy_path), "reward_backbone": stage.shown_path(backbone), "reward_types": types}, indent=2))
+             "policy_base": stage.shown_path(policy_path), "reward_backbone": stage.shown_path(backbone),
+             "reward_types": types}, indent=2))
     return state
 
 
