@@ -7,7 +7,7 @@ For each model (the policy and the clean-caption "pretrained" model of each run,
 trained) the eval split's first `--images` images go through the vision tower and projector, i.e. the tokens the
 language model reads. A ridge regression (lambda 1) fitted on two thirds of the images predicts each patch's row and
 column from its token; the table gives held-out R^2, over every patch and over the patches under an object's centre.
-R^2 near 0 means no layer after the projector can tell "left of" from "right of" (README "Relations and the position
+R^2 near 0 means no layer after the projector can tell "left of" from "right of" (benchmarks/MEASUREMENTS.md "Relations and the position
 code"). A one-vs-rest ridge classifier on the object-centre tokens gives the shape and colour accuracy: whether a word
 can find its object among the tokens. CPU, a few seconds per model.
 """

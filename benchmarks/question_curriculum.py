@@ -17,7 +17,7 @@ of that kind are answered greedily and scored. Kinds (`--curriculum kind:steps,.
     colour    stage 01's "is the circle red ?" -> yes / no                           (a control that learns at once)
 
 Objects within 6 px of the vertical midline get no where / half question. `--save` writes the final model in the
-llava-hf format (a `reward.backbone` folder). README "Relations: an XOR the gradient does not see". One process,
+llava-hf format (a `reward.backbone` folder). benchmarks/MEASUREMENTS.md "Relations: an XOR the gradient does not see". One process,
 2 threads: run nothing else meanwhile.
 """
 import argparse

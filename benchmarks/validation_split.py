@@ -7,7 +7,7 @@ Stage 05 chooses beta, the KL budget and when to stop on the validation split, n
 splits greedily with each run's final policy (stage 06's loader) and prints, per run and split, FGAIF − base on
 object hallucination and on coverage with paired bootstrap intervals (images resampled). On tiny's draw of
 2026-12-07 the 300 validation images showed about half the coverage cost the eval images did, for every seed
-(README "A 1,000-image eval split"). CPU, about 5 s per policy and split.
+(benchmarks/MEASUREMENTS.md "A 1,000-image eval split"). CPU, about 5 s per policy and split.
 """
 import argparse
 import sys

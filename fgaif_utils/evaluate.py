@@ -421,7 +421,7 @@ METRICS = {
     "chair_i": ({"chair_hallucinated": 1}, {"chair_mentioned": 1}),
     "chair_recall": ({"chair_covered": 1}, {"chair_truth": 1}),
     "words": ({"n_words": 1}, {"images": 1}),
-    # Sentences per description: rewarded policies write "a X. a Y." for "a X and a Y" (README "Split sentences").
+    # Sentences per description: rewarded policies write "a X. a Y." for "a X and a Y" (benchmarks/MEASUREMENTS.md "Split sentences").
     "sentences": ({"n_sentences": 1}, {"images": 1}),
     # Per description, not per claim: a policy that states fewer sizes changes the attribute rate's mix of
     # colour and size claims; its wrong attributes per description do not depend on that mix.

@@ -202,7 +202,7 @@ def gate_on_existence(rows):
     The object fact already carries that error, as in the ground-truth scorer. Without the gate, "a red ring"
     over an image without a ring is also an attribute hallucination and "the ring is left of the star" a
     relation one, so the attribute and relation reward models mostly learn object existence again (measured
-    in the README). Rows keep the verifier's own `verdict`."""
+    in benchmarks/MEASUREMENTS.md). Rows keep the verifier's own `verdict`."""
     seen = {}
     for row in rows:
         fact = row["fact"]
@@ -382,7 +382,7 @@ def size_twins(records, tokenizer):
     facts are its original's; its size facts are the opposite claims. Trained on beside the originals
     (`reward.twin_share`), they make the size word independent of what else a sub-sentence gets wrong: in the
     policy's samples "small" goes with more colour and existence errors, and a reward model that learns that
-    correlation pays the policy to stop saying "small" (README)."""
+    correlation pays the policy to stop saying "small" (benchmarks/MEASUREMENTS.md)."""
     swaps = word_swaps(tokenizer, language.SIZE_WORDS)
     decode = _decoder(tokenizer)
     twins = []

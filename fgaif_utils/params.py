@@ -292,7 +292,7 @@ class RewardParams:
     batch_size: PositiveInt = 4
     """Responses per optimiser step (paper: 4)."""
     class_weights: Literal["none", "balanced"] = "none"
-    """Cross-entropy class weights: "none" (paper) or "balanced" (N / (3 * N_class) from each type's training labels, at most 10). With existence_gate the hallucinated class is rare for attribute and relation, and unweighted models rarely predict it (README)."""
+    """Cross-entropy class weights: "none" (paper) or "balanced" (N / (3 * N_class) from each type's training labels, at most 10). With existence_gate the hallucinated class is rare for attribute and relation, and unweighted models rarely predict it (benchmarks/MEASUREMENTS.md)."""
     epochs: PositiveInt = 100
     """Most epochs per reward model (paper: up to 100, with early stopping)."""
     type_epochs: TypeEpochs = field(default_factory=TypeEpochs)
@@ -312,9 +312,9 @@ class RewardParams:
     report_records: NonNegativeInt = 40
     """Scored held-out responses shown in scored_examples.html."""
     twin_share: Annotated[float, Bounds(ge=0, lt=1)] = 0.0
-    """Chance that a training response with a size-flipped twin (feedback.size_twins) is replaced by the twin in a batch; dev and test stay as sampled. 0 = off (paper). Breaks the correlation between the word "small" and the errors it co-occurs with in the policy's samples (README)."""
+    """Chance that a training response with a size-flipped twin (feedback.size_twins) is replaced by the twin in a batch; dev and test stay as sampled. 0 = off (paper). Breaks the correlation between the word "small" and the errors it co-occurs with in the policy's samples (benchmarks/MEASUREMENTS.md)."""
     claim_words: ClaimWords = field(default_factory=ClaimWords)
-    """Per type, the words whose value its head names instead of judging the sub-sentence directly (off in the paper profile; README "Relations: naming instead of judging")."""
+    """Per type, the words whose value its head names instead of judging the sub-sentence directly (off in the paper profile; benchmarks/MEASUREMENTS.md "Relations: naming instead of judging")."""
     holistic: bool = False
     """Ablation: train ONE reward model on "any hallucination" labels (1 if any type is hallucinated) instead of the three; PPO then uses it alone."""
 
@@ -386,7 +386,7 @@ class PpoParams:
     whiten_rewards: bool = False
     """Scale the fine-grained rewards to unit standard deviation over the rollout batch before the KL term (not shifted: a shifted mean would reward or penalise every token, and the sparse reward would be sparse no more)."""
     reward_repeats: bool = True
-    """Score every sub-sentence, including exact repeats of an earlier one in the same response (the paper). False: a repeat earns no fine-grained reward, the smallest fix for the repetition hack that per-sub-sentence rewards invite (measured on tiny: README)."""
+    """Score every sub-sentence, including exact repeats of an earlier one in the same response (the paper). False: a repeat earns no fine-grained reward, the smallest fix for the repetition hack that per-sub-sentence rewards invite (measured on tiny: benchmarks/MEASUREMENTS.md)."""
     claim_bonus: NonNegativeFloat = 0.0
     """Counterweight against saying less (off in the paper profile): reward added on each sub-sentence the reward models judge correct for some type and hallucinated for none."""
     oracle_rewards: bool = False

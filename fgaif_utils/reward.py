@@ -17,7 +17,7 @@ logit per claim word ("left", "right", "above", "below" for relation), beside th
 states one of those words, p(correct) is the probability of the stated word and p(hallucinated) that of the others
 (`three_class_logits`). The comparison with the stated word is then built in and the model learns to name the
 relation, which has a gradient from the start; the plain head must learn the XOR of stated word and image, which has
-none (README "Relations: an XOR the gradient does not see").
+none (benchmarks/MEASUREMENTS.md "Relations: an XOR the gradient does not see").
 """
 import contextlib
 import json

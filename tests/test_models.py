@@ -42,7 +42,7 @@ def test_sincos_position_code_by_hand():
 
 
 def _benchmark(name):
-    """benchmarks/<name>.py as a module (the README's probe and curriculum figures come from these scripts)."""
+    """benchmarks/<name>.py as a module (the probe and curriculum figures of benchmarks/MEASUREMENTS.md come from these scripts)."""
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
