@@ -22,13 +22,15 @@ COCO_SYNONYMS = {
     "car": ["car", "automobile", "sedan", "taxi", "cab", "suv", "jeep", "van", "minivan", "police car",
             "sports car", "station wagon"],
     "motorcycle": ["motorcycle", "motorbike", "motor bike", "scooter", "moped", "dirt bike"],
-    "airplane": ["airplane", "plane", "aeroplane", "jet", "aircraft", "airliner", "jetliner", "jumbo jet"],
-    "bus": ["bus", "school bus", "double decker bus", "minibus", "trolley bus", "coach bus"],
+    "airplane": ["airplane", "plane", "aeroplane", "jet", "aircraft", "airliner", "jetliner", "jumbo jet",
+                 "passenger jet", "passenger plane", "passenger airplane", "passenger airliner"],
+    "bus": ["bus", "school bus", "double decker bus", "minibus", "trolley bus", "coach bus", "passenger bus"],
     "train": ["train", "locomotive", "railcar", "tram", "streetcar", "subway train", "freight train",
               "passenger train"],
     "truck": ["truck", "pickup truck", "lorry", "fire truck", "firetruck", "tow truck",
               "dump truck", "semi truck", "trailer truck"],
-    "boat": ["boat", "ship", "sailboat", "canoe", "kayak", "yacht", "ferry", "raft", "rowboat", "speedboat"],
+    "boat": ["boat", "ship", "sailboat", "canoe", "kayak", "yacht", "ferry", "raft", "rowboat", "speedboat",
+             "passenger ship", "passenger boat", "passenger ferry"],
     "traffic light": ["traffic light", "stop light", "stoplight", "traffic signal", "street light signal"],
     "fire hydrant": ["fire hydrant", "hydrant"],
     "stop sign": ["stop sign"],
@@ -50,7 +52,7 @@ COCO_SYNONYMS = {
     "umbrella": ["umbrella", "parasol"],
     "handbag": ["handbag", "purse", "hand bag", "tote bag", "shoulder bag"],
     "tie": ["tie", "necktie", "bow tie"],
-    "suitcase": ["suitcase", "luggage", "suit case", "travel bag", "carry-on"],
+    "suitcase": ["suitcase", "luggage", "suit case", "travel bag", "carry-on", "carry-on bag"],
     "frisbee": ["frisbee", "flying disc"],
     "skis": ["ski", "skis"],
     "snowboard": ["snowboard", "snow board"],
@@ -58,7 +60,7 @@ COCO_SYNONYMS = {
                     "volleyball", "softball", "golf ball"],
     "kite": ["kite"],
     "baseball bat": ["baseball bat", "bat", "cricket bat"],
-    "baseball glove": ["baseball glove", "glove", "mitt", "baseball mitt", "catcher's mitt"],
+    "baseball glove": ["baseball glove", "mitt", "baseball mitt", "catcher's mitt"],
     "skateboard": ["skateboard", "skate board", "longboard"],
     "surfboard": ["surfboard", "surf board", "boogie board", "bodyboard", "paddleboard", "paddle board"],
     "tennis racket": ["tennis racket", "racket", "racquet", "tennis racquet"],
@@ -71,11 +73,11 @@ COCO_SYNONYMS = {
     "bowl": ["bowl"],
     "banana": ["banana"],
     "apple": ["apple"],
-    "sandwich": ["sandwich", "burger", "hamburger", "cheeseburger", "panini"],
+    "sandwich": ["sandwich", "burger", "hamburger", "cheeseburger", "panini", "chicken sandwich"],
     "orange": ["orange", "tangerine", "mandarin", "clementine"],
     "broccoli": ["broccoli"],
     "carrot": ["carrot"],
-    "hot dog": ["hot dog", "hotdog", "frankfurter", "sausage"],
+    "hot dog": ["hot dog", "hotdog", "frankfurter"],
     "pizza": ["pizza"],
     "donut": ["donut", "doughnut"],
     "cake": ["cake", "cupcake", "cheesecake", "birthday cake", "wedding cake"],
@@ -86,14 +88,14 @@ COCO_SYNONYMS = {
     "bed": ["bed"],
     "dining table": ["dining table", "table", "desk", "kitchen table", "coffee table"],
     "toilet": ["toilet", "urinal", "commode"],
-    "tv": ["tv", "television", "monitor", "tv set", "television set", "flat screen"],
-    "laptop": ["laptop", "computer", "notebook computer", "macbook"],
+    "tv": ["tv", "television", "monitor", "tv set", "television set", "flat screen", "computer monitor"],
+    "laptop": ["laptop", "computer", "notebook computer", "macbook", "laptop computer"],
     "mouse": ["mouse", "computer mouse"],
     "remote": ["remote", "remote control", "controller", "game controller", "wii remote"],
-    "keyboard": ["keyboard"],
+    "keyboard": ["keyboard", "computer keyboard"],
     "cell phone": ["cell phone", "cellphone", "phone", "mobile phone", "smartphone", "smart phone", "iphone"],
     "microwave": ["microwave", "microwave oven"],
-    "oven": ["oven", "stove", "stovetop"],
+    "oven": ["oven", "stove", "stovetop", "stove top", "stove top oven"],
     "toaster": ["toaster"],
     "sink": ["sink", "basin"],
     "refrigerator": ["refrigerator", "fridge", "freezer"],
@@ -106,10 +108,10 @@ COCO_SYNONYMS = {
     "toothbrush": ["toothbrush", "tooth brush"],
 }
 
-# Young animals: "baby elephant" is an elephant, not a baby (a person).
+# Young and grown animals: "baby elephant" / "adult elephant" is an elephant, not a person.
 BABY_ANIMALS = ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe"]
 for _animal in BABY_ANIMALS:
-    COCO_SYNONYMS[_animal].append(f"baby {_animal}")
+    COCO_SYNONYMS[_animal] += [f"baby {_animal}", f"adult {_animal}"]
 
 IRREGULAR_PLURALS = {
     "person": "people", "man": "men", "woman": "women", "child": "children", "gentleman": "gentlemen",
@@ -121,4 +123,5 @@ IRREGULAR_PLURALS = {
 
 NOT_OBJECTS = ["bus stop", "bus station", "train station", "train track", "train tracks", "railroad track",
                "railroad tracks", "tennis court", "baseball field", "baseball diamond", "baseball game",
-               "dog food", "cat food", "bird feeder", "car park", "toilet paper", "phone booth"]
+               "dog food", "cat food", "bird feeder", "car park", "toilet paper", "phone booth", "baseball cap",
+               "baseball hat", "baseball uniform", "football field", "soccer field", "dog bed"]

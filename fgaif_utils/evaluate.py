@@ -16,13 +16,13 @@ absent ones drawn three ways: random (uniform among absent categories), popular 
 occur in the most images of the annotation set), adversarial (the absent categories that co-occur most often
 with the image's present ones). On COCO the images are those with at least pope_objects annotated categories, so
 every image gets pope_objects + pope_objects questions per sampler (coco_pope_image_ids). An answer is "no" when
-the first sentence contains the word no, not or cannot, else "yes", as in the common POPE scripts.
+its first sentence holds the word "No", "no" or "not", else "yes", exactly as in the common POPE scripts.
 
 CHAIR (Rohrbach et al. 2018): object words of a description matched against the image's objects through a
 synonym table (the COCO one in coco_synonyms, the world's shape words in the synthetic world), longest phrase
 first, negated mentions ("there is no dog") not counted. CHAIR_s = descriptions with a hallucinated object /
-descriptions; CHAIR_i = hallucinated categories / mentioned categories (distinct per description);
-recall = mentioned true categories / true categories.
+descriptions; CHAIR_i = hallucinated mentions / object mentions (every non-negated mention counts, as in the
+original: "a dog next to another dog" is two); recall = distinct true categories mentioned / true categories.
 
 GPT-judged benchmarks (real profile): MMHal-Bench (a 0-6 rating per answer, hallucination = rating < 3) and
 LLaVA-Bench in-the-wild (the judge scores the reference answer and the model's answer 1-10; relative score =
@@ -236,11 +236,12 @@ def read_pope_folder(folder, suffix="", samplers=POPE_SAMPLERS):
 
 
 def pope_answer(text):
-    """'yes' or 'no' as the common POPE scripts read an answer: the first sentence, commas dropped; 'no' when it
-    holds the word no, not or cannot (or a n't contraction), else 'yes'."""
-    first = (text or "").split(".")[0].replace(",", " ").lower()
-    words = [word.strip("\"'!?;:()") for word in first.split()]
-    return "no" if any(word in ("no", "not", "cannot") or word.endswith("n't") for word in words) else "yes"
+    """'yes' or 'no' exactly as the common POPE scripts (POPE's and LLaVA-1.5's) read an answer, so that scores
+    compare with published ones: the first sentence (up to the first "."), commas removed, split on spaces; 'no'
+    when a word is "No", "no" or "not", else 'yes'. Their quirks are kept: "NO", "No!", "isn't" and "cannot" read
+    as yes (POPE prompts with the one-word suffix make them rare)."""
+    words = (text or "").split(".")[0].replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
 
 
 def confusion_counts(labels, answers):
@@ -314,10 +315,10 @@ class ObjectVocabulary:
         for category, forms in phrases.items():
             for form in forms:
                 for variant in ([form, plural(form)] if add_plurals else [form]):
-                    self.table.setdefault(_phrase(variant), category)
+                    self.table.setdefault(_phrase(_unhyphenated(variant)), category)
         for form in ignore:
             for variant in (form, plural(form)):
-                self.table[_phrase(variant)] = None
+                self.table[_phrase(_unhyphenated(variant))] = None
         self.longest = max(len(key) for key in self.table)
 
     def mentions(self, text):
@@ -375,15 +376,16 @@ def world_vocabulary():
 
 
 def chair_counts(text, truth, vocabulary):
-    """CHAIR counts of one description against the set of true categories: mentioned / hallucinated / covered
-    categories (distinct, non-negated mentions), the true ones, and the mentions themselves (for highlighting)."""
+    """CHAIR counts of one description against the set of true categories: non-negated object mentions and the
+    hallucinated ones among them (every mention, for CHAIR_i), the distinct true categories mentioned and the
+    true ones (recall), and the mentions themselves (for highlighting)."""
     mentions = vocabulary.mentions(text)
-    mentioned = {m["category"] for m in mentions if not m["negated"]}
+    claimed = [m["category"] for m in mentions if not m["negated"]]
     truth = set(truth)
-    hallucinated = mentioned - truth
-    return {"chair_mentioned": len(mentioned), "chair_hallucinated": len(hallucinated),
+    hallucinated = [category for category in claimed if category not in truth]
+    return {"chair_mentioned": len(claimed), "chair_hallucinated": len(hallucinated),
             "chair_caption_hallucinated": int(bool(hallucinated)), "chair_truth": len(truth),
-            "chair_covered": len(mentioned & truth), "hallucinated_objects": sorted(hallucinated),
+            "chair_covered": len(set(claimed) & truth), "hallucinated_objects": sorted(set(hallucinated)),
             "mentions": [{**m, "correct": None if m["negated"] else m["category"] in truth} for m in mentions]}
 
 

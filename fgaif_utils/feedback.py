@@ -117,36 +117,48 @@ def verdict_from_answer(fact, answer):
 # ---------------------------------------------------------------------------------------------- 03: verify
 
 class AnswerCache:
-    """Verifier answers on disk, one JSON line per (verifier, image, question); appended per batch, so a killed
-    run loses at most the batch in flight. It holds answers only: "unknown" is an answer (the verifier replied
-    neither yes nor no, and would again), a failed call is not stored, so a rerun asks it again."""
+    """Verifier answers on disk, one JSON line per (verifier, image pixels, question); appended per batch, so a
+    killed run loses at most the batch in flight. Keyed by the image's pixels, not its id: a synthetic image id is
+    an index, the same for another picture once the world's seed or params change. It holds answers only:
+    "unknown" is an answer (the verifier replied neither yes nor no, and would again), a failed call is not
+    stored, so a rerun asks it again."""
 
     def __init__(self, path, verifier_id):
         self.path = Path(path)
         self.verifier_id = verifier_id
         self.answers = {}
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):   # a line cut by a kill: drop it, so the next append starts clean
+                with open(self.path, "r+") as handle:
+                    handle.truncate(len(text[:text.rfind("\n") + 1].encode()))
+            for line in text.splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
-                    continue          # a line cut by a kill: that answer is asked again
+                    continue          # that answer is asked again
                 self.answers[entry["key"]] = entry["answer"]
 
-    def key(self, image_id, question):
-        raw = json.dumps([self.verifier_id, image_id, question])
+    def key(self, pixels, question):
+        raw = json.dumps([self.verifier_id, pixels, question])
         return hashlib.sha256(raw.encode()).hexdigest()
 
-    def get(self, image_id, question):
-        return self.answers.get(self.key(image_id, question))
+    def get(self, pixels, question):
+        return self.answers.get(self.key(pixels, question))
 
     def add(self, entries):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
-            for image_id, question, answer in entries:
-                key = self.key(image_id, question)
+            for pixels, question, answer in entries:
+                key = self.key(pixels, question)
                 self.answers[key] = answer
                 handle.write(json.dumps({"key": key, "answer": answer}) + "\n")
+
+
+def pixels_sha256(image):
+    """The answer cache's name for an image: sha256 of its shape and pixel bytes."""
+    image = np.ascontiguousarray(image)
+    return hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
 
 
 class HFVerifier:
@@ -168,9 +180,13 @@ def verify_facts(rows, verifier, load_image, cache, batch_size=512):
     """Fill row["answer"] and row["verdict"] for every fact row, asking only what the cache lacks, and each
     (image, question) pair once: the responses to one image repeat facts, also across batch boundaries.
     verifier.answer gives None for a call that failed; such a row keeps answer None and is not cached."""
+    pixels = {}   # image id -> pixels_sha256: every image is read once to look its answers up
+    for row in rows:
+        if row["image_id"] not in pixels:
+            pixels[row["image_id"]] = pixels_sha256(load_image(row["image_id"]))
     todo = {}
     for row in rows:
-        pair = (row["image_id"], row["question"])
+        pair = (pixels[row["image_id"]], row["question"])
         if pair not in todo and cache.get(*pair) is None:
             todo[pair] = row
     todo = list(todo.values())
@@ -180,10 +196,10 @@ def verify_facts(rows, verifier, load_image, cache, batch_size=512):
         if len({image.shape for image in images}) == 1:
             images = np.stack(images)
         answers = verifier.answer(images, [row["question"] for row in batch])
-        cache.add([(row["image_id"], row["question"], answer) for row, answer in zip(batch, answers)
+        cache.add([(pixels[row["image_id"]], row["question"], answer) for row, answer in zip(batch, answers)
                    if answer is not None])
     for row in rows:
-        row["answer"] = cache.get(row["image_id"], row["question"])
+        row["answer"] = cache.get(pixels[row["image_id"]], row["question"])
         row["verdict"] = verdict_from_answer(row["fact"], row["answer"])
     return rows
 
@@ -320,7 +336,7 @@ def label_warnings(summary, unknown_share=0.5):
     if summary["unlabelled"]:
         warnings.append(f"{summary['unlabelled']} of {summary['subsentences']} sub-sentences carry no label (their "
                         f"fact extraction or a verifier call failed: label_error in fg_labels.jsonl); rerun stage 03 "
-                        f"to retry them")
+                        f"with --force to retry only them (every answer obtained is cached)")
     answers = summary["answers"]
     asked = sum(answers.values())
     if asked and answers["unknown"] > unknown_share * asked:
@@ -414,8 +430,20 @@ def make_extractor(feedback_params, cache_dir):
                                    timeout=feedback_params.timeout_s)
 
 
+# The code that turns (image, question) into "yes" / "no" / "unknown" for each verifier: its sources enter the answer
+# cache's id, so a changed question parser or answer reader asks again instead of reading the old answers.
+ANSWERING_MODULES = {"detector": ("detector", "language"), "hf": ("tiny_train", "models", "llm"),
+                     "openai-vision": ("llm",)}
+
+
 def make_verifier(params, models_dir, cache_dir, models_hash):
     """(verifier, verifier_id): the yes/no judge the params ask for, and an id that keys its answer cache."""
+    from .stage import module_sources
+    verifier, verifier_id = _make_verifier(params, models_dir, cache_dir, models_hash)
+    return verifier, [*verifier_id, module_sources(ANSWERING_MODULES[params.feedback.verifier])]
+
+
+def _make_verifier(params, models_dir, cache_dir, models_hash):
     from . import detector, llm
     choice = params.feedback.verifier
     if choice == "detector":

@@ -450,9 +450,10 @@ class OpenAIVisionVerifier(ChatBackend):
         key = request_key({**self.request_settings(),
                            "messages": vision_messages(question, f"sha256:{image_sha256}")})
         cached = self.cache.load(key)
-        if cached is not None:
-            self._count(cache_hits=1, unknown=int(cached["answer"] == "unknown"))
-            return cached["answer"]
+        if cached is not None:   # read again: the cache keeps the reply, the reading of it may have changed
+            answer = parse_yes_no(cached["text"])
+            self._count(cache_hits=1, unknown=int(answer == "unknown"))
+            return answer
         try:
             text = self._create(messages=vision_messages(question, data_url), max_tokens=self.max_tokens)
         except CallFailed as error:

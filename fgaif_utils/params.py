@@ -382,9 +382,9 @@ class PpoParams:
     sparse: bool = False
     """Ablation: put the same total fine-grained reward on the response's last token only (the paper's sparse baseline)."""
     reward_scale: NonNegativeFloat = 1.0
-    """Multiply the fine-grained rewards by this before adding the KL term."""
+    """Multiply the fine-grained rewards by this before adding the KL term (after whiten_rewards)."""
     whiten_rewards: bool = False
-    """Scale the fine-grained rewards to unit standard deviation over the rollout batch before the KL term (not shifted: a shifted mean would reward or penalise every token, and the sparse reward would be sparse no more)."""
+    """Divide the fine-grained rewards by the standard deviation of the responses' total rewards over the rollout batch, before reward_scale and the KL term (not shifted: a shifted mean would reward or penalise every token; by totals, so that dense and sparse rewards of the same labels keep equal sums)."""
     reward_repeats: bool = True
     """Score every sub-sentence, including exact repeats of an earlier one in the same response (the paper). False: a repeat earns no fine-grained reward, the smallest fix for the repetition hack that per-sub-sentence rewards invite (measured on tiny: benchmarks/MEASUREMENTS.md)."""
     claim_bonus: NonNegativeFloat = 0.0
@@ -587,6 +587,24 @@ def _deep_merge(base, override):
     return merged
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: an overlay that writes
+    `feedback:` twice would otherwise lose the first one's settings without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"'{key}' (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_chain(path, _seen=()):
     """The merged mapping of a params file and everything it extends, plus the list of files read."""
     path = Path(path)
@@ -595,7 +613,9 @@ def read_yaml_chain(path, _seen=()):
     if path.resolve() in _seen:
         raise ParamsError(f"{path}: 'extends' loops back to itself")
     try:
-        mapping = yaml.safe_load(path.read_text()) or {}
+        mapping = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as err:
+        raise ParamsError(f"{path}: key {err} is given twice (YAML keeps only the last; say it once)") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(mapping, dict):
@@ -697,6 +717,19 @@ def _check_paths(params, source):
             raise ParamsError(f"{source}: key '{key}' names the local folder {value!r}, which does not exist")
     if params.ppo.deepspeed:
         deepspeed_config(params.ppo.deepspeed, source)
+    for key, value, needed in (
+            ("evaluate.pope_files", params.evaluate.pope_files, [f"coco_pope_{s}.json" for s in ("random", "popular", "adversarial")]),
+            ("evaluate.mmhal_path", params.evaluate.mmhal_path, ["response_template.json"]),
+            ("evaluate.llava_bench_path", params.evaluate.llava_bench_path,
+             ["questions.jsonl", "context.jsonl", "answers_gpt4.jsonl"])):
+        if not value:
+            continue
+        folder = Path(os.path.expanduser(value))
+        if not folder.is_dir():
+            raise ParamsError(f"{source}: key '{key}' names {value!r}, which is not a folder")
+        missing = [name for name in needed if not (folder / name).is_file()]
+        if missing:
+            raise ParamsError(f"{source}: key '{key}' names {value!r}, which lacks {', '.join(missing)}")
 
 
 def deepspeed_config(path, source="params"):

@@ -21,15 +21,18 @@ from fgaif_utils import stage as S
 
 
 def select_stages(spec=None):
-    """Stage specs for "00-03", "01", "00,02,05" (numbers or full names); None means all, in table order."""
+    """Stage specs for "00-03", "01", "00,02,05", "03-" (03 to the end), "-02" (numbers or full names); None means
+    all, in table order."""
     if spec is None:
         return list(S.STAGES)
     names = [s.name for s in S.STAGES]
     chosen = set()
     for part in str(spec).split(","):
-        first, _, last = part.strip().partition("-")
-        start = names.index(S.stage_spec(first.strip()).name)
-        stop = names.index(S.stage_spec(last.strip()).name) if last else start
+        first, dash, last = (side.strip() for side in part.strip().partition("-"))
+        if not first and not last:
+            raise S.StageError(f"--stages {spec!r}: {part!r} names no stage")
+        start = names.index(S.stage_spec(first).name) if first else 0
+        stop = (names.index(S.stage_spec(last).name) if last else len(names) - 1) if dash else start
         if stop < start:
             raise S.StageError(f"--stages {spec!r}: range {part!r} runs backwards")
         chosen.update(names[start:stop + 1])
@@ -212,6 +215,25 @@ def record_available_reuses(params, run):
             S.record_reuse(run, name, source)
 
 
+def out_of_date_upstream(params, params_path, shown_path, run, selected, notebooks):
+    """The stages before the first selected one, not selected themselves and not reused, whose outputs were made
+    with other params or code than these: the selected stages would read them as they are."""
+    names = [spec.name for spec in selected]
+    stale = []
+    for spec in S.STAGES[:[s.name for s in S.STAGES].index(names[0])] if names else []:
+        if spec.name in S.reused_stages(params):
+            continue
+        manifest = S.read_manifest(S.final_dir(run, spec.name))
+        if manifest is None:
+            continue   # missing: the stage that reads it says what to run
+        try:
+            if manifest.get("fingerprint") != S.fingerprint(params, spec.name, run, shown_path, notebooks):
+                stale.append(spec.name)
+        except S.StageError:
+            continue
+    return stale
+
+
 def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=None, prune=False):
     """Run the selected stages in order; returns one result dict per stage visited. `prune`: then delete the
     checkpoints of earlier fingerprints of the stages that are up to date (prune_caches).
@@ -229,6 +251,10 @@ def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=
     print(f"pipeline: params {path}, run '{run}', outputs {S.outputs_root() / run}", flush=True)
     record_available_reuses(params, run)
     results = []
+    stale = out_of_date_upstream(params, path, str(params_path), run, selected, notebooks)
+    if stale:
+        print(f"note: not selected, and made with other params or code than these: {', '.join(stale)}; the selected "
+              f"stages read its outputs as they are (--stages {stale[0][:2]}- remakes everything from there)", flush=True)
     with kernel_env(notebooks):
         for spec in selected:
             if not (notebooks / f"{spec.name}.ipynb").is_file():
@@ -250,7 +276,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fgaif_utils.pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("params", help="params file, e.g. params/tiny.yaml")
     parser.add_argument("--run", help="run name (default: the params file's `run`)")
-    parser.add_argument("--stages", help='which stages: "00-03", "01", "00,02,05" (default: all)')
+    parser.add_argument("--stages", help='which stages: "00-03", "01", "00,02,05", "04-" (04 to the end) (default: all)')
     parser.add_argument("--force", action="store_true", help="run the selected stages even when up to date")
     parser.add_argument("--prune", action="store_true",
                         help="then delete the selected stages' checkpoints of earlier params or code from "

@@ -28,10 +28,11 @@ a real token see a pad on its right; on CPU the masked backward is much slower).
 
 Several processes (torchrun / accelerate launch): every rank samples its share of the batch, then gradients
 are averaged across ranks by all-reduce after each backward, with losses normalised by the global number of
-tokens, so N ranks compute exactly the update one process would on the same global batch. With `ppo.deepspeed`
-(a DeepSpeed config, ZeRO stage 3 for 13B-size bases) two DeepSpeed engines, the policy and the value model, hold
-1/N of every parameter, gradient and Adam state on each rank and do the reduction, clipping and Adam step; every
-equation above stays where it is.
+tokens, so N ranks compute exactly the update one process would on the same global batch when a minibatch is
+the whole batch (smaller minibatches are drawn per rank from its own rows: other minibatches, the same ranks).
+With `ppo.deepspeed` (a DeepSpeed config, ZeRO stage 3 for 13B-size bases) two DeepSpeed engines, the policy and
+the value model, hold 1/N of every parameter, gradient and Adam state on each rank and do the reduction,
+clipping and Adam step; every equation above stays where it is.
 """
 import contextlib
 import json
@@ -151,6 +152,16 @@ def whiten(x, mask, shift_mean=True):
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return ((x - mean) if shift_mean else x) * torch.rsqrt(var + 1e-8) * mask
+
+
+def scale_to_unit_response_std(rewards, mask):
+    """rewards / the standard deviation of the responses' total rewards over the global batch. Scaled, not shifted
+    (a shifted mean would put a reward on every token, and the sparse reward would be sparse no more), and by the
+    totals, not the tokens: dense and sparse rewards of the same labels have the same totals, so they keep them."""
+    totals = (rewards * mask).sum(dim=1)
+    every_response = torch.ones_like(totals)
+    mean = masked_mean(totals, every_response)
+    return rewards * torch.rsqrt(masked_mean((totals - mean) ** 2, every_response) + 1e-8)
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip, value_clip, n_tokens):
@@ -406,9 +417,10 @@ class Trainer:
                  for ids, ends in zip(token_ids, end_positions)]
         fine_grained = torch.stack([
             _padded(fine_grained_rewards(lab, ends, len(a), self.weights, s.sparse, s.claim_bonus, skip), mask.shape[1])
-            for lab, ends, a, skip in zip(labels, end_positions, actions, skips)]).to(self.device) * s.reward_scale
-        if s.whiten_rewards:    # scaled only: a shifted mean would put a reward on every token (sparse no more)
-            fine_grained = whiten(fine_grained, mask, shift_mean=False)
+            for lab, ends, a, skip in zip(labels, end_positions, actions, skips)]).to(self.device)
+        if s.whiten_rewards:
+            fine_grained = scale_to_unit_response_std(fine_grained, mask)
+        fine_grained = fine_grained * s.reward_scale
         rewards, kl = kl_penalised_rewards(fine_grained, logprobs, ref_logprobs, mask, s.beta)
         batch = Batch(image_ids, token_ids, end_positions, labels, input_ids, pixel_values, mask, logprobs * mask,
                       ref_logprobs * mask, entropy * mask, values, fine_grained, rewards, kl)

@@ -247,7 +247,10 @@ def image_inputs(images):
 
 def token_loss(logits, labels, class_weights=None):
     """Token-level cross-entropy over the positions whose label is not IGNORE. logits (B, L, C), labels (B, L).
-    Without class weights the mean; with them sum_i w[y_i] * nll_i / sum_i w[y_i]."""
+    Without class weights the mean; with them sum_i w[y_i] * nll_i / sum_i w[y_i]. A batch with no labelled
+    position (every sub-sentence unlabelled for this type) has loss 0, not 0 / 0."""
+    if not (labels != IGNORE).any():
+        return logits.sum() * 0.0
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=class_weights,
                                              ignore_index=IGNORE)
 
@@ -597,7 +600,8 @@ def label_metrics(predicted, reference):
     makes a judgement (!= -1; a predicted n/a there is a miss): `applicable_accuracy` and precision / recall / F1
     of the hallucination class (1). Leaving out reference-n/a rows matters against the ground truth: a claim about
     an absent object has no true attribute or relation (truth n/a) while the AI labels, and so the reward models,
-    call it hallucinated. Undefined values are None.
+    call it hallucinated. What that leaves out is `na_called_hallucinated`: the share of reference-n/a rows
+    predicted hallucinated (in PPO each is a -1 where the reference would give 0). Undefined values are None.
     Macro-F1 averages the classes that make up at least MACRO_MIN_SHARE of the reference: the object type has
     almost no n/a sub-sentences (3 in 5,455), and an n/a class of one or two rows made the dev macro-F1, and so
     early stopping, jump by a third with a single prediction."""
@@ -616,7 +620,7 @@ def label_metrics(predicted, reference):
             "n_applicable": n_applicable, "n_hallucinated": int(confusion[2].sum()),
             "applicable_accuracy": ratio(confusion[1, 1] + confusion[2, 2], n_applicable),
             "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn),
-            "confusion": confusion.tolist()}
+            "na_called_hallucinated": ratio(confusion[0, 2], confusion[0].sum()), "confusion": confusion.tolist()}
 
 
 def constant_baselines(reference):

@@ -60,10 +60,11 @@ def metrics_table(evaluation):
     """Markdown: per type and reference (AI labels, ground truth), the reward model's accuracy and macro-F1 over
     all held-out sub-sentences, and over those the reference judges (not n/a) the accuracy and the
     hallucination-class precision / recall / F1, beside the constant baselines' (majority-class accuracy,
-    always-hallucinated F1)."""
+    always-hallucinated F1); last, the share of the reference's n/a sub-sentences the model calls hallucinated
+    (left out of the F1; in PPO each is a -1)."""
     lines = ["| type | against | sub-sentences (judged / halluc.) | accuracy | macro-F1 | accuracy where judged "
              "| halluc. precision | halluc. recall | halluc. F1 | majority-class accuracy "
-             "| always-halluc. F1 |", "|" + "---|" * 11]
+             "| always-halluc. F1 | n/a called halluc. |", "|" + "---|" * 12]
     for fact_type, entry in evaluation.items():
         for source in ("ai", "gt"):
             if source not in entry:
@@ -72,7 +73,8 @@ def metrics_table(evaluation):
             lines.append(f"| {fact_type} | {SOURCE_NAMES[source]} | {m['n']} ({m['n_applicable']} / {m['n_hallucinated']}) "
                          f"| {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | {_fmt(m['applicable_accuracy'])} "
                          f"| {_fmt(m['precision'])} | {_fmt(m['recall'])} | **{_fmt(m['f1'])}** "
-                         f"| {_fmt(b['majority_accuracy'])} | {_fmt(b['always_hallucinated_f1'])} |")
+                         f"| {_fmt(b['majority_accuracy'])} | {_fmt(b['always_hallucinated_f1'])} "
+                         f"| {_fmt(m['na_called_hallucinated'])} |")
     return "\n".join(lines)
 
 

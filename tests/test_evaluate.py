@@ -135,10 +135,11 @@ def test_coco_evaluation_inputs_pope_images_load_from_val2014(tiny_setup, tmp_pa
 
 
 def test_pope_answer_reading():
+    # The rule of POPE's and LLaVA-1.5's scripts, quirks included (the last row: words they read as yes).
     cases = {"Yes": "yes", "Yes, there is a dog in the image.": "yes", "No.": "no", "no": "no",
-             "There is not a dog in the image.": "no", "I don't see one": "no",
-             "Yes. There is no other dog.": "yes", "": "yes", "Nope": "yes", "NO, it is a cat": "no",
-             "I cannot see any dog.": "no", "No, there is not.": "no", "Yes.": "yes"}
+             "There is not a dog in the image.": "no", "No, there is not.": "no", "No,there is none": "yes",
+             "Yes. There is no other dog.": "yes", "": "yes", "Nope": "yes", "Yes.": "yes",
+             "NO, it is a cat": "yes", "I don't see one": "yes", "I cannot see any dog.": "yes", "No!": "yes"}
     assert {text: E.pope_answer(text) for text in cases} == cases
 
 
@@ -204,6 +205,29 @@ def test_chair_on_hand_written_captions():
     assert m["chair_s"] == pytest.approx(1 / 3)
     assert m["chair_i"] == pytest.approx(2 / 10)
     assert m["recall"] == pytest.approx(8 / 9)
+
+
+def test_chair_i_counts_every_mention_as_the_original_does():
+    # CHAIR_i = hallucinated mentions / mentions (Rohrbach et al.'s script adds len(node_words) per caption): two
+    # dogs and a cat against a cat-only image are 2 of 3, not 1 of 2 categories; CHAIR_s and recall stay per category.
+    vocabulary = E.coco_vocabulary()
+    counts = E.chair_counts("A dog lies next to another dog and a dog bed. A cat sits nearby.", {"cat"}, vocabulary)
+    assert (counts["chair_mentioned"], counts["chair_hallucinated"], counts["chair_covered"]) == (3, 2, 1)
+    assert counts["hallucinated_objects"] == ["dog"] and counts["chair_caption_hallucinated"] == 1
+    m = E.chair_metrics(["A dog lies next to another dog and a dog bed. A cat sits nearby.", "A cat on a couch."],
+                        [{"cat"}, {"cat", "couch"}], vocabulary)
+    assert m["chair_i"] == pytest.approx(2 / 5) and m["chair_s"] == pytest.approx(1 / 2)
+    assert m["recall"] == pytest.approx(3 / 3)
+
+
+def test_chair_phrases_that_name_one_object_or_none():
+    vocabulary = E.coco_vocabulary()
+    cats = lambda text: [m["category"] for m in vocabulary.mentions(text)]  # noqa: E731
+    assert cats("A large passenger jet beside an adult elephant.") == ["airplane", "elephant"]
+    assert cats("A laptop computer and a computer monitor near a stove top oven.") == ["laptop", "tv", "oven"]
+    assert cats("A boy in a baseball cap on a football field eats a chicken sandwich.") == ["person", "sandwich"]
+    assert cats("A skier wearing gloves; a pizza with sausage.") == ["person", "pizza"]
+    assert cats("She holds a carry-on bag and a carry-on.") == ["suitcase", "suitcase"]
 
 
 def test_chair_synonyms_plurals_and_negation():

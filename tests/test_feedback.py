@@ -1,12 +1,13 @@
 """AI feedback (stages 02-03): sub-sentence closing tokens from sampled ids, verdicts, label aggregation on
 hand-built facts, the verifier answer cache and its resume, and sampling that resumes with the same samples."""
 import json
+import typing
 
 import numpy as np
 import pytest
 import torch
 
-from fgaif_utils import feedback, language, models, params, segment
+from fgaif_utils import feedback, language, models, params, segment, stage
 
 torch.set_num_threads(1)
 
@@ -124,6 +125,32 @@ def test_verifier_cache_resumes_without_asking_again(tmp_path):
     third = CountingVerifier()                                       # another verifier: nothing reused
     feedback.verify_facts(rows, third, load_image, feedback.AnswerCache(tmp_path / "a.jsonl", ["v2"]))
     assert len(third.asked) == 3
+    # the cut line was dropped, not glued to the second run's first answer: a reload holds all three
+    fourth = CountingVerifier()
+    feedback.verify_facts(rows, fourth, load_image, feedback.AnswerCache(tmp_path / "a.jsonl", ["v1"]))
+    assert fourth.asked == []
+    # the same image id over other pixels (another world seed draws another picture 7): asked again
+    fifth = CountingVerifier()
+    feedback.verify_facts(rows, fifth, lambda image_id: np.ones((8, 8, 3), np.uint8),
+                          feedback.AnswerCache(tmp_path / "a.jsonl", ["v1"]))
+    assert len(fifth.asked) == 3
+
+
+def test_the_answer_cache_id_names_each_verifier_s_answering_code():
+    # every verifier the params allow has the modules whose sources key its answers, and they exist
+    allowed = set(typing.get_args(params.FeedbackParams.__annotations__["verifier"]))
+    assert set(feedback.ANSWERING_MODULES) == allowed
+    for modules in feedback.ANSWERING_MODULES.values():
+        assert "missing" not in stage.module_sources(modules).values()
+
+
+def test_a_changed_answer_reader_asks_the_verifier_again(tmp_path, monkeypatch):
+    P = params.Params(feedback=params.FeedbackParams(verifier="openai-vision", vision_base_url="http://127.0.0.1:9"))
+    _, first = feedback.make_verifier(P, tmp_path, tmp_path / "vision", "models-hash")
+    assert first[-1] == stage.module_sources(["llm"])
+    monkeypatch.setattr(stage, "module_sources", lambda modules: {name: "edited" for name in modules})
+    _, second = feedback.make_verifier(P, tmp_path, tmp_path / "vision", "models-hash")
+    assert first != second and first[:-1] == second[:-1]
 
 
 def test_verifier_asks_each_image_question_pair_once_across_batches(tmp_path):
@@ -135,7 +162,7 @@ def test_verifier_asks_each_image_question_pair_once_across_batches(tmp_path):
             for i, s in enumerate(subjects)]
     rows.append(dict(rows[0], fact_id="8", response_id="8-0", image_id=8))   # the same question, another image
     verifier = CountingVerifier()
-    out = feedback.verify_facts(rows, verifier, lambda image_id: np.zeros((8, 8, 3), np.uint8),
+    out = feedback.verify_facts(rows, verifier, lambda image_id: np.full((8, 8, 3), image_id, np.uint8),
                                 feedback.AnswerCache(tmp_path / "a.jsonl", ["v1"]), batch_size=2)
     question = {s: language.question_for_fact({"type": "object", "subject": s, "negated": False})
                 for s in ("heart", "ring", "star")}

@@ -423,6 +423,17 @@ def test_vision_answers_images_and_cache(tmp_path):
         assert len(stub.requests) == 4
 
 
+def test_vision_cache_hits_are_read_again_by_today_s_parser(tmp_path, monkeypatch):
+    # the cache keeps the reply's text; a changed reading of it (parse_yes_no) applies to cached replies too
+    image = np.zeros((4, 4, 3), np.uint8)
+    with StubServer(default=vision_answer) as stub:
+        assert verifier(stub, tmp_path).answer([image], list(ANSWERS)[:1]) == ["yes"]
+        monkeypatch.setattr(llm, "parse_yes_no", lambda text: "unknown")
+        again = verifier(stub, tmp_path)
+        assert again.answer([image], list(ANSWERS)[:1]) == ["unknown"]
+        assert len(stub.requests) == 1 and again.usage["cache_hits"] == 1 and again.usage["unknown"] == 1
+
+
 def test_vision_failure_is_none_counted_and_asked_again(tmp_path):
     image = np.zeros((4, 4, 3), np.uint8)
     with StubServer(default=lambda body: Reply(status=503)) as stub:

@@ -125,6 +125,34 @@ def test_missing_coco_root(tmp_path):
         P.load(path)
 
 
+def test_a_key_given_twice_is_an_error_naming_the_key_line_and_file(tmp_path):
+    path = write(tmp_path, "twice.yaml", "feedback:\n  existence_gate: false\nseed: 1\nfeedback:\n  size_twins: false\n")
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert "'feedback' (line 4) is given twice" in str(err.value) and str(path) in str(err.value)
+    nested = write(tmp_path, "nested.yaml", "ppo:\n  beta: 0.1\n  beta: 0.3\n")
+    with pytest.raises(P.ParamsError, match=r"'beta' \(line 3\) is given twice"):
+        P.load(nested)
+
+
+@pytest.mark.parametrize("key, needed", [("pope_files", ["coco_pope_random.json", "coco_pope_popular.json",
+                                                         "coco_pope_adversarial.json"]),
+                                         ("mmhal_path", ["response_template.json"]),
+                                         ("llava_bench_path", ["questions.jsonl", "context.jsonl", "answers_gpt4.jsonl"])])
+def test_evaluation_data_folders_are_checked_before_any_stage_runs(tmp_path, key, needed):
+    folder = tmp_path / "data"
+    path = write(tmp_path, "eval.yaml", f"evaluate:\n  {key}: {folder}\n")
+    with pytest.raises(P.ParamsError, match=rf"'evaluate.{key}'.*not a folder"):
+        P.load(path)
+    folder.mkdir()
+    with pytest.raises(P.ParamsError) as err:
+        P.load(path)
+    assert f"'evaluate.{key}'" in str(err.value) and needed[-1] in str(err.value) and str(path) in str(err.value)
+    for name in needed:
+        (folder / name).write_text("")
+    assert getattr(P.load(path).evaluate, key) == str(folder)
+
+
 def test_missing_params_file(tmp_path):
     with pytest.raises(P.ParamsError, match="not found"):
         P.load(tmp_path / "absent.yaml")

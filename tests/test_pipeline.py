@@ -292,8 +292,12 @@ def test_select_stages():
     assert names("05,00,02") == ["00_data", "02_sample_responses", "05_ppo"]
     assert names("01_base_models-02") == ["01_base_models", "02_sample_responses"]
     assert names(None) == [s.name for s in S.STAGES]
+    assert names("04-") == ["04_reward_models", "05_ppo", "06_evaluate"]     # open ranges, not just stage 04
+    assert names("-01") == ["00_data", "01_base_models"]
     with pytest.raises(S.StageError):
         pipeline.select_stages("07")
+    with pytest.raises(S.StageError, match="names no stage"):
+        pipeline.select_stages("01,-")
 
 
 # ---- the stage contract without the runner -----------------------------------------------------------
@@ -642,6 +646,21 @@ def test_shown_path_is_repository_relative_inside_it_and_leaves_hub_ids_and_outs
     assert S.shown_path(tmp_path / "p.yaml") == str(tmp_path / "p.yaml")
     # a model named by its hub id is no folder here; resolving it against the working folder would invent one
     assert S.shown_path("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_running_a_later_stage_alone_says_when_an_earlier_one_is_out_of_date(ws, capsys):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+    assert ws.run(stages="00-01") == ["run", "run"]
+    capsys.readouterr()
+    assert ws.run(stages="01") == ["skip"]
+    assert "note:" not in capsys.readouterr().out
+    ws.params.write_text(PARAMS_TEXT.replace("n_eval: 3", "n_eval: 5"))   # 00's params change; only 01 selected
+    assert ws.run(stages="01") == ["run"]       # its fingerprint holds `data` too, but it reads 00's old rows
+    printed = capsys.readouterr().out
+    assert "note: not selected, and made with other params or code than these: 00_data;" in printed
+    assert "--stages 00-" in printed
+    assert json.loads((ws.final("01_base_models") / "summary.json").read_text())["n"] == 3
 
 
 def test_a_stage_made_with_other_packages_is_kept_and_says_so(ws, capsys):

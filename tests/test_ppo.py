@@ -210,13 +210,21 @@ def test_whitened_rewards_are_scaled_not_shifted(tiny):
     labels = plain.score(images, token_ids, ends)
     raw_batch = plain.make_batch(images, list(range(6)), token_ids, ends, labels)
     raw, response_tokens = raw_batch.fine_grained, raw_batch.mask.bool()
-    whitened = _trainer(tiny, _settings(max_new_tokens=16, sparse=True, whiten_rewards=True)).make_batch(
-        images, list(range(6)), token_ids, ends, labels).fine_grained
+
+    def fine_grained(**settings):
+        return _trainer(tiny, _settings(max_new_tokens=16, **settings)).make_batch(
+            images, list(range(6)), token_ids, ends, labels).fine_grained
+    whitened = fine_grained(sparse=True, whiten_rewards=True)
     assert raw.abs().sum() > 0 and torch.equal(whitened == 0, raw == 0)   # still only on the last tokens
-    # divided by the standard deviation over every response token (the zeros between the last tokens included)
-    std = torch.sqrt(raw[response_tokens].var(unbiased=False) + 1e-8)
+    # divided by the standard deviation of the six responses' totals
+    std = torch.sqrt((raw * response_tokens).sum(1).var(unbiased=False) + 1e-8)
     assert torch.allclose(whitened, raw / std, atol=1e-6)
     assert not torch.allclose(std, torch.ones(())) and not torch.allclose(whitened, raw)
+    # the dense reward of the same labels gets the same factor, so sparse still carries the same sum per response
+    dense = fine_grained(sparse=False, whiten_rewards=True)
+    assert torch.allclose((dense * response_tokens).sum(1), (whitened * response_tokens).sum(1), atol=1e-5)
+    # reward_scale applies after whitening (before, whitening would cancel it)
+    assert torch.allclose(fine_grained(sparse=True, whiten_rewards=True, reward_scale=3.0), 3 * whitened, atol=1e-6)
 
 
 def test_prompt_images_pass_through_every_image_once_per_pass():

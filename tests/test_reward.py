@@ -127,6 +127,12 @@ def test_ignored_positions_never_contribute_to_the_loss():
     assert reward.token_loss(changed, labels).item() == pytest.approx(loss.item(), rel=1e-6)
     changed[1, 5] += torch.tensor([5.0, 0.0, -5.0])
     assert reward.token_loss(changed, labels).item() != pytest.approx(loss.item(), rel=1e-3)
+    # a batch with no labelled position (every sub-sentence unlabelled for this type): 0 with zero gradients, not NaN
+    unlabelled = logits.clone().requires_grad_()
+    for weights in (None, torch.tensor([0.5, 1.0, 4.0])):
+        empty = reward.token_loss(unlabelled, torch.full((2, 7), reward.IGNORE), weights)
+        empty.backward()
+        assert empty.item() == 0.0 and torch.equal(unlabelled.grad, torch.zeros_like(logits))
 
 
 def test_class_weighted_loss_and_balanced_weights_by_hand():
@@ -594,6 +600,10 @@ def test_label_metrics_by_hand():
     assert reward.label_metrics([-1, 0], [-1, 0])["f1"] is None
     # a predicted n/a where the reference says hallucinated is a miss
     assert reward.label_metrics([-1, 1], [1, 1])["recall"] == pytest.approx(1 / 2)
+    # what the hallucination precision leaves out: reference-n/a rows called hallucinated (1 of the 2 above)
+    assert m["na_called_hallucinated"] == pytest.approx(1 / 2)
+    assert reward.label_metrics([1, 1, 0, 1], [-1, -1, 0, 1])["na_called_hallucinated"] == 1.0
+    assert reward.label_metrics([0, 1], [0, 1])["na_called_hallucinated"] is None
 
 
 def test_macro_f1_leaves_out_classes_rarer_than_one_percent():
