@@ -302,10 +302,11 @@ def label_records(records, rows, scenes_by_id=None, extraction=None):
 
 
 def add_ground_truth(rows, scenes_by_id):
-    """Synthetic world: every fact row gets `truth` (True / False / None = not judgeable) from the scene graph."""
+    """Synthetic world: every fact row gets `truth` (True / False / None = not judgeable) from the scene graph; a fact
+    an LLM extractor wrote in other words is read in the world's (scorer.in_world_words), None if it has none."""
     for row in rows:
-        scene = scenes_by_id[row["image_id"]]
-        row["truth"] = scorer.judge_fact(row["fact"], scene)
+        fact = scorer.in_world_words(row["fact"])
+        row["truth"] = None if fact is None else scorer.judge_fact(fact, scenes_by_id[row["image_id"]])
     return rows
 
 

@@ -166,14 +166,28 @@ def save_lvlm(model, processor, folder):
 
 # ---------------------------------------------------------------------------------------------- one loader
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _local_path(name):
+    """The folder a model name means here, or None for a hub id: a path that starts with /, ./, ../ or ~, a folder
+    that exists from the working folder, or one under the repository (artifacts record paths relative to it, and
+    JupyterLab runs a notebook from its own folder, not the repository's)."""
+    if name.startswith(("/", "./", "../", "~")) or Path(name).is_dir():
+        return os.path.expanduser(name)
+    if not Path(name).is_absolute() and (REPO_ROOT / name).is_dir():
+        return str(REPO_ROOT / name)
+    return None
+
+
 def _looks_local(name):
-    return name.startswith(("/", "./", "../", "~")) or Path(name).is_dir()
+    return _local_path(name) is not None
 
 
 def resolve_checkpoint(name_or_path, local_files_only=True):
     """The local folder of a llava-hf checkpoint (a local path, or a hub id already in the local cache)."""
     if _looks_local(name_or_path):
-        folder = Path(os.path.expanduser(name_or_path))
+        folder = Path(_local_path(name_or_path))
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{name_or_path!r} is not a llava-hf checkpoint folder (no config.json)")
         return str(folder.resolve())
@@ -198,15 +212,17 @@ def load_lvlm(name_or_path, dtype="float32", device="auto", load_in_4bit=False, 
 
     target = pick_device(device)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if _looks_local(name_or_path) and not Path(os.path.expanduser(name_or_path)).is_dir():
+    local = _local_path(name_or_path)
+    if local is not None and not Path(local).is_dir():
         raise ModelLoadError(f"model folder {name_or_path!r} does not exist")
+    source = local or name_or_path
     kwargs = dict(dtype=torch_dtype, local_files_only=local_files_only)
     if load_in_4bit:
         kwargs["quantization_config"] = _four_bit_config(target, torch_dtype)
         kwargs["device_map"] = {"": target.index or 0}
     try:
-        processor = AutoProcessor.from_pretrained(os.path.expanduser(name_or_path), local_files_only=local_files_only)
-        model = LlavaForConditionalGeneration.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
     except OSError as err:
         if _looks_local(name_or_path):
             raise ModelLoadError(f"could not load the llava-hf checkpoint in {name_or_path!r}: {err}") from err

@@ -93,7 +93,7 @@ class WorldParams:
     max_relations: NonNegativeInt = 2
     """Most relation sentences in a reference description (eval_long states up to twice as many)."""
     size_word_p: Probability = 1.0
-    """Probability that a noun phrase of the world's descriptions (clean and noisy) states the object's size; 1 = always (tiny), lower lets a policy leave out what it cannot see (params/experiments/optional-words.yaml)."""
+    """Probability that a noun phrase of the world's descriptions (clean and noisy) states the object's size; 1 = always (tiny), lower lets a policy leave out what it cannot see (params/words/, 0.7)."""
     colour_word_p: Probability = 1.0
     """Probability that a noun phrase states the object's colour; 1 = always (tiny)."""
     fog_strength: Probability = 0.55

@@ -50,6 +50,37 @@ def judge_fact(fact, scene, objects=None):
     return language.relation_holds(subject, fact["relation"], other)
 
 
+def in_world_words(fact):
+    """The fact in the synthetic world's canonical words, or None when it names something the world has no word for.
+    The rules extractor writes canonical facts; an LLM extractor may write "the box", "big", "to the left of" or
+    kind "other" ("striped"): those are mapped where the world has the word, else the fact is not judgeable."""
+    shapes, sizes = language.shape_lookup(), language.size_lookup()
+    relations = {phrase: relation for relation, phrases in language.RELATION_PHRASES.items()
+                 for phrase in [relation, *phrases]}
+
+    def word(value):
+        text = " ".join(str(value).lower().split())
+        for article in ("a ", "an ", "the "):
+            text = text.removeprefix(article)
+        return text
+
+    subject = shapes.get(word(fact.get("subject", "")), (None,))[0]
+    if subject is None or fact.get("type") not in facts_lib.FACT_TYPES:
+        return None
+    if fact["type"] == "object":
+        return {**fact, "subject": subject, "negated": bool(fact.get("negated"))}
+    if fact["type"] == "attribute":
+        value = word(fact.get("value", ""))
+        if fact.get("kind") == "colour" and value in language.COLOURS:
+            return {**fact, "subject": subject, "value": value}
+        if fact.get("kind") == "size" and value in sizes:
+            return {**fact, "subject": subject, "value": sizes[value]}
+        return None
+    relation, other = relations.get(word(fact.get("relation", ""))), shapes.get(word(fact.get("object", "")), (None,))[0]
+    return None if relation is None or other is None else {**fact, "subject": subject, "relation": relation,
+                                                            "object": other}
+
+
 def judge_facts(facts, scene):
     """Copies of the facts with "correct" set by judge_fact."""
     objects = _objects_by_shape(scene)
@@ -92,7 +123,8 @@ def score_description(text, scene):
     """Every fact of `text` judged against `scene`, with counts and rates (see the module docstring).
 
     Object claims count every mention (a relation sentence mentions its shapes again). CHAIR_i = unique
-    hallucinated shapes / unique shapes mentioned (non-negated mentions only); CHAIR_s = 1 if any.
+    hallucinated shapes / unique shapes mentioned (non-negated mentions only; per shape, where stage 06's CHAIR_i
+    counts every mention as the original does: the per-mention reading here is the object rate); CHAIR_s = 1 if any.
     Coverage = distinct present shapes mentioned (non-negated) / objects in the scene. Why-counts: how many
     hallucinated shapes are a present shape's PARTNER, how many false colours are the shape's TYPICAL_COLOUR.
     A sentence is unparseable when it yields no fact and is not an opener fragment; a duplicate when its

@@ -134,7 +134,7 @@ def learning_curves(logs, window=50):
     return fig
 
 
-PROFILE_COLUMNS = [("object", "object_error_rate"), ("CHAIR_i", "chair_i"), ("CHAIR_s", "chair_s"),
+PROFILE_COLUMNS = [("object", "object_error_rate"), ("CHAIR_i per shape", "chair_i"), ("CHAIR_s", "chair_s"),
                    ("attribute", "attribute_error_rate"), ("colour", "colour_error_rate"),
                    ("size", "size_error_rate"), ("relation", "relation_error_rate"), ("coverage", "coverage"),
                    ("sentences", "mean_sentences")]

@@ -1,6 +1,7 @@
 """Every existing stage end to end on params/smoke.yaml through papermill: a stage that breaks its successor
 fails here. Then a re-run skips everything, and the artifacts are checked against what each stage promises."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -108,6 +109,36 @@ def test_a_notebook_runs_by_itself_from_the_notebooks_folder(tmp_path):
             os.environ["FGAIF_OUTPUTS"] = env_before
     manifest = json.loads((tmp_path / "by-hand" / "00_data" / "manifest.json").read_text())
     assert manifest["run"] == "by-hand" and not (tmp_path / "by-hand" / ".00_data.partial").exists()
+
+
+def test_the_ppo_notebook_runs_by_hand_from_the_notebooks_folder(smoke_run, tmp_path):
+    """As in JupyterLab, on the smoke run's stages 00-04: stage 05 loads the base policy by the repository-relative
+    path its summary.json records, from a kernel started in notebooks/ (it once looked for it there)."""
+    import os
+    import papermill
+    run_dir, _, _ = smoke_run
+    # the outputs must lie inside the repository (as outputs/ does) for the recorded path to be relative
+    outputs = REPO / "outputs" / f".test-by-hand-{os.getpid()}"
+    for name in STAGE_NAMES[:5]:
+        shutil.copytree(run_dir / name, outputs / "ci" / name)
+    overlay = _overlay(tmp_path, "by-hand-05", "reuse_stages: [00_data, 01_base_models, 02_sample_responses, "
+                                               "03_ai_feedback, 04_reward_models]\n")
+    env_before = os.environ.get("FGAIF_OUTPUTS")
+    os.environ["FGAIF_OUTPUTS"] = str(outputs)
+    try:
+        papermill.execute_notebook(str(REPO / "notebooks" / "05_ppo.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"params_path": str(overlay)}, kernel_name="python3",
+                                   progress_bar=False, cwd=str(REPO / "notebooks"))
+        final = outputs / "ci-by-hand-05" / "05_ppo"
+        summary = json.loads((final / "summary.json").read_text())
+        assert not summary["policy_base"].startswith("/") and (REPO / summary["policy_base"]).is_dir()
+        assert (final / "before_after.html").is_file() and (final / "manifest.json").is_file()
+    finally:
+        if env_before is None:
+            os.environ.pop("FGAIF_OUTPUTS")
+        else:
+            os.environ["FGAIF_OUTPUTS"] = env_before
+        shutil.rmtree(outputs, ignore_errors=True)
 
 
 def _overlay(tmp_path, name, body):

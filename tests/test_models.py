@@ -167,6 +167,25 @@ def test_loader_reads_the_legacy_llava_hf_layout(tiny, tmp_path):
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
 
 
+def test_a_repository_relative_model_path_loads_from_any_working_folder(tiny, tmp_path, monkeypatch):
+    # artifacts record model paths relative to the repository (stage 05's summary.json: policy_base); JupyterLab runs
+    # a notebook from notebooks/ or from a stage folder, where that relative path names nothing
+    _, _, folder = tiny
+    repository = tmp_path / "repo"
+    (repository / "outputs" / "run").mkdir(parents=True)
+    (repository / "outputs" / "run" / "policy").symlink_to(folder, target_is_directory=True)
+    (repository / "notebooks").mkdir()
+    monkeypatch.setattr(models, "REPO_ROOT", repository)
+    monkeypatch.chdir(repository / "notebooks")
+    loaded, _ = models.load_lvlm("outputs/run/policy", device="cpu")
+    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
+    assert models.resolve_checkpoint("outputs/run/policy") == str(folder.resolve())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(models.ModelLoadError, match="--local-dir"):   # a name that is no folder here stays a hub id
+        models.resolve_checkpoint("outputs/run/nothing")
+
+
 def test_missing_folder_and_offline_hub_id_give_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))

@@ -351,3 +351,23 @@ def test_noisy_descriptions_errors_are_exactly_the_injections():
             {(j["subject"], j["claimed_relation"], j["object"]) for j in injections if j["type"] == "relation"}, text
         seen |= {j["type"] for j in injections}
     assert seen == {"object", "colour", "sys_colour", "relation"}
+
+
+def test_facts_an_llm_writes_are_read_in_the_world_s_words_or_left_unjudged():
+    from fgaif_utils import feedback, scorer
+    # every fact the rules extractor finds in the world's own captions is already in the world's words
+    rng = random.Random(0)
+    for _ in range(30):
+        scene = world.sample_scene(rng, WorldParams())
+        for fact in facts_lib.parse_facts(world.describe(scene, rng)):
+            assert scorer.in_world_words(fact) == fact
+    llm_facts = [{"type": "object", "subject": "the Box", "negated": False},           # square: present
+                 {"type": "attribute", "subject": "heart", "kind": "size", "value": "big"},   # large: right
+                 {"type": "attribute", "subject": "star", "kind": "colour", "value": "Yellow"},
+                 {"type": "relation", "subject": "heart", "relation": "to the left of", "object": "a star"},
+                 {"type": "relation", "subject": "square", "relation": "under", "object": "heart"},
+                 {"type": "attribute", "subject": "heart", "kind": "other", "value": "striped"},  # no such word
+                 {"type": "relation", "subject": "heart", "relation": "next to", "object": "star"},
+                 {"type": "object", "subject": "dog", "negated": False}]
+    rows = feedback.add_ground_truth([{"image_id": 1, "fact": f} for f in llm_facts], {1: SCENE_A})
+    assert [row["truth"] for row in rows] == [True, True, True, True, True, None, None, None]
