@@ -155,12 +155,6 @@ class AnswerCache:
                 handle.write(json.dumps({"key": key, "answer": answer}) + "\n")
 
 
-def pixels_sha256(image):
-    """The answer cache's name for an image: sha256 of its shape and pixel bytes."""
-    image = np.ascontiguousarray(image)
-    return hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
-
-
 class HFVerifier:
     """An LVLM loaded through models.load_lvlm, answering one question per prompt, greedily."""
 
@@ -180,10 +174,12 @@ def verify_facts(rows, verifier, load_image, cache, batch_size=512):
     """Fill row["answer"] and row["verdict"] for every fact row, asking only what the cache lacks, and each
     (image, question) pair once: the responses to one image repeat facts, also across batch boundaries.
     verifier.answer gives None for a call that failed; such a row keeps answer None and is not cached."""
-    pixels = {}   # image id -> pixels_sha256: every image is read once to look its answers up
+    from .llm import image_key   # llm imports openai: only where it is needed
+    pixels = {}   # image id -> its pixels' shape and sha256: every image is read once to look its answers up
     for row in rows:
         if row["image_id"] not in pixels:
-            pixels[row["image_id"]] = pixels_sha256(load_image(row["image_id"]))
+            shape, digest = image_key(load_image(row["image_id"]))
+            pixels[row["image_id"]] = f"{shape}:{digest.hex()}"
     todo = {}
     for row in rows:
         pair = (pixels[row["image_id"]], row["question"])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import language
+from .params import REPO_ROOT
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 
@@ -165,9 +166,6 @@ def save_lvlm(model, processor, folder):
 
 
 # ---------------------------------------------------------------------------------------------- one loader
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 def _local_path(name):
     """The folder a model name means here, or None for a hub id: a path that starts with /, ./, ../ or ~, a folder

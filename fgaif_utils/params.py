@@ -718,7 +718,8 @@ def _check_paths(params, source):
     if params.ppo.deepspeed:
         deepspeed_config(params.ppo.deepspeed, source)
     for key, value, needed in (
-            ("evaluate.pope_files", params.evaluate.pope_files, [f"coco_pope_{s}.json" for s in ("random", "popular", "adversarial")]),
+            ("evaluate.pope_files", params.evaluate.pope_files,
+             [f"coco_pope_{sampler}.json" for sampler in ("random", "popular", "adversarial")]),
             ("evaluate.mmhal_path", params.evaluate.mmhal_path, ["response_template.json"]),
             ("evaluate.llava_bench_path", params.evaluate.llava_bench_path,
              ["questions.jsonl", "context.jsonl", "answers_gpt4.jsonl"])):

@@ -218,9 +218,8 @@ def record_available_reuses(params, run):
 def out_of_date_upstream(params, params_path, shown_path, run, selected, notebooks):
     """The stages before the first selected one, not selected themselves and not reused, whose outputs were made
     with other params or code than these: the selected stages would read them as they are."""
-    names = [spec.name for spec in selected]
     stale = []
-    for spec in S.STAGES[:[s.name for s in S.STAGES].index(names[0])] if names else []:
+    for spec in S.STAGES[:S.STAGES.index(selected[0])]:
         if spec.name in S.reused_stages(params):
             continue
         manifest = S.read_manifest(S.final_dir(run, spec.name))

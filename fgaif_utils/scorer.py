@@ -9,6 +9,7 @@ This is the project's yardstick: the AI feedback, the reward models and PPO are 
 - score_subsentences: the ground-truth labels of each sub-sentence of a response.
 - highlight_html: a description with its facts coloured, for a person to look at.
 """
+import functools
 import html
 
 from fgaif_utils import facts as facts_lib
@@ -50,13 +51,19 @@ def judge_fact(fact, scene, objects=None):
     return language.relation_holds(subject, fact["relation"], other)
 
 
+@functools.cache
+def _world_words():
+    """(shape forms -> (shape, plural), size forms -> size, relation words and phrases -> relation), built once."""
+    relations = {phrase: relation for relation, phrases in language.RELATION_PHRASES.items()
+                 for phrase in [relation, *phrases]}
+    return language.shape_lookup(), language.size_lookup(), relations
+
+
 def in_world_words(fact):
     """The fact in the synthetic world's canonical words, or None when it names something the world has no word for.
     The rules extractor writes canonical facts; an LLM extractor may write "the box", "big", "to the left of" or
     kind "other" ("striped"): those are mapped where the world has the word, else the fact is not judgeable."""
-    shapes, sizes = language.shape_lookup(), language.size_lookup()
-    relations = {phrase: relation for relation, phrases in language.RELATION_PHRASES.items()
-                 for phrase in [relation, *phrases]}
+    shapes, sizes, relations = _world_words()
 
     def word(value):
         text = " ".join(str(value).lower().split())

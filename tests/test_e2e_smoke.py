@@ -92,26 +92,18 @@ def test_feedback_stage_labels_size_twins_that_the_reward_stage_trains_on(smoke_
     assert "have a size-flipped twin, used with probability 0.5" in executed
 
 
-def test_a_notebook_runs_by_itself_from_the_notebooks_folder(tmp_path):
+def test_a_notebook_runs_by_itself_from_the_notebooks_folder(tmp_path, monkeypatch):
     """As in JupyterLab: kernel started in notebooks/, default work_dir (None), only params_path changed."""
-    import os
     import papermill
-    env_before = os.environ.get("FGAIF_OUTPUTS")
-    os.environ["FGAIF_OUTPUTS"] = str(tmp_path)
-    try:
-        papermill.execute_notebook(str(REPO / "notebooks" / "00_data.ipynb"), str(tmp_path / "out.ipynb"),
-                                   parameters={"params_path": "params/smoke.yaml", "run": "by-hand"},
-                                   kernel_name="python3", progress_bar=False, cwd=str(REPO / "notebooks"))
-    finally:
-        if env_before is None:
-            os.environ.pop("FGAIF_OUTPUTS")
-        else:
-            os.environ["FGAIF_OUTPUTS"] = env_before
+    monkeypatch.setenv("FGAIF_OUTPUTS", str(tmp_path))   # the kernel inherits it
+    papermill.execute_notebook(str(REPO / "notebooks" / "00_data.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"params_path": "params/smoke.yaml", "run": "by-hand"},
+                               kernel_name="python3", progress_bar=False, cwd=str(REPO / "notebooks"))
     manifest = json.loads((tmp_path / "by-hand" / "00_data" / "manifest.json").read_text())
     assert manifest["run"] == "by-hand" and not (tmp_path / "by-hand" / ".00_data.partial").exists()
 
 
-def test_the_ppo_notebook_runs_by_hand_from_the_notebooks_folder(smoke_run, tmp_path):
+def test_the_ppo_notebook_runs_by_hand_from_the_notebooks_folder(smoke_run, tmp_path, monkeypatch):
     """As in JupyterLab, on the smoke run's stages 00-04: stage 05 loads the base policy by the repository-relative
     path its summary.json records, from a kernel started in notebooks/ (it once looked for it there)."""
     import os
@@ -123,8 +115,7 @@ def test_the_ppo_notebook_runs_by_hand_from_the_notebooks_folder(smoke_run, tmp_
         shutil.copytree(run_dir / name, outputs / "ci" / name)
     overlay = _overlay(tmp_path, "by-hand-05", "reuse_stages: [00_data, 01_base_models, 02_sample_responses, "
                                                "03_ai_feedback, 04_reward_models]\n")
-    env_before = os.environ.get("FGAIF_OUTPUTS")
-    os.environ["FGAIF_OUTPUTS"] = str(outputs)
+    monkeypatch.setenv("FGAIF_OUTPUTS", str(outputs))
     try:
         papermill.execute_notebook(str(REPO / "notebooks" / "05_ppo.ipynb"), str(tmp_path / "out.ipynb"),
                                    parameters={"params_path": str(overlay)}, kernel_name="python3",
@@ -134,10 +125,6 @@ def test_the_ppo_notebook_runs_by_hand_from_the_notebooks_folder(smoke_run, tmp_
         assert not summary["policy_base"].startswith("/") and (REPO / summary["policy_base"]).is_dir()
         assert (final / "before_after.html").is_file() and (final / "manifest.json").is_file()
     finally:
-        if env_before is None:
-            os.environ.pop("FGAIF_OUTPUTS")
-        else:
-            os.environ["FGAIF_OUTPUTS"] = env_before
         shutil.rmtree(outputs, ignore_errors=True)
 
 
