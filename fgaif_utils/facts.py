@@ -13,8 +13,9 @@ new noun phrase or clause follows it: "a heart and a star", not "small and red",
 In a clause:
 - every shape word, singular or plural, synonyms included, is a mention and yields an object fact;
 - a negation word ("no", "not", "n't", "without", ...) negates every mention after it in its clause
-  ("there is no red circle", "i can't see hearts or stars"), except "not" right after a copula whose subject
-  is a mention ("the heart is not red", "the star isn't above the ring"): that negates the predicate, which
+  ("there is no red circle", "i can't see hearts or stars"), except "not" after a copula whose subject
+  is a mention ("the heart is not red", "the star isn't above the ring", "the heart is also not red"; only
+  adverbs may stand between them): that negates the predicate, which
   then yields no attribute or relation fact, and the mentions stay claims of existence;
 - colour and size words in front of a mention (unknown words in between are skipped: "a big shiny red heart")
   are attributes of that mention; the other colour and size words after a copula ("is", "are", "looks", ...)
@@ -47,6 +48,9 @@ RELATION_BY_PHRASE = sorted(
 
 NEGATORS = set(language.NEGATION_WORDS) | {"none", "neither", "nor", "without", "zero", "never"}
 COPULAS = {"is", "are", "was", "were", "appears", "appear", "looks", "look", "seems", "seem"}
+# Adverbs that may stand between a copula and its "not" ("the heart is also not red").
+PREDICATE_ADVERBS = {"also", "still", "really", "actually", "definitely", "certainly", "clearly", "probably",
+                     "just", "surely"}
 SENTENCE_BREAKS = {".", "!", "?", "\n"}
 CLAUSE_BREAKS = SENTENCE_BREAKS | {",", ";", ":", "(", ")", "but", "while", "whereas", "although", "however"}
 # "and" ends a clause when one of these follows it.
@@ -197,9 +201,12 @@ def _clause_facts(clause):
 
 def _negates_predicate(clause, i, mentions):
     """Whether the negator at token i negates a predicate ("the heart is not red") rather than existence:
-    it directly follows a copula that has a mention before it in the clause."""
-    return (i > 0 and clause[i - 1][0] in COPULAS
-            and any(k < i - 1 for k in mentions))
+    it follows a copula, with only adverbs between them ("the heart is also not red"), that has a mention
+    before it in the clause."""
+    k = i - 1
+    while k > 0 and clause[k][0] in PREDICATE_ADVERBS:
+        k -= 1
+    return k > 0 and clause[k][0] in COPULAS and any(m < k for m in mentions)
 
 
 def parse_facts(text):

@@ -134,6 +134,14 @@ def test_negated_predicate_keeps_existence_but_drops_the_claim():
     assert parse_facts(text) == [obj("star", at(text, "star"))]
     text = "the heart is left of no star ."   # a relation with a negated side is dropped
     assert parse_facts(text) == [obj("heart", at(text, "heart")), obj("star", at(text, "star"), True)]
+    # An adverb between the copula and "not" keeps the negation on the predicate: no "heart is red" claim,
+    # and the star after it is not negated.
+    text = "the heart is also not red ."
+    assert parse_facts(text) == [obj("heart", at(text, "heart"))]
+    text = "the heart is still not left of the star ."
+    assert parse_facts(text) == [obj("heart", at(text, "heart")), obj("star", at(text, "star"))]
+    text = "there is also no star ."   # no mention before the copula: existence is negated
+    assert parse_facts(text) == [obj("star", at(text, "star"), True)]
 
 
 def test_attribute_only_sentences():
