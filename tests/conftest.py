@@ -12,6 +12,8 @@ if str(REPO_ROOT) not in sys.path:
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: the end-to-end runs of every stage (smoke and COCO profiles); "
+                                       "`-m \"not e2e\"` leaves them out")
     # pytest resets the warning filters fgaif_utils sets for the notebooks; the same two messages about code that
     # is not ours (peft reading a deprecated transformers property, torch importing its own deprecated
     # torch.jit.script_method when peft or deepspeed import inductor) are filtered here by their text.

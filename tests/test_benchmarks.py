@@ -1,4 +1,4 @@
-"""benchmarks/ppo_step.py and benchmarks/reward_step.py run end to end on the tiny LLaVA on the CPU (the 7B shape
+"""benchmarks/ppo_step.py, reward_step.py and threads.py run end to end on the tiny LLaVA on the CPU (the 7B shape
 runs on a GPU machine)."""
 import json
 import os
@@ -35,6 +35,18 @@ def test_reward_step_benchmark_trains_the_same_with_pixels_and_cached_features(t
     assert set(results["results"]) == {"pixels", "features"}
     assert all(len(r["seconds"]) == 2 and min(r["seconds"]) > 0 for r in results["results"].values())
     assert results["loss_gap"] < 1e-4   # the same training trajectory either way
+
+
+def test_threads_benchmark_times_a_training_step_at_each_count(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "threads.py"), "--threads", "1", "--steps", "12",
+                           "--warmup", "1", "--batch", "8", "--repeats", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| 1 |" in done.stdout
+    [row] = json.loads((tmp_path / "threads.json").read_text())
+    assert row["threads"] == 1 and len(row["seconds_per_step"]) == 1 and row["median"] > 0
+    assert len(row["losses"]) == 13 and row["losses"][-1] < row["losses"][0]   # a training step: the loss falls
 
 
 def test_review_gpu_check_runs_its_reduction_checks_under_gloo_on_the_cpu():

@@ -23,6 +23,8 @@ from PIL import Image
 from fgaif_utils import llm, models, params, stage, world
 from openai_stub import Reply, StubServer, rules_answer
 
+pytestmark = pytest.mark.e2e   # `pytest -m "not e2e"` runs the rest in a few minutes
+
 REPO = params.REPO_ROOT
 SECRET = "sk-coco-e2e-not-a-real-key"
 CHECK_PROFILE = REPO / "params" / "llava15_coco_check.yaml"

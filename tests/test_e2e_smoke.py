@@ -11,6 +11,8 @@ from fgaif_utils import params, stage
 
 REPO = params.REPO_ROOT
 
+pytestmark = pytest.mark.e2e   # `pytest -m "not e2e"` runs the rest in a few minutes
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
