@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 
@@ -61,6 +62,8 @@ def command(launcher, nproc, params_path, run, data_dir, models_dir, reward_dir,
     raise ValueError(f"launcher {launcher!r}: use 'torchrun' or 'accelerate' (or 'none' to train in the kernel)")
 
 
+# How long a rank waits in a collective for the others (NCCL's default is 10 minutes): rank 0's validation runs alone.
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
 FINISHED = "ranks_finished"   # rank 0 writes it into the job's --out folder once every rank has done its work
 
 
@@ -121,7 +124,9 @@ def init_distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # Ranks wait at a barrier while rank 0 alone validates (greedy descriptions of the validation images, then
+        # scoring): at LLaVA-1.5's 512 new tokens that can near NCCL's default 10-minute watchdog, which kills the job.
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     return (dist.get_rank(), world_size) if dist.is_initialized() else (0, 1)
 
 

@@ -53,6 +53,9 @@ from .params import deepspeed_config
 VALUE_ADAPTER = "value"
 POLICY_ADAPTER = "policy"
 PROMPT_STREAM = 1    # names the random stream of the prompt images' order (prompt_order) among those of a seed
+# A log row's per-token means: averaged over ranks by their response tokens (_mean_over_ranks).
+PER_TOKEN_KEYS = ("kl_per_token", "kl_k3_per_token", "entropy", "explained_variance", "value_mean")
+RANK_WEIGHTS = "rank_weights"   # a log row's key for what each entry is a mean over on this rank (not logged)
 
 
 # ---------------------------------------------------------------------------------------------- equations
@@ -161,7 +164,10 @@ def scale_to_unit_response_std(rewards, mask):
     totals = (rewards * mask).sum(dim=1)
     every_response = torch.ones_like(totals)
     mean = masked_mean(totals, every_response)
-    return rewards * torch.rsqrt(masked_mean((totals - mean) ** 2, every_response) + 1e-8)
+    variance = masked_mean((totals - mean) ** 2, every_response)
+    if variance < 1e-8:   # every response earned the same total: no spread to scale to (1/sqrt(1e-8) would be 1e4)
+        return rewards
+    return rewards * torch.rsqrt(variance)
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip, value_clip, n_tokens):
@@ -398,7 +404,11 @@ class Trainer:
             # ZeRO-3 gathers each layer's weights from all ranks, so every rank runs every forward: score a
             # one-token stand-in when this rank's responses closed no sub-sentence
             self.rm.score(images[:1], [[self.eos]], [[0]], batch_size=1, mixed=mixed)
-        scores = self.rm.score(images, token_ids, end_positions, batch_size=len(images), mixed=mixed)
+        # rollout_chunk rows at a time (three forwards' worth of rows in a mixed-adapter batch: the validation's 200
+        # responses at once would not fit beside two bases on a GPU); under DeepSpeed one batch, so that every rank
+        # runs the same number of forwards whatever share of its responses closed a sub-sentence.
+        chunk = len(images) if self.engines else (self.s.rollout_chunk or len(images))
+        scores = self.rm.score(images, token_ids, end_positions, batch_size=max(1, chunk), mixed=mixed)
         return [s["labels"] for s in scores]
 
     @torch.no_grad()
@@ -556,10 +566,14 @@ def rollout_stats(batch, reward_types, weights):
                                                  len(reward_types)),
         "value_mean": float(batch.values.sum() / mask.sum()),
     })
+    tokens = float(mask.sum())
+    weights = {key: tokens for key in PER_TOKEN_KEYS}
     for j, t in enumerate(reward_types):
         labels = np.concatenate([np.asarray(l).reshape(-1, len(reward_types))[:, j] for l in batch.labels] or [[]])
         judged = labels[labels != -1]
         row[f"halluc_share_{t}"] = float((judged == 1).mean()) if len(judged) else None
+        weights[f"halluc_share_{t}"] = float(len(judged))
+    row[RANK_WEIGHTS] = weights
     return row
 
 
@@ -775,14 +789,21 @@ def prompt_order(n_images, per_iteration, iteration, seed):
 
 
 def _mean_over_ranks(row):
-    """Each numeric entry averaged over the ranks that have it. A value can be None on one rank only (e.g. no
-    judged relation in its share of the batch), so every rank sends the same keys: (sum, count) per key."""
+    """Each numeric entry averaged over the ranks that have it, weighted by what the rank's value is a mean over
+    where the row's RANK_WEIGHTS says (response tokens for per-token means, judged sub-sentences for the
+    hallucination shares: the global batch's value, as one process would log it; explained variance, not a mean,
+    gets the token-weighted mean of the ranks' values), else equally (the ranks' shares hold equally many
+    responses). A value can be None on one rank only (e.g. no judged relation in its share of the batch), so every
+    rank sends the same keys: (weighted sum, weight) per key."""
+    row = dict(row)
+    weights = row.pop(RANK_WEIGHTS, {})
     if not dist.is_initialized():
         return row
     keys = sorted(k for k, v in row.items() if k != "iteration" and (v is None or isinstance(v, (int, float))))
-    sums = _global_sum(torch.tensor([[row[k] or 0.0, row[k] is not None] for k in keys],
-                                    dtype=torch.float64).reshape(-1, 2))
-    return {**row, **{k: (float(total / count) if count else None) for k, (total, count) in zip(keys, sums.tolist())}}
+    sent = [[(row[k] or 0.0) * weights.get(k, 1.0), weights.get(k, 1.0) if row[k] is not None else 0.0]
+            for k in keys]
+    sums = _global_sum(torch.tensor(sent, dtype=torch.float64).reshape(-1, 2))
+    return {**row, **{k: (float(total / weight) if weight else None) for k, (total, weight) in zip(keys, sums.tolist())}}
 
 
 # ---------------------------------------------------------------------------------------------- validation

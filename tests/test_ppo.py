@@ -217,7 +217,7 @@ def test_whitened_rewards_are_scaled_not_shifted(tiny):
     whitened = fine_grained(sparse=True, whiten_rewards=True)
     assert raw.abs().sum() > 0 and torch.equal(whitened == 0, raw == 0)   # still only on the last tokens
     # divided by the standard deviation of the six responses' totals
-    std = torch.sqrt((raw * response_tokens).sum(1).var(unbiased=False) + 1e-8)
+    std = torch.sqrt((raw * response_tokens).sum(1).var(unbiased=False))
     assert torch.allclose(whitened, raw / std, atol=1e-6)
     assert not torch.allclose(std, torch.ones(())) and not torch.allclose(whitened, raw)
     # the dense reward of the same labels gets the same factor, so sparse still carries the same sum per response
@@ -225,6 +225,15 @@ def test_whitened_rewards_are_scaled_not_shifted(tiny):
     assert torch.allclose((dense * response_tokens).sum(1), (whitened * response_tokens).sum(1), atol=1e-5)
     # reward_scale applies after whitening (before, whitening would cancel it)
     assert torch.allclose(fine_grained(sparse=True, whiten_rewards=True, reward_scale=3.0), 3 * whitened, atol=1e-6)
+
+
+def test_whitening_leaves_rewards_alone_when_every_response_earned_the_same_total():
+    # totals 2 and 2: no spread to divide by (dividing by sqrt(0 + 1e-8) multiplied them by 10,000)
+    rewards = torch.tensor([[1.0, 0, 1, 0], [0, 0, 2, 0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1]])
+    assert torch.equal(ppo.scale_to_unit_response_std(rewards, mask), rewards)
+    spread = torch.tensor([[1.0, 0, 1, 0], [0, 0, -2, 0]])   # totals 2 and -2: std 2
+    assert torch.allclose(ppo.scale_to_unit_response_std(spread, mask), spread / 2)
 
 
 def test_prompt_images_pass_through_every_image_once_per_pass():
@@ -249,6 +258,23 @@ def test_rollout_decodes_in_chunks_of_rollout_chunk(tiny, monkeypatch):
     token_ids, ends = chunked.rollout(images, list(range(6)), seed=0)
     assert calls[1:] == [4, 2] and len(token_ids) == len(ends) == 6
     assert chunked.rollout(images, list(range(6)), seed=0) == (token_ids, ends)   # seeded per chunk
+
+
+def test_reward_models_score_in_chunks_of_rollout_chunk(tiny, monkeypatch):
+    images = _images(6)
+    trainer = _trainer(tiny, _settings(max_new_tokens=8))
+    token_ids, ends = trainer.rollout(images, list(range(6)), seed=0)
+    assert sum(len(e) for e in ends) > 0
+    whole = [np.asarray(labels).tolist() for labels in trainer.score(images, token_ids, ends)]
+    sizes = []
+    score = trainer.rm.score
+    monkeypatch.setattr(trainer.rm, "score", lambda *a, batch_size, **k: (sizes.append(batch_size),
+                                                                          score(*a, batch_size=batch_size, **k))[1])
+    assert [np.asarray(labels).tolist() for labels in trainer.score(images, token_ids, ends)] == whole
+    assert sizes == [6]                                                    # rollout_chunk 0: the whole share
+    trainer.s.rollout_chunk = 4
+    assert [np.asarray(labels).tolist() for labels in trainer.score(images, token_ids, ends)] == whole
+    assert sizes[1:] == [4]
 
 
 def test_kl_lowers_the_reward_when_the_policy_moves_away(tiny):
@@ -573,7 +599,9 @@ from fgaif_utils import launch, ppo
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 row = {"iteration": 3, "kl": [1.0, 3.0][rank], "halluc_share_relation": [None, 0.5][rank],
-       "halluc_share_attribute": None, "note": "text"}
+       "halluc_share_attribute": None, "note": "text", "kl_per_token": [0.1, 0.0][rank], "halluc_share_object": 0.5 * rank,
+       ppo.RANK_WEIGHTS: {"kl_per_token": [100.0, 10.0][rank], "halluc_share_relation": [0.0, 3.0][rank],
+                          "halluc_share_object": [1.0, 3.0][rank]}}
 mean = ppo._mean_over_ranks(row)
 if rank == 0:
     open(sys.argv[2], "w").write(json.dumps(mean))
@@ -598,8 +626,16 @@ def test_log_rows_average_over_ranks_when_a_value_is_missing_on_one_rank(tmp_pat
     # mismatch aborted the 2-process smoke job once the existence gate made such rows common)
     _torchrun(tmp_path, MEAN_WORKER, 29519, str(tmp_path / "out.json"))
     mean = json.loads((tmp_path / "out.json").read_text())
+    # per-token means weighted by the ranks' tokens (100 tokens at 0.1, 10 at 0.0: the global 10 / 110, not 0.05),
+    # shares by judged sub-sentences (1 judged at 0.0, 3 at 0.5: 1.5 / 4); per-response means equally
     assert mean == {"iteration": 3, "kl": 2.0, "halluc_share_relation": 0.5, "halluc_share_attribute": None,
-                    "note": "text"}
+                    "note": "text", "kl_per_token": pytest.approx(10 / 110), "halluc_share_object": pytest.approx(1.5 / 4)}
+
+
+def test_one_process_log_row_drops_the_rank_weights():
+    row = {"iteration": 1, "kl_per_token": 0.2, ppo.RANK_WEIGHTS: {"kl_per_token": 7.0}}
+    assert ppo._mean_over_ranks(row) == {"iteration": 1, "kl_per_token": 0.2}
+    assert ppo.RANK_WEIGHTS in row   # the caller's row is left as it was
 
 
 def test_repeated_sub_sentences_earn_nothing_when_repeats_are_not_rewarded():
@@ -759,6 +795,9 @@ def test_rollout_stats_by_hand():
     # judged labels: object [0, 1, 1], attribute [0, 1], relation none
     assert row["halluc_share_object"] == pytest.approx(2 / 3) and row["halluc_share_attribute"] == 0.5
     assert row["halluc_share_relation"] is None
+    # what each is a mean over on this rank, for the mean over ranks: 5 response tokens; 3, 2 and 0 judged
+    assert row[ppo.RANK_WEIGHTS] == {**{key: 5.0 for key in ppo.PER_TOKEN_KEYS}, "halluc_share_object": 3.0,
+                                     "halluc_share_attribute": 2.0, "halluc_share_relation": 0.0}
 
 
 def test_a_repeated_sub_sentence_earns_nothing_unless_reward_repeats(tiny):
@@ -819,3 +858,15 @@ def test_the_kl_budget_stops_the_run_and_a_resume_keeps_it_stopped(tiny, tmp_pat
                         log_path=tmp_path / "log.jsonl")
     assert resumed["iteration"] == state["iteration"] and resumed["stopped"] == state["stopped"]
     assert torch.equal(_flat(again), _flat(trainer))
+
+
+def test_ranks_join_the_group_with_an_hour_for_rank_0_s_lone_validation(monkeypatch):
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.init_distributed() == (1, 2)
+    assert joined == {"backend": "gloo", "timeout": launch.COLLECTIVE_TIMEOUT}
+    assert launch.COLLECTIVE_TIMEOUT.total_seconds() == 3600   # NCCL's default watchdog is 10 minutes
