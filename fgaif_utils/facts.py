@@ -15,8 +15,9 @@ In a clause:
 - a negation word ("no", "not", "n't", "without", ...) negates every mention after it in its clause
   ("there is no red circle", "i can't see hearts or stars"), except "not" after a copula whose subject
   is a mention ("the heart is not red", "the star isn't above the ring", "the heart is also not red"; only
-  adverbs may stand between them): that negates the predicate, which
-  then yields no attribute or relation fact, and the mentions stay claims of existence;
+  adverbs may stand between them), or "not" opening a clause before a relation phrase ("the heart is above the
+  star , not below the ring"): that negates the predicate, which then yields no attribute or relation fact, and
+  the mentions stay claims of existence; "is not in the picture" (or image, scene) says the subject is absent;
 - colour and size words in front of a mention (unknown words in between are skipped: "a big shiny red heart")
   are attributes of that mention; the other colour and size words after a copula ("is", "are", "looks", ...)
   are attributes of the copula's subject, the last mention before it ("the heart is red", "the colour of
@@ -72,7 +73,7 @@ _PRONOUN_IS = {"there", "here", "it", "that", "what", "who"}   # "there's" = "th
 
 def tokenize(text):
     """Lower-case tokens (word, start, end): words, single punctuation characters, line breaks. "isn't" ->
-    "is" "not", "there's" -> "there" "is", "heart's" -> "heart" "'s"; quotes around a word are dropped."""
+    "is" "not" (and "n't" written apart -> "not"), "there's" -> "there" "is", "heart's" -> "heart" "'s"; quotes around a word are dropped."""
     tokens = []
     for match in _TOKEN.finditer(text.replace("\u2019", "'")):
         word, start, end = match.group().lower(), match.start(), match.end()
@@ -83,7 +84,9 @@ def tokenize(text):
             word = stripped
             if not word:
                 continue
-        if word.endswith("n't") and len(word) > 3:
+        if word == "n't":   # written apart: "is n't"
+            tokens.append(("not", start, end))
+        elif word.endswith("n't") and len(word) > 3:
             stem = {"ca": "can", "wo": "will"}.get(word[:-3], word[:-3])
             tokens += [(stem, start, end - 3), ("not", end - 3, end)]
         elif word == "cannot":
@@ -160,18 +163,25 @@ def _clause_facts(clause):
             i = relation[1]
             continue
         if word in SHAPE_BY_WORD:
-            mentions[i] = {"shape": SHAPE_BY_WORD[word][0], "negated": negated}
-            facts.append(_object_fact(mentions[i]["shape"], negated, clause[i]))
+            mentions[i] = {"shape": SHAPE_BY_WORD[word][0], "negated": negated,
+                           "facts": [_object_fact(SHAPE_BY_WORD[word][0], negated, clause[i])]}
             k = i - 1
             while k >= 0 and (_attribute_of(clause[k][0]) or _is_unknown(clause[k][0])):
                 if _attribute_of(clause[k][0]):
                     prenominal.add(k)
                     if not negated:
-                        facts.append(_attribute_fact(mentions[i]["shape"], _attribute_of(clause[k][0]), clause[k]))
+                        mentions[i]["facts"].append(
+                            _attribute_fact(mentions[i]["shape"], _attribute_of(clause[k][0]), clause[k]))
                 k -= 1
         elif word in NEGATORS and not _negates_predicate(clause, i, mentions):
             negated = True
+        elif word in NEGATORS and _absent_from_picture(clause, i + 1) and any(k < i for k in mentions):
+            # "the red star is not in the picture": the copula's subject does not exist (and has no attributes)
+            subject = mentions[max(k for k in mentions if k < i)]
+            subject["negated"] = True
+            subject["facts"] = [dict(subject["facts"][0], negated=True)]
         i += 1
+    facts += [fact for mention in mentions.values() for fact in mention["facts"]]
     # Pass 2: predicates. A copula after a mention opens a predicate about the last mention before it.
     subject, predicate_negated, last_mention = None, False, None
     i = 0
@@ -199,10 +209,20 @@ def _clause_facts(clause):
     return facts
 
 
+def _absent_from_picture(clause, i):
+    """Whether the tokens from i say "in the picture" / "in this image" (after "is not": the subject is absent)."""
+    words = [token[0] for token in clause[i:i + 3]]
+    return len(words) == 3 and words[0] in ("in", "on") and words[1] in ("the", "this") \
+        and words[2] in ("picture", "image", "scene")
+
+
 def _negates_predicate(clause, i, mentions):
     """Whether the negator at token i negates a predicate ("the heart is not red") rather than existence:
     it follows a copula, with only adverbs between them ("the heart is also not red"), that has a mention
-    before it in the clause."""
+    before it in the clause; or it opens its clause before a relation phrase ("the heart is above the star , not
+    below the ring": the ring is there, the relation is denied)."""
+    if i == 0 and clause[0][0] == "not" and _relation_at(clause, 1):
+        return True
     k = i - 1
     while k > 0 and clause[k][0] in PREDICATE_ADVERBS:
         k -= 1

@@ -142,6 +142,26 @@ def test_negated_predicate_keeps_existence_but_drops_the_claim():
     assert parse_facts(text) == [obj("heart", at(text, "heart")), obj("star", at(text, "star"))]
     text = "there is also no star ."   # no mention before the copula: existence is negated
     assert parse_facts(text) == [obj("star", at(text, "star"), True)]
+    # "not" opening a clause before a relation phrase denies the relation, not the ring's existence
+    for text in ["the heart is above the star , not below the ring .",
+                 "the heart is above the star and not below the ring ."]:
+        assert parse_facts(text) == [obj("heart", at(text, "heart")), rel("heart", "above", "star", at(text, "above")),
+                                     obj("star", at(text, "star")), obj("ring", at(text, "ring"))], text
+    # "n't" written apart is "not"
+    text = "the heart is n't red ."
+    assert parse_facts(text) == [obj("heart", at(text, "heart"))]
+    text = "there is n't a heart ."
+    assert parse_facts(text) == [obj("heart", at(text, "heart"), True)]
+
+
+def test_not_in_the_picture_says_the_subject_is_absent():
+    text = "the red star is not in the picture ."
+    assert parse_facts(text) == [obj("star", at(text, "star"), True)]   # and no colour claim about it
+    text = "the star is not in this image and the heart is red ."
+    assert parse_facts(text) == [obj("star", at(text, "star"), True), obj("heart", at(text, "heart")),
+                                 attr("heart", "colour", "red", at(text, "red"))]
+    text = "the star is not in the picture , it is above the ring ."   # the scope is the clause
+    assert [f["negated"] for f in parse_facts(text) if f["type"] == "object"] == [True, False]
 
 
 def test_attribute_only_sentences():
