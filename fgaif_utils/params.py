@@ -342,7 +342,8 @@ class PpoParams:
     samples_per_image: PositiveInt = 1
     """Responses per prompt image within a rollout batch."""
     rollout_chunk: NonNegativeInt = 0
-    """Responses a rank decodes at once in PPO's rollout (0 = its whole share of the batch). The static KV cache holds rows x (prompt + max_new_tokens) for every layer: 35 GiB for 64 LLaVA-7B rows of 1,120 tokens, on top of two bases, adapters and Adam states."""
+    """Responses a rank decodes at once in PPO's rollout, and scores and runs the policy, reference and value forwards
+    on at once (0 = its whole share of the batch; under DeepSpeed scoring and forwards always take the whole share). The static KV cache holds rows x (prompt + max_new_tokens) for every layer: 35 GiB for 64 LLaVA-7B rows of 1,120 tokens, on top of two bases, adapters and Adam states."""
     minibatch_size: PositiveInt = 64
     """Responses per gradient step."""
     epochs: PositiveInt = 2

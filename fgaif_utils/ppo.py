@@ -419,10 +419,18 @@ class Trainer:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         pixel_values = reward.pixel_values(self.processor, images).to(self.device)
         P = len(self.prompt)
-        logprobs, entropy = response_logprobs(self.policy, input_ids, pixel_values, P, s.temperature, True)
-        with self.policy.disable_adapter():
-            ref_logprobs = response_logprobs(self.policy, input_ids, pixel_values, P, s.temperature)
-        values = response_values(self.rm, self.value_head, input_ids, pixel_values, P) * mask
+        # log pi, log pi_ref and V, rollout_chunk rows at a time (a rank's whole share under DeepSpeed, as in `score`):
+        # 64 LLaVA rows of ~1,100 tokens hold ~17 GB of float logits at once
+        chunk = len(actions) if self.engines else (s.rollout_chunk or len(actions))
+        parts = []
+        for rows in (slice(start, start + chunk) for start in range(0, len(actions), chunk)):
+            ids, pixels = input_ids[rows], pixel_values[rows]
+            logprobs, entropy = response_logprobs(self.policy, ids, pixels, P, s.temperature, True)
+            with self.policy.disable_adapter():
+                ref_logprobs = response_logprobs(self.policy, ids, pixels, P, s.temperature)
+            parts.append((logprobs, entropy, ref_logprobs, response_values(self.rm, self.value_head, ids, pixels, P)))
+        logprobs, entropy, ref_logprobs, values = (torch.cat(part) for part in zip(*parts))
+        values = values * mask
         skips = [None if s.reward_repeats else repeated_subsentences(ids, ends)
                  for ids, ends in zip(token_ids, end_positions)]
         fine_grained = torch.stack([

@@ -277,6 +277,20 @@ def test_reward_models_score_in_chunks_of_rollout_chunk(tiny, monkeypatch):
     assert sizes[1:] == [4]
 
 
+def test_the_batch_s_forward_passes_in_chunks_give_the_whole_batch_s_numbers(tiny):
+    images = _images(6)
+    trainer = _trainer(tiny, _settings(max_new_tokens=8))
+    token_ids, ends = trainer.rollout(images, list(range(6)), seed=0)
+    labels = trainer.score(images, token_ids, ends)
+    with mock.patch.object(ppo, "response_values", wraps=ppo.response_values) as values:
+        whole = trainer.make_batch(images, list(range(6)), token_ids, ends, labels)
+        trainer.s.rollout_chunk = 4
+        chunked = trainer.make_batch(images, list(range(6)), token_ids, ends, labels)
+    assert [call.args[2].shape[0] for call in values.call_args_list] == [6, 4, 2]
+    for name in ("logprobs", "ref_logprobs", "entropy", "values", "rewards", "advantages", "returns"):
+        assert torch.allclose(getattr(chunked, name), getattr(whole, name), atol=1e-5), name
+
+
 def test_kl_lowers_the_reward_when_the_policy_moves_away(tiny):
     trainer = _trainer(tiny, _settings(max_new_tokens=16))
     n = 64
