@@ -273,4 +273,5 @@ def describe_fact(fact):
         return f"no {fact['subject']}" if fact["negated"] else f"{fact['subject']} exists"
     if fact["type"] == "attribute":
         return f"{fact['subject']} is {fact['value']} ({fact['kind']})"
-    return f"{fact['subject']} {language.RELATION_PHRASES[fact['relation']][0]} {fact['object']}"
+    phrase = language.RELATION_PHRASES.get(fact["relation"], [fact["relation"]])[0]   # an LLM's own: "lying on"
+    return f"{fact['subject']} {phrase} {fact['object']}"

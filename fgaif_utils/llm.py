@@ -147,6 +147,8 @@ def parse_facts_answer(content):
         answer = json.loads(text)
     except json.JSONDecodeError as error:
         return None, f"the answer is not valid JSON ({error.msg} at character {error.pos})"
+    except RecursionError:   # a degenerate answer: thousands of nested brackets
+        return None, "the answer is nested too deeply to parse"
     if not isinstance(answer, dict) or not isinstance(answer.get("facts"), list):
         return None, 'the answer must be a JSON object with a "facts" list'
     try:

@@ -214,7 +214,7 @@ def load_lvlm(name_or_path, dtype="float32", device="auto", load_in_4bit=False, 
     if local is not None and not Path(local).is_dir():
         raise ModelLoadError(f"model folder {name_or_path!r} does not exist")
     source = local or name_or_path
-    kwargs = dict(dtype=torch_dtype, local_files_only=local_files_only)
+    kwargs = dict(dtype=torch_dtype, local_files_only=local_files_only, use_safetensors=True)   # never a pickle
     if load_in_4bit:
         kwargs["quantization_config"] = _four_bit_config(target, torch_dtype)
         kwargs["device_map"] = {"": target.index or 0}

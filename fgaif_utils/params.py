@@ -12,6 +12,7 @@ import difflib
 import inspect
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -647,6 +648,10 @@ def _check_across_keys(params, source):
     if "eval_long" not in world.long_splits:
         raise ParamsError(f"{source}: key 'data.world_params.long_splits' ({world.long_splits}) must include "
                           "'eval_long': that split is the long one by definition")
+    for run in params.evaluate.compare_runs:   # folder names under outputs/ and rows of stage 06's tables
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run):
+            raise ParamsError(f"{source}: key 'evaluate.compare_runs' holds {run!r}; a run name is letters, digits, "
+                              "'_', '-' or '.', not starting with '.'")
     held_out = params.reward.dev_fraction + params.reward.test_fraction
     if held_out >= 1:
         raise ParamsError(f"{source}: keys 'reward.dev_fraction' + 'reward.test_fraction' = {held_out:g} leave no "

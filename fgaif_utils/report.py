@@ -31,6 +31,13 @@ TYPE_LETTERS = {"object": "O", "attribute": "A", "relation": "R"}
 
 # ---------------------------------------------------------------------------------------------- checks
 
+def markdown_cell(text):
+    """Untrusted text (model output, user data) as one cell of a Markdown table: runs of whitespace, line breaks
+    too, become one space (a newline would end the row), HTML is escaped, and backslashes and pipes are escaped (a
+    pipe would split the cell)."""
+    return html.escape(" ".join(str(text).split())).replace("\\", "\\\\").replace("|", "\\|")
+
+
 def _check_labels(labels, where, allowed=LABELS):
     if not isinstance(labels, (list, tuple)) or len(labels) != len(FACT_TYPES) or any(
             label not in allowed for label in labels):

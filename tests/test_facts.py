@@ -240,6 +240,8 @@ def test_check_fact_and_describe():
         check_fact({"type": "relation", "subject": "heart", "relation": "near", "object": "star"})
     assert describe_fact(obj("heart", None, True)) == "no heart"
     assert describe_fact(rel("heart", "below", "star", None)) == "heart below star"
+    # an LLM extractor's relation in its own words (stage 03's labels report on COCO): read as written
+    assert describe_fact(rel("cat", "lying on", "sofa", None)) == "cat lying on sofa"
 
 
 def test_question_for_every_parsed_fact():

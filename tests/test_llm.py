@@ -105,6 +105,8 @@ def test_parse_facts_answer():
     number_subject = '{"facts": [{"type": "object", "subject": 3, "negated": true}]}'
     assert "string 'subject'" in llm.parse_facts_answer(number_subject)[1]
     assert '"facts" list' in llm.parse_facts_answer('{"facts": {"type": "object", "subject": "dog"}}')[1]
+    # a degenerate answer nested deeper than the parser's recursion: unusable, never a RecursionError
+    assert "nested too deeply" in llm.parse_facts_answer('{"facts": ' + "[" * 100_000 + "]" * 100_000 + "}")[1]
 
 
 @pytest.mark.parametrize("text, answer", [

@@ -137,6 +137,19 @@ def test_loader_round_trip_gives_identical_logits(tiny):
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
 
 
+def test_a_checkpoint_in_pickle_format_is_refused(tiny, tmp_path):
+    """Weights load from safetensors only: a folder holding pytorch_model.bin (a pickle) is not loaded."""
+    import shutil
+    _, _, folder = tiny
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    for weights in pickled.glob("*.safetensors"):
+        torch.save(load_file(weights), pickled / "pytorch_model.bin")
+        weights.unlink()
+    with pytest.raises(models.ModelLoadError, match="safetensors"):
+        models.load_lvlm(str(pickled), device="cpu")
+
+
 def _legacy_key(key):
     """A weight name in the llava-hf/llava-1.5-7b-hf on-disk layout, whatever layout save_pretrained wrote."""
     for new, old in (("model.language_model.", "language_model.model."), ("model.multi_modal_projector.", "multi_modal_projector."),

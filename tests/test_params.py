@@ -1,5 +1,6 @@
 """The params schema: every shipped profile validates, bad files fail with the key and the file named."""
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def test_unknown_key_names_key_path_and_file(tmp_path):
     assert "data.noise.p_objekt" in message
     assert str(path) in message
     assert "data.noise.p_object" in message   # the close-match suggestion
+
+
+@pytest.mark.parametrize("name", ["../x", "a|b", ".hidden"])
+def test_a_compared_run_must_be_a_plain_run_name(tmp_path, name):
+    path = write(tmp_path, "bad.yaml", f"evaluate:\n  compare_runs: [tiny-sparse, '{name}']\n")
+    with pytest.raises(P.ParamsError, match=r"evaluate.compare_runs.*" + re.escape(repr(name))):
+        P.load(path)
 
 
 def test_unknown_top_level_key(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from fgaif_utils import report
 from fgaif_utils.report import (agreement_figure, distribution_figure, fact_agreement, label_agreement,
                                 label_distribution, labels_report_html, notebook_view)
 
@@ -46,6 +47,11 @@ def fact(fact_id, fact_dict, answer, verdict, truth, question="is there a heart?
 HEART = {"type": "object", "subject": "heart", "negated": False}
 RED_HEART = {"type": "attribute", "subject": "heart", "kind": "colour", "value": "red"}
 HEART_LEFT_OF_STAR = {"type": "relation", "subject": "heart", "relation": "left", "object": "star"}
+
+
+def test_untrusted_text_stays_in_its_markdown_cell():
+    assert report.markdown_cell("is there a dog\nin the image? a|b c\\d <b>") == \
+        "is there a dog in the image? a\\|b c\\\\d &lt;b&gt;"
 
 
 def test_label_agreement_by_hand():
