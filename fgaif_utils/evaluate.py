@@ -659,7 +659,7 @@ def load_policy(base_folder, adapter_folder=None, dtype="float32", device="auto"
                                         local_files_only=local_files_only)
     if adapter_folder is not None:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(adapter_folder))
+        model = PeftModel.from_pretrained(model, str(models.safetensors_adapter(adapter_folder)))
         if dtype == "float32" and not load_in_4bit:
             model = model.merge_and_unload()
         model.eval()

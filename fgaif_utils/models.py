@@ -200,6 +200,15 @@ def resolve_checkpoint(name_or_path, local_files_only=True):
             f"to that folder, or point HF_HOME at a cache that holds it.") from err
 
 
+def safetensors_adapter(folder):
+    """`folder`, a peft LoRA adapter folder, when it holds adapter_model.safetensors; peft would fall back to a
+    pickled adapter_model.bin, which fgaif never loads (it saves every adapter as safetensors)."""
+    folder = Path(folder)
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(f"no adapter_model.safetensors in {folder}: adapters load from safetensors only")
+    return folder
+
+
 def load_lvlm(name_or_path, dtype="float32", device="auto", load_in_4bit=False, local_files_only=True):
     """Load any llava-hf format checkpoint (local folder or hub id) with its processor.
 

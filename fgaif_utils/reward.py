@@ -439,9 +439,10 @@ class RewardModels:
         claims_file = folder / "claim_words.json"
         saved = json.loads(claims_file.read_text()) if claims_file.is_file() else {}
         claim_words, width = saved.get("claim_words", {}), saved.get("head_width", 3)
-        model = PeftModel.from_pretrained(TokenRewardModel(lvlm, width), folder / types[0], adapter_name=types[0])
+        model = PeftModel.from_pretrained(TokenRewardModel(lvlm, width), models.safetensors_adapter(folder / types[0]),
+                                          adapter_name=types[0])
         for name in types[1:]:
-            model.load_adapter(folder / name, adapter_name=name)
+            model.load_adapter(models.safetensors_adapter(folder / name), adapter_name=name)
         return cls(model, processor, prompt_text, types, claim_words)
 
     def save(self, folder):

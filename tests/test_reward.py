@@ -399,6 +399,19 @@ def test_save_and_load_round_trip_after_training(tiny, tmp_path):
         assert np.allclose(a["probs"], b["probs"], atol=1e-6)
 
 
+def test_an_adapter_saved_as_a_pickle_is_refused(tiny, tmp_path):
+    """peft falls back to adapter_model.bin (a pickle) when the safetensors file is missing: never loaded here."""
+    from safetensors.torch import load_file
+    processor, folder = tiny
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8, types=["object"])
+    rm.save(tmp_path / "rm")
+    adapter = tmp_path / "rm" / "object"
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(models.ModelLoadError, match="adapter_model.safetensors"):
+        reward.RewardModels.load(_backbone(folder)[0], processor, PROMPT, tmp_path / "rm", types=["object"])
+
+
 def test_scoring_api_is_batched_and_consistent(tiny, tmp_path):
     processor, folder = tiny
     rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8)
