@@ -701,6 +701,8 @@ def evaluate_policies(sources, base_path, params, inputs, kept_records, judge=No
     all policies, in the order of `sources`."""
     scenes_by_split, pope_by_split, load_image, vocabulary, synthetic = inputs
     P, EP = params, params.evaluate
+    if judge is not None:
+        check_judged_benchmarks(EP)
 
     def evaluate_one(label, adapter):
         model, processor = load_policy(base_path, adapter, P.models.dtype, P.models.device, P.models.load_in_4bit,
@@ -871,6 +873,15 @@ def evaluation_inputs(params, data_dir, n_images=None):
                                               params.seed, ep.pope_suffix)
     elif ep.pope_files:
         pope_by_split["pope"] = read_pope_folder(ep.pope_files, ep.pope_suffix)
+        # found before any policy generates (they are read after each policy's descriptions)
+        eval_ids = {s["image_id"] for s in scenes_by_split.get("eval", [])}
+        missing = sorted({row.get("image") or str(row["image_id"]) for row in pope_by_split["pope"]
+                          if row["image_id"] not in eval_ids
+                          and not (Path(params.data.coco_root) / "val2014" / str(row.get("image"))).is_file()})
+        if missing:
+            raise FileNotFoundError(f"the POPE files in {ep.pope_files} name {len(missing)} image(s) not in "
+                                    f"{Path(params.data.coco_root) / 'val2014'}: {', '.join(missing[:3])}"
+                                    f"{' ...' if len(missing) > 3 else ''}")
     else:
         instances = json.loads((Path(params.data.coco_root) / "annotations" / "instances_val2014.json").read_text())
         pope_by_split["eval"] = coco_pope_rows(instances, [s["image_id"] for s in scenes_by_split["eval"]], n,
@@ -1009,7 +1020,17 @@ def _find_image(folder, name):
 
 def load_mmhal(folder):
     """MMHal-Bench items (response_template.json) with "image_path": images/<basename of image_src>."""
-    items = json.loads((Path(folder) / "response_template.json").read_text())
+    path = Path(folder) / "response_template.json"
+    try:
+        items = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable MMHal-Bench template ({err})") from err
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of items, got {type(items).__name__}")
+    for n, item in enumerate(items):
+        missing = [key for key in ("image_src", "question") if not isinstance(item, dict) or key not in item]
+        if missing:
+            raise ValueError(f"{path}: item {n} has no {missing}")
     return [{**item, "image_path": str(_find_image(folder, Path(str(item["image_src"])).name))} for item in items]
 
 
@@ -1017,14 +1038,32 @@ def _read_jsonl_file(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _read_benchmark_jsonl(path, keys):
+    """A benchmark's JSONL file, every line an object with `keys`; errors name the file and the line."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from err
+        missing = [key for key in keys if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ValueError(f"{path}, line {number}: no {missing}")
+        rows.append(row)
+    return rows
+
+
 def load_llava_bench(folder):
     """LLaVA-Bench in-the-wild items: question (questions.jsonl), context caption (context.jsonl, by image),
     reference answer (answers_gpt4.jsonl, by question_id) and "image_path"."""
     folder = Path(folder)
-    context = {c["image"]: c["caption"] for c in _read_jsonl_file(folder / "context.jsonl")}
-    reference = {a["question_id"]: a["text"] for a in _read_jsonl_file(folder / "answers_gpt4.jsonl")}
+    context = {c["image"]: c["caption"] for c in _read_benchmark_jsonl(folder / "context.jsonl", ("image", "caption"))}
+    reference = {a["question_id"]: a["text"]
+                 for a in _read_benchmark_jsonl(folder / "answers_gpt4.jsonl", ("question_id", "text"))}
     items = []
-    for q in _read_jsonl_file(folder / "questions.jsonl"):
+    for q in _read_benchmark_jsonl(folder / "questions.jsonl", ("question_id", "image", "text")):
         if q["question_id"] not in reference:
             raise ValueError(f"{folder / 'answers_gpt4.jsonl'}: no reference answer for question {q['question_id']}")
         items.append({"question_id": q["question_id"], "image": q["image"], "question": q["text"],
@@ -1078,6 +1117,14 @@ def judge_llava_bench(judge, items, answers, policy):
 def _load_image_file(path):
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def check_judged_benchmarks(ep):
+    """{benchmark: items} of the judged benchmarks' folders that are set, read and every image found: called before
+    any policy generates, so a malformed file or a missing image stops the stage before hours of generation, with
+    the file (and line or item) named."""
+    return {name: load(path) for name, path, load in (("mmhal", ep.mmhal_path, load_mmhal),
+                                                       ("llava_bench", ep.llava_bench_path, load_llava_bench)) if path}
 
 
 def run_judged_benchmarks(model, processor, policy, ep, judge, batch_size=8, max_new_tokens=512, progress=True):

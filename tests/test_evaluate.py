@@ -132,6 +132,17 @@ def test_coco_evaluation_inputs_pope_images_load_from_val2014(tiny_setup, tmp_pa
     assert sorted(by_id) == sorted([1, 8, pope_ids[1]]) and "description" not in by_id[pope_ids[1]]
     assert not by_id[1]["pope"] and len(by_id[8]["pope"]) == len(by_id[pope_ids[1]]["pope"]) == 18
     assert sum(by_id[pope_ids[1]]["counts"][f"pope_random_{k}"] for k in ("tp", "fp", "tn", "fn")) == 6
+    # official POPE files naming an image val2014 lacks: refused before any policy generates, the image named
+    pope = tmp_path / "pope"
+    pope.mkdir()
+    for sampler in E.POPE_SAMPLERS:
+        (pope / E.POPE_FILE.format(sampler=sampler)).write_text(
+            '{"question_id": 1, "image": "8.png", "text": "Is there a cat in the image?", "label": "yes"}\n'
+            '{"question_id": 2, "image": "COCO_val2014_000000000099.jpg", "text": "Is there a dog in the image?", '
+            '"label": "no"}\n')
+    p.evaluate.pope_files = str(pope)
+    with pytest.raises(FileNotFoundError, match=r"POPE files in .* name 1 image\(s\) not in .* COCO_val2014_000000000099.jpg"):
+        E.evaluation_inputs(p, data_dir)
 
 
 def test_pope_answer_reading():
@@ -571,6 +582,39 @@ def test_llava_bench_relative_score_and_failed_calls(judge_server, tmp_path):
     assert summary["llava_bench_relative"]["value"] == pytest.approx(expected)
     assert E.parse_pair_scores("8 6\nwhy") == ((8.0, 6.0), None)
     assert E.parse_pair_scores("11 3")[0] is None and E.parse_pair_scores("")[0] is None
+
+
+def _llava_bench_folder(folder, questions):
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "images" / "a.jpg")
+    (folder / "context.jsonl").write_text('{"image": "a.jpg", "caption": "A street."}\n')
+    (folder / "answers_gpt4.jsonl").write_text('{"question_id": 1, "text": "A long answer."}\n')
+    (folder / "questions.jsonl").write_text(questions)
+    return folder
+
+
+def test_a_broken_judged_benchmark_stops_stage_06_before_any_policy_generates(tmp_path, monkeypatch):
+    good = _llava_bench_folder(tmp_path / "good", '{"question_id": 1, "image": "a.jpg", "text": "Describe it."}\n')
+    assert [i["question_id"] for i in E.check_judged_benchmarks(params.EvaluateParams(llava_bench_path=str(good)))[
+        "llava_bench"]] == [1]
+    broken = _llava_bench_folder(tmp_path / "broken", '{"question_id": 1, "image": "a.jpg", "text": "Describe."}\n'
+                                                      '{"question_id": 2, "image": "a.jpg"}\n')
+    with pytest.raises(ValueError, match=r"questions.jsonl, line 2: no \['text'\]"):
+        E.check_judged_benchmarks(params.EvaluateParams(llava_bench_path=str(broken)))
+    missing = _llava_bench_folder(tmp_path / "missing", '{"question_id": 1, "image": "b.jpg", "text": "Describe."}\n')
+    mmhal = tmp_path / "mmhal"
+    mmhal.mkdir()
+    (mmhal / "response_template.json").write_text('[{"image_src": "x/a.jpg"}]')
+    loaded = []
+    monkeypatch.setattr(E, "load_policy", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(AssertionError))
+    P = params.load(params.REPO_ROOT / "params" / "smoke.yaml")
+    for folder, key, message in ((missing, "llava_bench_path", "image 'b.jpg' not found"),
+                                 (mmhal, "mmhal_path", r"response_template.json: item 0 has no \['question'\]")):
+        P.evaluate = params.EvaluateParams(**{key: str(folder)})
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            E.evaluate_policies({"base": None}, "unused", P, ({}, {}, None, {}, True), tmp_path / "kept",
+                                judge=object())
+    assert loaded == []   # no policy was loaded, let alone generated with
 
 
 def test_pair_scores_need_a_first_line_of_exactly_two_numbers():
