@@ -720,6 +720,9 @@ def evaluate_policies(sources, base_path, params, inputs, kept_records, judge=No
         rows, kept = records_of_policy(kept_records, name, lambda: evaluate_one(label, adapter))
         if kept:
             print(f"{label}: {len(rows)} records kept from an earlier run of this stage ({name})")
+            if judge is not None and any(row.get("judge", {}).get("status") == "failed" for row in rows):
+                rows = judge_failed_again(rows, EP, judge, label)
+                world.write_jsonl(Path(kept_records) / name, rows)
         records += rows
         gc.collect()
     return records
@@ -1141,6 +1144,20 @@ def run_judged_benchmarks(model, processor, policy, ep, judge, batch_size=8, max
                                         desc=f"{policy} {Path(path).name}", progress=progress)
         records += judge_items(judge, items, answers, policy)
     return records
+
+
+def judge_failed_again(records, ep, judge, policy):
+    """A kept policy's records with each judged benchmark judged again where a call had failed (an outage, a rotated
+    key: failures are never cached, so only they are asked again; the policy's stored answers are judged, nothing is
+    generated)."""
+    items = check_judged_benchmarks(ep)
+    again = [record for record in records if record["split"] not in ("mmhal", "llava_bench")]
+    for split, judge_items in (("mmhal", judge_mmhal), ("llava_bench", judge_llava_bench)):
+        mine = [record for record in records if record["split"] == split]
+        if any(record["judge"]["status"] == "failed" for record in mine) and len(items.get(split, [])) == len(mine):
+            mine = judge_items(judge, items[split], [record["answer"] for record in mine], policy)
+        again += mine
+    return again
 
 
 def judge_status_counts(records):

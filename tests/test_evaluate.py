@@ -617,6 +617,28 @@ def test_a_broken_judged_benchmark_stops_stage_06_before_any_policy_generates(tm
     assert loaded == []   # no policy was loaded, let alone generated with
 
 
+def test_a_kept_policy_s_failed_judge_calls_are_asked_again_without_generating(judge_server, tmp_path, monkeypatch):
+    folder = _llava_bench_folder(tmp_path / "bench", '{"question_id": 1, "image": "a.jpg", "text": "Describe it."}\n')
+    P = params.load(params.REPO_ROOT / "params" / "smoke.yaml")
+    P.evaluate = params.EvaluateParams(llava_bench_path=str(folder), judge_model="judge-stub",
+                                       judge_base_url=judge_server.url)
+    judge = _judge(judge_server, tmp_path / "judge_cache", concurrency=1)
+    items = E.check_judged_benchmarks(P.evaluate)["llava_bench"]
+    judge_server.script.append(Reply(status=400, error_message="the judge was down"))
+    with pytest.warns(UserWarning, match="llava_bench: 1 of 1"):
+        failed = E.judge_llava_bench(judge, items, ["short"], "base")
+    assert failed[0]["judge"]["status"] == "failed"
+    kept = tmp_path / "kept"
+    name = E.policy_cache_name("base", None, {})
+    world.write_jsonl(kept / name, [{"policy": "base", "split": "eval", "image_id": 7, "counts": {}}] + failed)
+    monkeypatch.setattr(E, "load_policy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("generated")))
+    records = E.evaluate_policies({"base": None}, "unused", P, ({}, {}, None, {}, True), kept, judge=judge)
+    assert [r["split"] for r in records] == ["eval", "llava_bench"]
+    assert records[1]["judge"]["status"] == "ok" and records[1]["counts"] == {"llava_reference_score": 8.0,
+                                                                             "llava_model_score": 6.0}
+    assert [json.loads(line)["judge"]["status"] for line in (kept / name).read_text().splitlines()[1:]] == ["ok"]
+
+
 def test_pair_scores_need_a_first_line_of_exactly_two_numbers():
     assert E.parse_pair_scores("8 9") == ((8.0, 9.0), None)
     assert E.parse_pair_scores("8, 9\nBoth fine.") == ((8.0, 9.0), None)
