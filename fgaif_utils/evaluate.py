@@ -206,17 +206,10 @@ def read_pope_file(path, sampler, suffix=""):
     """An official POPE question file (one JSON object a line: question_id, image, text, label) as POPE rows;
     the image file name is kept, image_id is its last number, object is read from the question."""
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-        missing = [key for key in ("question_id", "image", "text", "label") if key not in item]
-        label = str(item.get("label", "")).strip().lower()
-        if missing or label not in ("yes", "no"):
-            raise ValueError(f"{path}:{number}: needs question_id, image, text and a yes/no label, got {line[:200]}")
+    for number, item in _read_benchmark_jsonl(path, ("question_id", "image", "text", "label")):
+        label = str(item["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"{path}:{number}: the label must be yes or no, got {item['label']!r}")
         found = re.search(r"is there an? (.+?) in the im", item["text"], flags=re.IGNORECASE)
         rows.append({"question_id": item["question_id"], "image_id": _image_id_from_name(item["image"]),
                      "image": item["image"], "sampler": sampler, "object": found.group(1) if found else None,
@@ -1042,19 +1035,20 @@ def _read_jsonl_file(path):
 
 
 def _read_benchmark_jsonl(path, keys):
-    """A benchmark's JSONL file, every line an object with `keys`; errors name the file and the line."""
+    """[(line number, object)] of a benchmark's JSONL file, every line an object with `keys`; errors name the file
+    and the line."""
     rows = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not JSON ({err.msg})") from err
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
         missing = [key for key in keys if not isinstance(row, dict) or key not in row]
         if missing:
-            raise ValueError(f"{path}, line {number}: no {missing}")
-        rows.append(row)
+            raise ValueError(f"{path}:{number}: no {missing} in {line[:200]}")
+        rows.append((number, row))
     return rows
 
 
@@ -1062,11 +1056,12 @@ def load_llava_bench(folder):
     """LLaVA-Bench in-the-wild items: question (questions.jsonl), context caption (context.jsonl, by image),
     reference answer (answers_gpt4.jsonl, by question_id) and "image_path"."""
     folder = Path(folder)
-    context = {c["image"]: c["caption"] for c in _read_benchmark_jsonl(folder / "context.jsonl", ("image", "caption"))}
+    context = {c["image"]: c["caption"]
+               for _, c in _read_benchmark_jsonl(folder / "context.jsonl", ("image", "caption"))}
     reference = {a["question_id"]: a["text"]
-                 for a in _read_benchmark_jsonl(folder / "answers_gpt4.jsonl", ("question_id", "text"))}
+                 for _, a in _read_benchmark_jsonl(folder / "answers_gpt4.jsonl", ("question_id", "text"))}
     items = []
-    for q in _read_benchmark_jsonl(folder / "questions.jsonl", ("question_id", "image", "text")):
+    for _, q in _read_benchmark_jsonl(folder / "questions.jsonl", ("question_id", "image", "text")):
         if q["question_id"] not in reference:
             raise ValueError(f"{folder / 'answers_gpt4.jsonl'}: no reference answer for question {q['question_id']}")
         items.append({"question_id": q["question_id"], "image": q["image"], "question": q["text"],

@@ -599,7 +599,7 @@ def test_a_broken_judged_benchmark_stops_stage_06_before_any_policy_generates(tm
         "llava_bench"]] == [1]
     broken = _llava_bench_folder(tmp_path / "broken", '{"question_id": 1, "image": "a.jpg", "text": "Describe."}\n'
                                                       '{"question_id": 2, "image": "a.jpg"}\n')
-    with pytest.raises(ValueError, match=r"questions.jsonl, line 2: no \['text'\]"):
+    with pytest.raises(ValueError, match=r"questions.jsonl:2: no \['text'\]"):
         E.check_judged_benchmarks(params.EvaluateParams(llava_bench_path=str(broken)))
     missing = _llava_bench_folder(tmp_path / "missing", '{"question_id": 1, "image": "b.jpg", "text": "Describe."}\n')
     mmhal = tmp_path / "mmhal"
