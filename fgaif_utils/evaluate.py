@@ -694,8 +694,7 @@ def evaluate_policies(sources, base_path, params, inputs, kept_records, judge=No
     all policies, in the order of `sources`."""
     scenes_by_split, pope_by_split, load_image, vocabulary, synthetic = inputs
     P, EP = params, params.evaluate
-    if judge is not None:
-        check_judged_benchmarks(EP)
+    benchmarks = check_judged_benchmarks(EP) if judge is not None else {}   # before any policy generates
 
     def evaluate_one(label, adapter):
         model, processor = load_policy(base_path, adapter, P.models.dtype, P.models.device, P.models.load_in_4bit,
@@ -704,7 +703,7 @@ def evaluate_policies(sources, base_path, params, inputs, kept_records, judge=No
                                policy=label, prompt=P.sampling.prompt, batch_size=EP.batch_size,
                                max_new_tokens=EP.max_new_tokens)
         if judge is not None:
-            rows += run_judged_benchmarks(model, processor, label, EP, judge, EP.batch_size)
+            rows += run_judged_benchmarks(model, processor, label, EP, judge, EP.batch_size, benchmarks=benchmarks)
         return rows
 
     records = []
@@ -714,7 +713,7 @@ def evaluate_policies(sources, base_path, params, inputs, kept_records, judge=No
         if kept:
             print(f"{label}: {len(rows)} records kept from an earlier run of this stage ({name})")
             if judge is not None and any(row.get("judge", {}).get("status") == "failed" for row in rows):
-                rows = judge_failed_again(rows, EP, judge, label)
+                rows = judge_failed_again(rows, benchmarks, judge, label)
                 world.write_jsonl(Path(kept_records) / name, rows)
         records += rows
         gc.collect()
@@ -862,6 +861,7 @@ def evaluation_inputs(params, data_dir, n_images=None):
     splits = SYNTHETIC_SPLITS if synthetic else ["eval"]
     scenes_by_split = {split: world.load_scenes(data_dir, split)[:n] for split in splits}
     pope_by_split = {}
+    coco_images = Path(params.data.coco_root) / "val2014"
     if synthetic:
         for split, scenes in scenes_by_split.items():
             instances = json.loads((Path(data_dir) / "annotations" / f"instances_{split}.json").read_text())
@@ -871,18 +871,15 @@ def evaluation_inputs(params, data_dir, n_images=None):
         pope_by_split["pope"] = read_pope_folder(ep.pope_files, ep.pope_suffix)
         # found before any policy generates (they are read after each policy's descriptions)
         eval_ids = {s["image_id"] for s in scenes_by_split.get("eval", [])}
-        missing = sorted({row.get("image") or str(row["image_id"]) for row in pope_by_split["pope"]
-                          if row["image_id"] not in eval_ids
-                          and not (Path(params.data.coco_root) / "val2014" / str(row.get("image"))).is_file()})
+        missing = sorted({row["image"] for row in pope_by_split["pope"]
+                          if row["image_id"] not in eval_ids and not (coco_images / row["image"]).is_file()})
         if missing:
             raise FileNotFoundError(f"the POPE files in {ep.pope_files} name {len(missing)} image(s) not in "
-                                    f"{Path(params.data.coco_root) / 'val2014'}: {', '.join(missing[:3])}"
-                                    f"{' ...' if len(missing) > 3 else ''}")
+                                    f"{coco_images}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     else:
         instances = json.loads((Path(params.data.coco_root) / "annotations" / "instances_val2014.json").read_text())
         pope_by_split["eval"] = coco_pope_rows(instances, [s["image_id"] for s in scenes_by_split["eval"]], n,
                                                ep.pope_objects, params.seed, ep.pope_suffix)
-    coco_images = Path(params.data.coco_root) / "val2014"
 
     def load_image(source):
         name = source.get("file_name")
@@ -1125,32 +1122,32 @@ def check_judged_benchmarks(ep):
                                                        ("llava_bench", ep.llava_bench_path, load_llava_bench)) if path}
 
 
-def run_judged_benchmarks(model, processor, policy, ep, judge, batch_size=8, max_new_tokens=512, progress=True):
-    """MMHal-Bench and LLaVA-Bench (the folders of EvaluateParams that are set): the policy's greedy answers,
-    judged. Returns per-item records (splits "mmhal" and "llava_bench")."""
+JUDGES = {"mmhal": judge_mmhal, "llava_bench": judge_llava_bench}   # benchmark (and record split) -> its judging
+
+
+def run_judged_benchmarks(model, processor, policy, ep, judge, batch_size=8, max_new_tokens=512, progress=True,
+                          benchmarks=None):
+    """MMHal-Bench and LLaVA-Bench (the folders of EvaluateParams that are set; `benchmarks`, check_judged_benchmarks'
+    items, when already read): the policy's greedy answers, judged. Returns per-item records (splits "mmhal" and
+    "llava_bench")."""
     records = []
-    for path, load, judge_items in ((ep.mmhal_path, load_mmhal, judge_mmhal),
-                                    (ep.llava_bench_path, load_llava_bench, judge_llava_bench)):
-        if not path:
-            continue
-        items = load(path)
+    for name, items in (check_judged_benchmarks(ep) if benchmarks is None else benchmarks).items():
         answers = answer_open_questions(model, processor, [_load_image_file(i["image_path"]) for i in items],
                                         [i["question"] for i in items], batch_size, max_new_tokens,
-                                        desc=f"{policy} {Path(path).name}", progress=progress)
-        records += judge_items(judge, items, answers, policy)
+                                        desc=f"{policy} {name}", progress=progress)
+        records += JUDGES[name](judge, items, answers, policy)
     return records
 
 
-def judge_failed_again(records, ep, judge, policy):
-    """A kept policy's records with each judged benchmark judged again where a call had failed (an outage, a rotated
-    key: failures are never cached, so only they are asked again; the policy's stored answers are judged, nothing is
-    generated)."""
-    items = check_judged_benchmarks(ep)
-    again = [record for record in records if record["split"] not in ("mmhal", "llava_bench")]
-    for split, judge_items in (("mmhal", judge_mmhal), ("llava_bench", judge_llava_bench)):
-        mine = [record for record in records if record["split"] == split]
-        if any(record["judge"]["status"] == "failed" for record in mine) and len(items.get(split, [])) == len(mine):
-            mine = judge_items(judge, items[split], [record["answer"] for record in mine], policy)
+def judge_failed_again(records, benchmarks, judge, policy):
+    """A kept policy's records with each judged benchmark (`benchmarks`: check_judged_benchmarks' items) judged again
+    where a call had failed (an outage, a rotated key: failures are never cached, so only they are asked again; the
+    policy's stored answers are judged, nothing is generated)."""
+    again = [record for record in records if record["split"] not in JUDGES]
+    for name, judge_items in JUDGES.items():
+        mine = [record for record in records if record["split"] == name]
+        if any(record["judge"]["status"] == "failed" for record in mine) and len(benchmarks.get(name, [])) == len(mine):
+            mine = judge_items(judge, benchmarks[name], [record["answer"] for record in mine], policy)
         again += mine
     return again
 

@@ -73,7 +73,8 @@ _PRONOUN_IS = {"there", "here", "it", "that", "what", "who"}   # "there's" = "th
 
 def tokenize(text):
     """Lower-case tokens (word, start, end): words, single punctuation characters, line breaks. "isn't" ->
-    "is" "not" (and "n't" written apart -> "not"), "there's" -> "there" "is", "heart's" -> "heart" "'s"; quotes around a word are dropped."""
+    "is" "not" (and "n't" written apart -> "not"), "there's" -> "there" "is", "heart's" -> "heart" "'s"; quotes
+    around a word are dropped."""
     tokens = []
     for match in _TOKEN.finditer(text.replace("\u2019", "'")):
         word, start, end = match.group().lower(), match.start(), match.end()

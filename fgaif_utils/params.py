@@ -27,6 +27,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WORLD_SPLITS = ("sft", "feedback", "ppo", "validation", "eval", "eval_long", "eval_ood")
 
 
+# A run name becomes a folder under outputs/ that the runner wipes parts of: a plain name (stage.check_run_name).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 class ParamsError(ValueError):
     """A params file is malformed: the message names the file and the key."""
 
@@ -649,7 +653,7 @@ def _check_across_keys(params, source):
         raise ParamsError(f"{source}: key 'data.world_params.long_splits' ({world.long_splits}) must include "
                           "'eval_long': that split is the long one by definition")
     for run in params.evaluate.compare_runs:   # folder names under outputs/ and rows of stage 06's tables
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run):
+        if not RUN_NAME.fullmatch(run):
             raise ParamsError(f"{source}: key 'evaluate.compare_runs' holds {run!r}; a run name is letters, digits, "
                               "'_', '-' or '.', not starting with '.'")
     held_out = params.reward.dev_fraction + params.reward.test_fraction

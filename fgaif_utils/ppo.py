@@ -369,6 +369,11 @@ class Trainer:
     def decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def forward_chunk(self, n_rows):
+        """Rows a rank scores and runs forward at once: rollout_chunk (0 = all n_rows); under DeepSpeed all n_rows, so
+        that every rank runs the same number of forwards whatever share of its responses closed a sub-sentence."""
+        return max(1, n_rows if self.engines else (self.s.rollout_chunk or n_rows))
+
     # ---- 1-5: rollout, score, forward passes, rewards, GAE
     @torch.no_grad()
     def rollout(self, images, image_ids, seed):
@@ -404,11 +409,9 @@ class Trainer:
             # ZeRO-3 gathers each layer's weights from all ranks, so every rank runs every forward: score a
             # one-token stand-in when this rank's responses closed no sub-sentence
             self.rm.score(images[:1], [[self.eos]], [[0]], batch_size=1, mixed=mixed)
-        # rollout_chunk rows at a time (three forwards' worth of rows in a mixed-adapter batch: the validation's 200
-        # responses at once would not fit beside two bases on a GPU); under DeepSpeed one batch, so that every rank
-        # runs the same number of forwards whatever share of its responses closed a sub-sentence.
-        chunk = len(images) if self.engines else (self.s.rollout_chunk or len(images))
-        scores = self.rm.score(images, token_ids, end_positions, batch_size=max(1, chunk), mixed=mixed)
+        # a mixed-adapter batch is three forwards' worth of rows: the validation's 200 responses at once would not fit
+        chunk = self.forward_chunk(len(images))
+        scores = self.rm.score(images, token_ids, end_positions, batch_size=chunk, mixed=mixed)
         return [s["labels"] for s in scores]
 
     @torch.no_grad()
@@ -419,9 +422,8 @@ class Trainer:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         pixel_values = reward.pixel_values(self.processor, images).to(self.device)
         P = len(self.prompt)
-        # log pi, log pi_ref and V, rollout_chunk rows at a time (a rank's whole share under DeepSpeed, as in `score`):
-        # 64 LLaVA rows of ~1,100 tokens hold ~17 GB of float logits at once
-        chunk = len(actions) if self.engines else (s.rollout_chunk or len(actions))
+        # log pi, log pi_ref and V in chunks: 64 LLaVA rows of ~1,100 tokens hold ~17 GB of float logits at once
+        chunk = self.forward_chunk(len(actions))
         parts = []
         for rows in (slice(start, start + chunk) for start in range(0, len(actions), chunk)):
             ids, pixels = input_ids[rows], pixel_values[rows]
@@ -811,7 +813,8 @@ def _mean_over_ranks(row):
     sent = [[(row[k] or 0.0) * weights.get(k, 1.0), weights.get(k, 1.0) if row[k] is not None else 0.0]
             for k in keys]
     sums = _global_sum(torch.tensor(sent, dtype=torch.float64).reshape(-1, 2))
-    return {**row, **{k: (float(total / weight) if weight else None) for k, (total, weight) in zip(keys, sums.tolist())}}
+    return {**row, **{k: (float(total / weight) if weight else None)
+                      for k, (total, weight) in zip(keys, sums.tolist())}}
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -83,7 +83,8 @@ def in_world_words(fact):
         if fact.get("kind") == "size" and value in sizes:
             return {**fact, "subject": subject, "value": sizes[value]}
         return None
-    relation, other = relations.get(word(fact.get("relation", ""))), shapes.get(word(fact.get("object", "")), (None,))[0]
+    relation = relations.get(word(fact.get("relation", "")))
+    other = shapes.get(word(fact.get("object", "")), (None,))[0]
     return None if relation is None or other is None else {**fact, "subject": subject, "relation": relation,
                                                             "object": other}
 

@@ -102,7 +102,7 @@ def notebooks_dir():
 
 def check_run_name(run):
     """A run name becomes a folder that the runner wipes parts of, so it must be a plain name."""
-    if not isinstance(run, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run):
+    if not isinstance(run, str) or not P.RUN_NAME.fullmatch(run):
         raise StageError(f"run name {run!r} must be letters, digits, '_', '-' or '.', not starting with '.'")
     return run
 
