@@ -310,6 +310,8 @@ class RewardParams:
     """Share of the feedback images whose responses are held out for the reported metrics."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less GPU memory, slower)."""
+    train_processes: PositiveInt = 1
+    """Processes that train the types' adapters side by side, each with its own copy of the backbone and num_threads // train_processes torch threads (CPU and the synthetic world's feature cache only). 1 = one type after another in the stage's process. Small models leave a second thread half idle: on 2 cores tiny's three types train in 264 s in two one-thread processes and in 330 s one after another with two threads, to the same bits (benchmarks/MEASUREMENTS.md)."""
     eval_batch_size: PositiveInt = 32
     """Responses per forward pass when scoring (times 3 in the mixed-adapter pass)."""
     checkpoint_every: PositiveInt = 500

@@ -22,8 +22,13 @@ none (benchmarks/MEASUREMENTS.md "Relations: an XOR the gradient does not see").
 import contextlib
 import json
 import math
+import multiprocessing
+import queue
+import tempfile
 import time
+import traceback
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -235,8 +240,28 @@ class FeatureCache:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
             pixels = pixel_values(self.processor, [self.load_image(i) for i in chunk])
-            self.cache.update(zip(chunk, self.rm.image_features(pixels).cpu()))
+            self.cache.update(zip(chunk, self.rm.image_features(pixels).cpu().clone()))   # rows of their own
         return torch.stack([self.cache[i] for i in image_ids])
+
+    def save(self, path):
+        """Every cached image's features as one safetensors file (keys: the image ids), for StoredFeatures."""
+        from safetensors.torch import save_file
+        save_file({str(i): features for i, features in self.cache.items()}, str(path))
+
+
+class StoredFeatures:
+    """features(image_ids) -> (B, N, D) read from a file that FeatureCache.save wrote: a training process's copy of
+    the stage's features (train_in_processes). An image the file does not hold is an error naming it."""
+
+    def __init__(self, path):
+        from safetensors.torch import load_file
+        self.path, self.cache = path, load_file(str(path))
+
+    def __call__(self, image_ids):
+        missing = [i for i in image_ids if str(i) not in self.cache]
+        if missing:
+            raise KeyError(f"{self.path}: no features of image {missing[0]!r}")
+        return torch.stack([self.cache[str(i)] for i in image_ids])
 
 
 def image_inputs(images):
@@ -546,6 +571,32 @@ class RewardModels:
         return probs.argmax(-1) - 1, probs
 
 
+@dataclass
+class ScorerRecipe:
+    """What builds stage 04's reward models from nothing: the backbone, how it loads, and the adapters' settings. The
+    stage builds its scorer from it, and so does each training process (train_in_processes), to the same bits."""
+    backbone: str
+    load: dict                 # models.load_lvlm's keywords (dtype, device, load_in_4bit, local_files_only)
+    prompt: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float = 0.0
+    types: list = field(default_factory=lambda: list(FACT_TYPES))
+    seed: int = 0
+    claim_words: dict = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+
+    def build(self):
+        """(RewardModels with fresh seeded adapters, the backbone's parameter bytes before the adapters)."""
+        lvlm, processor = models.load_lvlm(self.backbone, **self.load)
+        backbone_bytes = param_bytes(lvlm)
+        rm = RewardModels.create(lvlm, processor, self.prompt, self.lora_r, self.lora_alpha, self.lora_dropout,
+                                 types=self.types, seed=self.seed, claim_words=self.claim_words)
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(lvlm)
+        return rm, backbone_bytes
+
+
 # ---------------------------------------------------------------------------------------------- value model
 
 def value_model(lvlm, object_dir, seed=0, adapter_name="value"):
@@ -769,7 +820,8 @@ def _load_state(folder, params, optimizer, average=None):
 
 def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_size, epochs, patience, seed,
                checkpoint_dir, checkpoint_every=500, grad_clip=1.0, eval_batch_size=64, stop_after=None,
-               class_weights=None, lr_schedule="constant", twin_share=0.0, ema_decay=0.0, after_epoch=None):
+               class_weights=None, lr_schedule="constant", twin_share=0.0, ema_decay=0.0, after_epoch=None,
+               progress=None, show_bar=True):
     """Train one type's adapter and head with Adam on token-level cross-entropy at the markers (weighted per
     class when `class_weights`, a (3,) tensor, is given), at a learning rate that is constant or falls linearly to 0
     at the last step of `epochs` (`lr_schedule`: a function of the step, so a resumed run needs no scheduler state),
@@ -780,6 +832,8 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     min(ema_decay, (1 + step) / (10 + step)), so the initial adapter fades within the first steps); training goes
     on from the last step's weights. `after_epoch(entry)`, when given, runs after each dev scoring with the scored
     weights loaded and may add keys to that epoch's dev entry (benchmarks/reward_epochs.py scores the test split).
+    `progress`, when given, is a shared multiprocessing.Value that holds the step count (a training process tells the
+    stage how far it is: train_in_processes); `show_bar` False draws no progress bar.
 
     Checkpoints (adapter weights, best weights, optimizer, torch RNG and the CUDA RNGs where there is CUDA, logs)
     go into `checkpoint_dir` at every epoch end and every `checkpoint_every` steps; a call finds them and continues the
@@ -804,10 +858,12 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
     resumed = _load_state(checkpoint_dir, params, optimizer, average)   # after manual_seed: its RNG states win
     if resumed is not None:
         state, best = resumed
+    if progress is not None:
+        progress.value = state["step"]
     steps_per_epoch = math.ceil(len(train_examples) / batch_size)
     total_steps = epochs * steps_per_epoch
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"reward model: {fact_type}",
-               mininterval=2.0, disable=state["done"])
+               mininterval=2.0, disable=state["done"] or not show_bar)
     while not state["done"]:
         epoch, offset = divmod(state["step"], steps_per_epoch)
         if epoch >= epochs:
@@ -836,6 +892,8 @@ def train_type(rm, fact_type, train_examples, dev_examples, pixels, lr, batch_si
                         average[n].lerp_(p, 1.0 - decay)
             state["loss"].append([state["step"], loss.item()])
             bar.update(1)
+            if progress is not None:
+                progress.value = state["step"]
             if state["step"] % steps_per_epoch == 0:
                 with _loaded(params, average):
                     best = _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, state, best,
@@ -917,27 +975,138 @@ def _end_epoch(rm, fact_type, dev_examples, pixels, eval_batch_size, params, sta
     return best
 
 
-def train_all(rm, examples, pixels, settings, seed, checkpoint_dir):
-    """Stage 04's training: every type's adapter in turn through train_type with the `reward` params `settings`
-    (balanced class weights when asked), each checkpointing into checkpoint_dir/<type>. Returns ({type: history},
-    {type: seconds})."""
-    histories, seconds = {}, {}
+def train_all(rm, examples, pixels, settings, seed, checkpoint_dir, recipe=None, num_threads=1):
+    """Stage 04's training: every type's adapter through train_type with the `reward` params `settings` (balanced
+    class weights when asked), each checkpointing into checkpoint_dir/<type>. One type after another in this process,
+    or, with `settings.train_processes` > 1, side by side in that many processes (train_in_processes: each builds its
+    scorer from `recipe`, a ScorerRecipe, and runs num_threads // train_processes torch threads), after which this
+    process loads what they trained from their checkpoints; on a GPU, or with pixels per step, one after another.
+    With a FeatureCache every image's features are computed first, in one order, so both ways read the same
+    numbers. Returns ({type: history}, {type: seconds})."""
+    jobs = []
     for index, fact_type in enumerate(rm.types):
-        t0 = time.monotonic()
         weights = None
         if settings.class_weights == "balanced":
             weights = balanced_class_weights(examples["train"], fact_type, twin_share=settings.twin_share)
             print(f"{fact_type}: class weights (n/a, correct, hallucinated) {[round(w, 3) for w in weights.tolist()]}")
-        histories[fact_type] = h = train_type(
-            rm, fact_type, examples["train"], examples["dev"], pixels, lr=settings.lr, batch_size=settings.batch_size,
-            epochs=settings.epochs_of(fact_type), patience=settings.patience, seed=seed * 100 + index,
-            checkpoint_dir=Path(checkpoint_dir) / fact_type, checkpoint_every=settings.checkpoint_every,
-            eval_batch_size=settings.eval_batch_size, class_weights=weights, lr_schedule=settings.lr_schedule,
-            twin_share=settings.twin_share, ema_decay=settings.ema_decay)
-        seconds[fact_type] = round(time.monotonic() - t0, 1)
-        print(f"{fact_type}: {h['step']} steps, best dev macro-F1 {h['best_f1']:.3f} at epoch {h['best_epoch']}"
-              f"{' (stopped early)' if h['stopped_early'] else ''}, {seconds[fact_type]} s")
-    return histories, seconds
+        jobs.append(dict(
+            fact_type=fact_type, train_examples=examples["train"], dev_examples=examples["dev"], lr=settings.lr,
+            batch_size=settings.batch_size, epochs=settings.epochs_of(fact_type), patience=settings.patience,
+            seed=seed * 100 + index, checkpoint_dir=Path(checkpoint_dir) / fact_type,
+            checkpoint_every=settings.checkpoint_every, eval_batch_size=settings.eval_batch_size,
+            class_weights=weights, lr_schedule=settings.lr_schedule, twin_share=settings.twin_share,
+            ema_decay=settings.ema_decay))
+    if isinstance(pixels, FeatureCache):
+        pixels(sorted({e["image_id"] for name in ("train", "dev") for e in examples[name]}))   # twins: same images
+    seconds, processes = {}, min(settings.train_processes, len(jobs))   # one type (holistic): this process
+    if processes > 1 and (rm.device.type != "cpu" or not isinstance(pixels, FeatureCache)):
+        print(f"reward.train_processes {processes}: the backbone is on {rm.device}"
+              f"{'' if isinstance(pixels, FeatureCache) else ' and reads pixels per step'}; training one type after "
+              f"another in this process")
+        processes = 1
+    if processes > 1:
+        if recipe is None:
+            raise ValueError("reward.train_processes > 1 needs the ScorerRecipe that builds the reward models")
+        seconds = train_in_processes(recipe, jobs, pixels, processes, max(1, num_threads // processes))
+    histories = {}
+    for job in jobs:
+        t0 = time.monotonic()
+        histories[job["fact_type"]] = h = train_type(rm, pixels=pixels, **job)   # after processes: their result
+        seconds.setdefault(job["fact_type"], round(time.monotonic() - t0, 1))   # loaded here: the processes' time
+        print(f"{job['fact_type']}: {h['step']} steps, best dev macro-F1 {h['best_f1']:.3f} at epoch "
+              f"{h['best_epoch']}{' (stopped early)' if h['stopped_early'] else ''}, {seconds[job['fact_type']]} s")
+    return histories, {t: seconds[t] for t in histories}
+
+
+def train_in_processes(recipe, jobs, features, processes, threads):
+    """Train each job's type (train_type's keywords) in a process of its own, at most `processes` at a time, each with
+    `threads` torch threads, its own copy of the backbone built from `recipe`, and the stage's image features (a
+    FeatureCache, handed over as a file). The tiny models' small matrices keep a second thread of one process half
+    idle: on 2 cores stage 04's three types train in 264 s in two one-thread processes and in 330 s one after
+    another with two threads, to the same bits (benchmarks/MEASUREMENTS.md). Types whose
+    checkpoint says finished are left to the caller. Every process checkpoints as train_type does; if one fails,
+    the others are stopped and the error names the type and carries its traceback; a rerun resumes from the
+    checkpoints. Returns {type: seconds}."""
+    if not isinstance(features, FeatureCache):
+        raise ValueError("reward.train_processes > 1 needs the synthetic world's feature cache (with pixels per step, "
+                         "as on COCO, train the types one after another: train_processes 1)")
+    if features.rm.device.type != "cpu":
+        raise ValueError(f"reward.train_processes > 1 trains on CPU cores; the backbone is on {features.rm.device} "
+                         f"(set train_processes: 1)")
+    waiting = [job for job in jobs if not _finished(job["checkpoint_dir"])]
+    if not waiting:
+        return {}
+    context = multiprocessing.get_context("spawn")   # fork would copy a Jupyter kernel's threads and sockets
+    errors, running, seconds, tracebacks = context.Queue(), {}, {}, {}
+    steps = {job["fact_type"]: job["epochs"] * math.ceil(len(job["train_examples"]) / job["batch_size"])
+             for job in waiting}
+    done_steps = {t: context.Value("q", 0) for t in steps}
+    bar = tqdm(total=sum(steps.values()), desc=f"reward models ({processes} processes)", mininterval=2.0)
+    with tempfile.TemporaryDirectory(prefix="fgaif-features-") as folder:
+        features_file = Path(folder) / "features.safetensors"
+        features.save(features_file)
+        try:
+            while waiting or running:
+                while waiting and len(running) < processes:
+                    job = waiting.pop(0)
+                    process = context.Process(target=_train_type_process, name=f"reward-{job['fact_type']}",
+                                              args=(recipe, features_file, job, threads, done_steps[job["fact_type"]],
+                                                    errors), daemon=True)
+                    process.start()
+                    running[job["fact_type"]] = (process, time.monotonic(), job["checkpoint_dir"])
+                time.sleep(0.5)
+                tracebacks.update(_drain(errors))   # read now: a child with a long report waits at exit for it
+                bar.update(sum(v.value for v in done_steps.values()) - bar.n)
+                bar.set_postfix_str(" · ".join(f"{t} {v.value}/{steps[t]}" for t, v in done_steps.items()),
+                                    refresh=False)
+                for fact_type, (process, t0, checkpoint_dir) in list(running.items()):
+                    if process.is_alive():
+                        continue
+                    process.join()
+                    if process.exitcode != 0:
+                        tracebacks.update(_drain(errors, timeout=2))
+                        detail = tracebacks.get(fact_type, f"(no traceback: exit code {process.exitcode})")
+                        raise RuntimeError(f"reward model {fact_type!r}: its training process failed; the checkpoints "
+                                           f"under {Path(checkpoint_dir).parent} are kept and a rerun resumes from "
+                                           f"them.\n{detail}")
+                    seconds[fact_type] = round(time.monotonic() - t0, 1)
+                    del running[fact_type]
+        finally:
+            for process, *_ in running.values():
+                process.terminate()
+                process.join()
+            bar.close()
+    return seconds
+
+
+def _drain(reports, timeout=0.0):
+    """{type: traceback} of what the training processes have put in the `reports` queue so far (waiting up to
+    `timeout` seconds for the first)."""
+    found = {}
+    with contextlib.suppress(queue.Empty):
+        while True:
+            fact_type, text = reports.get(timeout=timeout) if timeout else reports.get_nowait()
+            found[fact_type] = text
+    return found
+
+
+def _finished(checkpoint_dir):
+    """Whether `checkpoint_dir` holds the checkpoint of a finished train_type run."""
+    checkpoint = stage.read_checkpoint(checkpoint_dir, CHECKPOINT_FILES)
+    return checkpoint is not None and checkpoint[0]["done"]
+
+
+def _train_type_process(recipe, features_file, job, threads, done_steps, errors):
+    """A training process's work (train_in_processes): build the scorer, read the features, train one type."""
+    try:
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()   # the stage draws one bar for all processes
+        torch.set_num_threads(threads)
+        rm, _ = recipe.build()
+        train_type(rm, pixels=StoredFeatures(features_file), progress=done_steps, show_bar=False, **job)
+    except BaseException:
+        errors.put((job["fact_type"], traceback.format_exc()))
+        raise
 
 
 def _history(state):

@@ -311,6 +311,81 @@ def test_a_resumed_training_run_continues_the_same_trajectory(tiny, tmp_path):
         assert torch.equal(a, b), name
 
 
+def _recipe(folder, types=("object", "relation")):
+    return reward.ScorerRecipe(backbone=str(folder), load={"device": "cpu"}, prompt=PROMPT, lora_r=2, lora_alpha=4,
+                               types=list(types))
+
+
+def _train_all(recipe, checkpoints, processes, records, images, num_threads=2, **settings):
+    """train_all as stage 04 calls it, on a fresh scorer from `recipe` and a feature cache."""
+    rm, _ = recipe.build()
+    examples = {"train": rm.examples(records[:6]), "dev": rm.examples(records[6:])}
+    features = reward.FeatureCache(rm, rm.processor, lambda i: images[i], batch_size=3)
+    settings = params.RewardParams(lr=1e-2, batch_size=2, epochs=2, patience=5, class_weights="balanced",
+                                   ema_decay=0.5, train_processes=processes, **settings)
+    histories, seconds = reward.train_all(rm, examples, features, settings, 0, checkpoints, recipe, num_threads)
+    return rm, histories, seconds
+
+
+def test_types_trained_in_processes_equal_types_trained_in_turn_and_resume_across_the_two(tiny, tmp_path,
+                                                                                           monkeypatch):
+    processor, folder = tiny
+    recipe, records, images = _recipe(folder), _records(processor, 8, seed=5), _images(4, seed=6)
+    in_turn, turn_histories, _ = _train_all(recipe, tmp_path / "turn", 1, records, images)
+    side_by_side, histories, seconds = _train_all(recipe, tmp_path / "processes", 2, records, images)
+    assert set(seconds) == {"object", "relation"} and all(s > 0 for s in seconds.values())
+    for fact_type in ("object", "relation"):
+        assert histories[fact_type]["step"] == 6 and histories[fact_type]["done"]
+        assert histories[fact_type]["loss"] == turn_histories[fact_type]["loss"], fact_type
+        assert histories[fact_type]["dev"] == turn_histories[fact_type]["dev"], fact_type
+    trained = [n for n, p in in_turn.model.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert any(".object." in n for n in trained) and any(".relation." in n for n in trained)
+    for (name, a), (_, b) in zip(in_turn.model.named_parameters(), side_by_side.model.named_parameters()):
+        assert torch.equal(a, b), name
+    # a rerun starts no process: the stage loads the finished checkpoints
+    monkeypatch.setattr(reward.multiprocessing, "get_context", lambda method: pytest.fail("a process was started"))
+    again, again_histories, _ = _train_all(recipe, tmp_path / "processes", 2, records, images)
+    assert again_histories == histories
+    monkeypatch.undo()
+    # a process stopped part-way leaves checkpoints that the stage's own process finishes on the same trajectory
+    rm, _ = recipe.build()
+    examples = {"train": rm.examples(records[:6]), "dev": rm.examples(records[6:])}
+    features = reward.FeatureCache(rm, processor, lambda i: images[i], batch_size=3)
+    features(sorted({e["image_id"] for e in examples["train"] + examples["dev"]}))
+    weights = reward.balanced_class_weights(examples["train"], "relation")
+    job = dict(fact_type="relation", train_examples=examples["train"], dev_examples=examples["dev"], lr=1e-2,
+               batch_size=2, epochs=2, patience=5, seed=1, checkpoint_dir=tmp_path / "broken" / "relation",
+               eval_batch_size=32, class_weights=weights, ema_decay=0.5, stop_after=4)
+    reward.train_in_processes(recipe, [job], features, 2, 1)
+    _, resumed, _ = _train_all(recipe, tmp_path / "broken", 1, records, images)
+    assert resumed["relation"]["loss"] == turn_histories["relation"]["loss"]
+
+
+def test_a_failed_training_process_names_its_type_and_says_why(tiny, tmp_path, monkeypatch, capsys):
+    processor, folder = tiny
+    recipe, images = _recipe(folder, ["relation"]), _images(4)
+    rm, _ = recipe.build()
+    examples = rm.examples(_records(processor, 4))
+    features = reward.FeatureCache(rm, processor, lambda i: images[i])
+    features([0, 1, 2])                              # the training examples also show image 3
+    job = dict(fact_type="relation", train_examples=examples, dev_examples=examples, lr=1e-2, batch_size=2, epochs=1,
+               patience=1, seed=0, checkpoint_dir=tmp_path / "relation")
+    with pytest.raises(RuntimeError, match=r"(?s)'relation'.*rerun resumes.*no features of image 3"):
+        reward.train_in_processes(recipe, [job], features, 2, 1)
+    pixels = reward.PixelCache(processor, lambda i: images[i])
+    with pytest.raises(ValueError, match="feature cache"):
+        reward.train_in_processes(recipe, [job], pixels, 2, 1)
+    # stage 04 with pixels per step (COCO) trains in its own process, one type after another, and says so
+    monkeypatch.setattr(reward.multiprocessing, "get_context", lambda method: pytest.fail("a process was started"))
+    recipe = _recipe(folder)
+    rm, _ = recipe.build()
+    settings = params.RewardParams(lr=1e-2, batch_size=2, epochs=1, patience=1, train_processes=2)
+    histories, _ = reward.train_all(rm, {"train": examples, "dev": examples}, pixels, settings, 0, tmp_path / "in",
+                                    recipe, 2)
+    assert histories["object"]["done"] and histories["relation"]["done"]
+    assert "one type after another" in capsys.readouterr().out
+
+
 def test_a_checkpoint_keeps_the_cuda_generators_where_there_is_cuda(tmp_path, monkeypatch):
     set_to = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -556,17 +631,20 @@ def test_training_on_a_four_bit_backbone_moves_only_the_adapter_and_round_trips(
 
 
 def test_stage_04_loads_the_backbone_as_stage_05_applies_the_adapters():
-    """Every models.load_lvlm call of notebooks/04_reward_models.ipynb passes models.load_in_4bit, as ppo.run_job
-    does for the same backbone: adapters trained on a full-precision base are not applied to an NF4 one."""
+    """Every backbone load of notebooks/04_reward_models.ipynb (a models.load_lvlm call, or the `load` keywords of the
+    ScorerRecipe that its training processes load with too) passes models.load_in_4bit, as ppo.run_job does for the
+    same backbone: adapters trained on a full-precision base are not applied to an NF4 one."""
     import ast
     import json
     from pathlib import Path
     notebook = json.loads((Path(__file__).resolve().parent.parent / "notebooks" / "04_reward_models.ipynb").read_text())
     code = "\n".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
     calls = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)
-             and isinstance(node.func, ast.Attribute) and node.func.attr == "load_lvlm"]
-    assert calls and all({k.arg: ast.unparse(k.value) for k in call.keywords}.get("load_in_4bit") ==
-                         "P.models.load_in_4bit" for call in calls)
+             and isinstance(node.func, ast.Attribute) and node.func.attr in ("load_lvlm", "ScorerRecipe")]
+    keywords = lambda call: {k.arg: k.value for k in call.keywords}
+    loads = [keywords(call) if call.func.attr == "load_lvlm" else keywords(keywords(call)["load"]) for call in calls]
+    assert loads and all(ast.unparse(load.get("load_in_4bit", ast.Constant(None))) == "P.models.load_in_4bit"
+                         for load in loads)
 
 
 def test_value_model_starts_from_the_object_adapter(tiny, tmp_path):
