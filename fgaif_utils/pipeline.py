@@ -100,6 +100,34 @@ def failure_message(name, err):
     return f"stage {name} failed: {type(err).__name__}: {err}"
 
 
+def reuse_problem(name, run, params, missing_ok=False):
+    """Why `run` cannot read the reused stage `name` (its source has not run it, unless `missing_ok`, or made it from
+    upstream artifacts that changed since), with the command that mends it; None when it can."""
+    source = S.run_of(name, run, params)
+    if S.read_manifest(S.final_dir(source, name)) is None:
+        return None if missing_ok else (
+            f"stage {name} is reused from run '{source}' (params key 'reuse_run'), which has not run it: run "
+            f"`python -m fgaif_utils.pipeline PARAMS.yaml --run {source} --stages {name[:2]}` first")
+    changed = S.stale_inputs(source, name)
+    if changed:
+        return (f"stage {name} is reused from run '{source}', whose {name} is stale ({', '.join(changed)} changed "
+                f"since it ran): run `python -m fgaif_utils.pipeline <the params file of run '{source}'> --stages "
+                f"{name[:2]}` again first")
+    return None
+
+
+def unselected_reuse_problems(params, run, selected):
+    """The staleness of every reused stage that comes before the last selected stage without being selected itself:
+    the selected stages read it all the same (`--stages 06` of a seed overlay reads the reused 05). A missing one
+    is left to the stage that reads it, which names the run that must make it."""
+    names = [spec.name for spec in S.STAGES]
+    last = names.index(selected[-1].name)
+    chosen = {spec.name for spec in selected}
+    problems = [(name, reuse_problem(name, run, params, missing_ok=True)) for name in sorted(S.reused_stages(params))
+                if names.index(name) < last and name not in chosen]
+    return [(name, problem) for name, problem in problems if problem]
+
+
 def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
     """Run or skip one stage; returns its result dict (stage, status, wall_s, rows, error)."""
     name = spec.name
@@ -113,17 +141,11 @@ def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
         return result
 
     if name in S.reused_stages(params):
+        problem = reuse_problem(name, run, params)
+        if problem:
+            return fail(problem)
         source = S.run_of(name, run, params)
         manifest = S.read_manifest(S.final_dir(source, name))
-        if manifest is None:
-            return fail(f"stage {name} is reused from run '{source}' (params key 'reuse_run'), which has "
-                        f"not run it: run `python -m fgaif_utils.pipeline PARAMS.yaml --run {source} "
-                        f"--stages {name[:2]}` first")
-        changed = S.stale_inputs(source, name)
-        if changed:
-            return fail(f"stage {name} is reused from run '{source}', whose {name} is stale ({', '.join(changed)} "
-                        f"changed since it ran): run `python -m fgaif_utils.pipeline <the params file of run "
-                        f"'{source}'> --stages {name[:2]}` again first")
         S.record_reuse(run, name, source)
         result.update(status="reused", rows=manifest.get("rows", {}), wall_s=round(time.monotonic() - t0, 2))
         print(f"{name}: reused from run '{source}'", flush=True)
@@ -254,6 +276,13 @@ def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=
     if stale:
         print(f"note: not selected, and made with other params or code than these: {', '.join(stale)}; the selected "
               f"stages read its outputs as they are (--stages {stale[0][:2]}- remakes everything from there)", flush=True)
+    for name, problem in unselected_reuse_problems(params, run, selected):
+        print(f"{name}: refused (not selected, read by the selected stages)", flush=True)
+        print(problem, file=sys.stderr, flush=True)
+        results.append({"stage": name, "status": "fail", "wall_s": 0.0, "rows": {}, "error": problem})
+    if results:
+        print_summary(results)
+        return results
     with kernel_env(notebooks):
         for spec in selected:
             if not (notebooks / f"{spec.name}.ipynb").is_file():

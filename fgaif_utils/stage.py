@@ -30,6 +30,7 @@ REPO_ROOT = P.REPO_ROOT
 PACKAGE_DIR = Path(__file__).resolve().parent
 MANIFEST = "manifest.json"
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "papermill", "numpy")
+COMPUTING_PACKAGES = ("python", "torch", "transformers", "peft", "numpy")   # in the checkpoint key, not papermill
 
 
 class StageError(RuntimeError):
@@ -56,6 +57,7 @@ PPO_MODULES = REWARD_MODULES + ("ppo", "ppo_viz", "launch")
 EVALUATE_MODULES = PPO_MODULES + ("evaluate", "coco_synonyms")
 ALL_MODULES = ("*",)
 BASE_STAGE, POLICY_STAGE, COMPARING_STAGE = "01_base_models", "05_ppo", "06_evaluate"
+PROMPT_READERS = ("04_reward_models", "05_ppo", "06_evaluate")   # read sampling.prompt, not their section
 LATER = ("seed", "num_threads", "data", "models")
 
 # Explicit module lists (not "*"): a new module for a later stage must not invalidate the earlier ones.
@@ -242,8 +244,9 @@ def upstream_hashes(stage, run, params_path=None, params_run=None, params=None):
 
 def fingerprint_parts(params, stage, run=None, params_path=None, notebooks=None):
     """What a stage's result depends on: its params sections, notebook source, module sources and upstream
-    artifacts; for stage 05 also the validation batch size and the DeepSpeed config file's contents, for stage 06
-    the artifacts of the compare runs' stage 05 (their policies are evaluated too)."""
+    artifacts; for stages 04-06 also the description prompt, for stage 05 the validation batch size and the
+    DeepSpeed config file's contents, for stage 06 the artifacts of the compare runs' stage 05 (their policies are
+    evaluated too)."""
     spec = stage_spec(stage)
     run = run or params.run
     parts = {
@@ -252,9 +255,11 @@ def fingerprint_parts(params, stage, run=None, params_path=None, notebooks=None)
         "modules": module_sources(spec.modules),
         "inputs": upstream_hashes(spec.name, run, params_path, params.run, params),
     }
+    if spec.name in PROMPT_READERS:   # stage 02's description prompt: the reward models' and the policy's input
+        parts["also"] = {"sampling.prompt": params.sampling.prompt}
     if spec.name == POLICY_STAGE:   # what stage 05 reads besides its sections
-        parts["also"] = {"evaluate.batch_size": params.evaluate.batch_size,   # its validation batches
-                         "deepspeed": P.deepspeed_config(params.ppo.deepspeed) if params.ppo.deepspeed else None}
+        parts["also"].update({"evaluate.batch_size": params.evaluate.batch_size,   # its validation batches
+                              "deepspeed": P.deepspeed_config(params.ppo.deepspeed) if params.ppo.deepspeed else None})
     if spec.name == COMPARING_STAGE:
         parts["compare"] = {other: (read_manifest(final_dir(other, POLICY_STAGE)) or {}).get("artifacts_hash")
                             for other in params.evaluate.compare_runs}
@@ -264,10 +269,16 @@ def fingerprint_parts(params, stage, run=None, params_path=None, notebooks=None)
 def checkpoint_parts(parts):
     """The parts that key a stage's training checkpoints and kept records: without what cannot change them
     (markdown cells, DISPLAY_ONLY params), so that editing a notebook's prose or a report size re-runs the stage
-    from its last checkpoint."""
+    from its last checkpoint; without the compare runs' policies (stage 06 keeps each policy's records under a hash
+    of its own adapter, evaluate.policy_cache_name: a new ablation run leaves the others' records kept); with the
+    versions of the packages that compute, which the fingerprint leaves out (a checkpoint is resumed only by the
+    numerics that made it, and `--force` after an upgrade trains again instead of reloading the finished result)."""
     sections = {name: {key: value for key, value in values.items() if key not in DISPLAY_ONLY.get(name, ())}
                 if isinstance(values, dict) else values for name, values in parts["params"].items()}
-    return dict(parts, params=sections, notebook=[cell for cell in parts["notebook"] if cell[0] == "code"])
+    kept = {name: value for name, value in parts.items() if name != "compare"}
+    versions = {name: version for name, version in package_versions().items() if name in COMPUTING_PACKAGES}
+    return dict(kept, params=sections, notebook=[cell for cell in parts["notebook"] if cell[0] == "code"],
+                versions=versions)
 
 
 def fingerprint(params, stage, run=None, params_path=None, notebooks=None, for_checkpoints=False):

@@ -265,3 +265,25 @@ def test_evaluation_rerun_keeps_finished_policies_and_gives_the_same_records(smo
     printed = "".join("".join(output.get("text", "")) for cell in notebook["cells"] for output in cell.get("outputs", []))
     kept_lines = [line for line in printed.splitlines() if "records kept from an earlier run" in line]
     assert len(kept_lines) == 1 and kept_lines[0].startswith("base: ")
+
+
+def test_a_forced_rerun_from_checkpoints_writes_the_same_artifacts_and_leaves_later_stages_up_to_date(smoke_run):
+    """Wall times live in the manifest, never in a hashed artifact: a stage made again from the same inputs (its
+    checkpoints, for stage 04) hashes as before, so the stages after it stay up to date (stats.json of stage 00 and
+    training.json / metrics.json of stage 04 held seconds, and every re-run made everything after them stale)."""
+    run_dir, _, _ = smoke_run      # in place (a copy elsewhere would record its backbone under another path)
+    env = {**__import__("os").environ, "FGAIF_OUTPUTS": str(run_dir.parent), "OMP_NUM_THREADS": "1"}
+    before = {name: json.loads((run_dir / name / "manifest.json").read_text())["artifacts"] for name in STAGE_NAMES}
+    forced = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", "params/smoke.yaml", "--run", "ci",
+                             "--stages", "00,04", "--force"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    for name in ("00_data", "04_reward_models"):
+        manifest = json.loads((run_dir / name / "manifest.json").read_text())
+        changed = sorted(path for path in before[name].keys() | manifest["artifacts"].keys()
+                         if before[name].get(path) != manifest["artifacts"].get(path))
+        assert changed == [], name
+    assert "train_seconds" in manifest["extra"] and "score_seconds" in manifest["extra"]
+    later = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", "params/smoke.yaml", "--run", "ci",
+                            "--stages", "01-06"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert later.returncode == 0 and later.stdout.count("skip (up to date)") == 6, later.stdout + later.stderr

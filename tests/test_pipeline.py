@@ -199,6 +199,27 @@ def test_checkpoint_key_leaves_out_markdown_and_display_only_params_only(ws):
     assert keys()[1] != key
 
 
+def test_checkpoint_key_follows_the_computing_packages_and_leaves_out_the_compare_runs(ws, monkeypatch):
+    """`--force` after an upgrade trains again (a finished checkpoint of other numerics is not reloaded); a new
+    compare run re-runs stage 06 but keeps its records folder (each policy's records are keyed by its adapter)."""
+    names = [spec.name for spec in S.STAGES]
+    for name in names[:-1]:
+        S.write_text(ws.final(name) / "manifest.json", json.dumps({"artifacts_hash": name, "inputs": {}}))
+    ws.notebook("04_reward_models", "pass")
+    ws.notebook("06_evaluate", "pass")
+    ws.params.write_text(PARAMS_TEXT + "evaluate:\n  compare_runs: [other]\n")
+    params = P.load(ws.params)
+    keys = lambda name: (S.fingerprint(params, name), S.fingerprint(params, name, for_checkpoints=True))  # noqa: E731
+    reward_keys, evaluate_keys = keys("04_reward_models"), keys("06_evaluate")
+    S.write_text(ws.outputs / "other" / "05_ppo" / "manifest.json", json.dumps({"artifacts_hash": "x", "inputs": {}}))
+    assert keys("06_evaluate")[0] != evaluate_keys[0] and keys("06_evaluate")[1] == evaluate_keys[1]
+    versions = S.package_versions()
+    monkeypatch.setattr(S, "package_versions", lambda: {**versions, "papermill": "0.1"})
+    assert keys("04_reward_models") == reward_keys
+    monkeypatch.setattr(S, "package_versions", lambda: {**versions, "torch": "9.9.9"})
+    assert keys("04_reward_models")[0] == reward_keys[0] and keys("04_reward_models")[1] != reward_keys[1]
+
+
 def test_failing_cell_names_stage_and_cell_and_keeps_final(ws, capsys):
     ws.notebook("00_data", STAGE_00)
     assert ws.run(stages="00") == ["run"]
@@ -364,6 +385,26 @@ def test_fingerprint_follows_source_params_and_upstream(ws):
         S.write_text(ws.final("00_data") / "manifest.json", json.dumps({"artifacts_hash": artifacts_hash}))
         fingerprints.append(S.fingerprint(params, "01_base_models"))
     assert fingerprints[0] != fingerprints[1]                            # upstream artifacts feed downstream
+
+
+def test_the_description_prompt_is_in_the_fingerprints_of_the_stages_that_read_it(ws):
+    """Stages 04-06 build their sequences around sampling.prompt, a key of stage 02's section: a new prompt must
+    make them (and their checkpoints) again."""
+    names = [spec.name for spec in S.STAGES]
+    for name in names[:-1]:
+        S.write_text(ws.final(name) / "manifest.json", json.dumps({"artifacts_hash": name, "inputs": {}}))
+    for name in names:
+        ws.notebook(name, "pass")
+
+    def fingerprints(text):
+        ws.params.write_text(text)
+        params = P.load(ws.params)
+        return {name: (S.fingerprint(params, name), S.fingerprint(params, name, for_checkpoints=True)) for name in names}
+    before = fingerprints(PARAMS_TEXT)
+    after = fingerprints(PARAMS_TEXT + "sampling:\n  prompt: Describe the shapes.\n")
+    changed = [name for name in names if before[name][0] != after[name][0]]
+    assert changed == ["02_sample_responses", "04_reward_models", "05_ppo", "06_evaluate"]
+    assert all(before[name][1] != after[name][1] for name in changed)
 
 
 def _fgaif_imports(source, anywhere):
@@ -577,8 +618,15 @@ def test_a_reused_stage_that_is_stale_in_its_own_run_is_refused(ws, tmp_path):
     results = pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="00-01")
     assert [r["status"] for r in results] == ["reused", "fail"]
     assert "01_base_models is stale (00_data changed" in results[1]["error"]
+    # not selected, the stale stage is still what the selected one reads: refused before anything runs
+    ws.notebook("02_sample_responses", 'stage.write_text(ctx.path("n.json"), (ctx.input_dir("01") / "summary.json").read_text())')
+    results = pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="02")
+    assert [(r["stage"], r["status"]) for r in results] == [("01_base_models", "fail")]
+    assert "01_base_models is stale (00_data changed" in results[0]["error"]
+    assert not (ws.outputs / "t2" / "02_sample_responses").exists()
     assert ws.run(stages="01") == ["run"]
     assert statuses() == ["reused", "reused"]
+    assert [r["status"] for r in pipeline.run_pipeline(overlay, notebooks_dir=ws.notebooks, stages="02")] == ["run"]
 
 
 def test_stage_06_follows_its_compare_runs_and_leaves_out_stale_ones_and_other_bases(ws):
