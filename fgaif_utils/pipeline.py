@@ -237,11 +237,12 @@ def record_available_reuses(params, run):
             S.record_reuse(run, name, source)
 
 
-def out_of_date_upstream(params, params_path, shown_path, run, selected, notebooks):
-    """The stages before the first selected one, not selected themselves and not reused, whose outputs were made
-    with other params or code than these: the selected stages would read them as they are."""
+def out_of_date_upstream(params, params_path, shown_path, run, between, notebooks):
+    """Of the stages `between` (not selected), those not reused whose outputs were made with other params or code
+    than these: the next selected stage reads them as they are. Asked just before that stage runs, so that a stage
+    the same call has just made again (`--stages 00,05`) counts."""
     stale = []
-    for spec in S.STAGES[:S.STAGES.index(selected[0])]:
+    for spec in between:
         if spec.name in S.reused_stages(params):
             continue
         manifest = S.read_manifest(S.final_dir(run, spec.name))
@@ -253,6 +254,13 @@ def out_of_date_upstream(params, params_path, shown_path, run, selected, noteboo
         except S.StageError:
             continue
     return stale
+
+
+def note_out_of_date(params, params_path, shown_path, run, between, notebooks):
+    stale = out_of_date_upstream(params, params_path, shown_path, run, between, notebooks)
+    if stale:
+        print(f"note: not selected, and made with other params or code than these: {', '.join(stale)}; the selected "
+              f"stages read its outputs as they are (--stages {stale[0][:2]}- remakes everything from there)", flush=True)
 
 
 def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=None, prune=False):
@@ -272,10 +280,6 @@ def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=
     print(f"pipeline: params {path}, run '{run}', outputs {S.outputs_root() / run}", flush=True)
     record_available_reuses(params, run)
     results = []
-    stale = out_of_date_upstream(params, path, str(params_path), run, selected, notebooks)
-    if stale:
-        print(f"note: not selected, and made with other params or code than these: {', '.join(stale)}; the selected "
-              f"stages read its outputs as they are (--stages {stale[0][:2]}- remakes everything from there)", flush=True)
     for name, problem in unselected_reuse_problems(params, run, selected):
         print(f"{name}: refused (not selected, read by the selected stages)", flush=True)
         print(problem, file=sys.stderr, flush=True)
@@ -284,7 +288,9 @@ def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=
         print_summary(results)
         return results
     with kernel_env(notebooks):
-        for spec in selected:
+        for previous, spec in zip([None] + selected[:-1], selected):
+            between = S.STAGES[(S.STAGES.index(previous) + 1 if previous else 0):S.STAGES.index(spec)]
+            note_out_of_date(params, path, str(params_path), run, between, notebooks)
             if not (notebooks / f"{spec.name}.ipynb").is_file():
                 print(f"{spec.name}: not built yet (notebook {notebooks / spec.name}.ipynb missing); stopping here",
                       flush=True)

@@ -709,6 +709,16 @@ def test_running_a_later_stage_alone_says_when_an_earlier_one_is_out_of_date(ws,
     assert "note: not selected, and made with other params or code than these: 00_data;" in printed
     assert "--stages 00-" in printed
     assert json.loads((ws.final("01_base_models") / "summary.json").read_text())["n"] == 3
+    # 00 made again in the same call, 01 between it and the selected 02: said before 02 runs
+    ws.notebook("02_sample_responses", 'stage.write_text(ctx.path("n.json"), (ctx.input_dir("01") / "summary.json").read_text())')
+    assert ws.run(stages="00-01") == ["run", "run"]
+    assert ws.run(stages="02") == ["run"]
+    ws.notebook("00_data", STAGE_00 + 'ctx.write_json("more.json", 1)\n')   # 01 is out of date only once 00 re-ran
+    capsys.readouterr()
+    assert ws.run(stages="00,02") == ["run", "run"]
+    printed = capsys.readouterr().out
+    assert "note: not selected, and made with other params or code than these: 01_base_models;" in printed
+    assert printed.index("01_base_models;") > printed.index("00_data: run done")
 
 
 def test_a_stage_made_with_other_packages_is_kept_and_says_so(ws, capsys):
