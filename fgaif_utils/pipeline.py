@@ -237,27 +237,20 @@ def record_available_reuses(params, run):
             S.record_reuse(run, name, source)
 
 
-def out_of_date_upstream(params, params_path, shown_path, run, between, notebooks):
-    """Of the stages `between` (not selected), those not reused whose outputs were made with other params or code
-    than these: the next selected stage reads them as they are. Asked just before that stage runs, so that a stage
-    the same call has just made again (`--stages 00,05`) counts."""
+def note_out_of_date(params, shown_path, run, between, notebooks):
+    """Say which of the stages `between` (not selected, not reused) were made with other params or code than these:
+    the next selected stage reads them as they are. Asked just before that stage runs, so that a stage the same
+    call has just made again (`--stages 00,05`) counts."""
     stale = []
     for spec in between:
-        if spec.name in S.reused_stages(params):
-            continue
-        manifest = S.read_manifest(S.final_dir(run, spec.name))
+        manifest = None if spec.name in S.reused_stages(params) else S.read_manifest(S.final_dir(run, spec.name))
         if manifest is None:
-            continue   # missing: the stage that reads it says what to run
+            continue   # reused, or missing: the stage that reads it says what to run
         try:
             if manifest.get("fingerprint") != S.fingerprint(params, spec.name, run, shown_path, notebooks):
                 stale.append(spec.name)
         except S.StageError:
             continue
-    return stale
-
-
-def note_out_of_date(params, params_path, shown_path, run, between, notebooks):
-    stale = out_of_date_upstream(params, params_path, shown_path, run, between, notebooks)
     if stale:
         print(f"note: not selected, and made with other params or code than these: {', '.join(stale)}; the selected "
               f"stages read its outputs as they are (--stages {stale[0][:2]}- remakes everything from there)", flush=True)
@@ -290,7 +283,7 @@ def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=
     with kernel_env(notebooks):
         for previous, spec in zip([None] + selected[:-1], selected):
             between = S.STAGES[(S.STAGES.index(previous) + 1 if previous else 0):S.STAGES.index(spec)]
-            note_out_of_date(params, path, str(params_path), run, between, notebooks)
+            note_out_of_date(params, str(params_path), run, between, notebooks)
             if not (notebooks / f"{spec.name}.ipynb").is_file():
                 print(f"{spec.name}: not built yet (notebook {notebooks / spec.name}.ipynb missing); stopping here",
                       flush=True)

@@ -999,10 +999,9 @@ def train_all(rm, examples, pixels, settings, seed, checkpoint_dir, recipe=None,
     if isinstance(pixels, FeatureCache):
         pixels(sorted({e["image_id"] for name in ("train", "dev") for e in examples[name]}))   # twins: same images
     seconds, processes = {}, min(settings.train_processes, len(jobs))   # one type (holistic): this process
-    if processes > 1 and (rm.device.type != "cpu" or not isinstance(pixels, FeatureCache)):
-        print(f"reward.train_processes {processes}: the backbone is on {rm.device}"
-              f"{'' if isinstance(pixels, FeatureCache) else ' and reads pixels per step'}; training one type after "
-              f"another in this process")
+    if processes > 1 and _why_not_in_processes(pixels):
+        print(f"reward.train_processes {processes}: {_why_not_in_processes(pixels)}; training one type after another "
+              f"in this process")
         processes = 1
     if processes > 1:
         if recipe is None:
@@ -1027,12 +1026,9 @@ def train_in_processes(recipe, jobs, features, processes, threads):
     checkpoint says finished are left to the caller. Every process checkpoints as train_type does; if one fails,
     the others are stopped and the error names the type and carries its traceback; a rerun resumes from the
     checkpoints. Returns {type: seconds}."""
-    if not isinstance(features, FeatureCache):
-        raise ValueError("reward.train_processes > 1 needs the synthetic world's feature cache (with pixels per step, "
-                         "as on COCO, train the types one after another: train_processes 1)")
-    if features.rm.device.type != "cpu":
-        raise ValueError(f"reward.train_processes > 1 trains on CPU cores; the backbone is on {features.rm.device} "
-                         f"(set train_processes: 1)")
+    if _why_not_in_processes(features):
+        raise ValueError(f"reward.train_processes > 1: {_why_not_in_processes(features)} (train_processes: 1 trains "
+                         f"the types one after another)")
     waiting = [job for job in jobs if not _finished(job["checkpoint_dir"])]
     if not waiting:
         return {}
@@ -1077,6 +1073,16 @@ def train_in_processes(recipe, jobs, features, processes, threads):
                 process.join()
             bar.close()
     return seconds
+
+
+def _why_not_in_processes(images):
+    """Why the types cannot train in processes of their own with these `images` (what train_type reads them from),
+    or None: the processes share the stage's cached features on CPU cores."""
+    if not isinstance(images, FeatureCache):
+        return "no feature cache to share, the images are read as pixels at every step (as on COCO)"
+    if images.rm.device.type != "cpu":
+        return f"the processes train on CPU cores and the backbone is on {images.rm.device}"
+    return None
 
 
 def _drain(reports, timeout=0.0):

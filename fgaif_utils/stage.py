@@ -258,8 +258,9 @@ def fingerprint_parts(params, stage, run=None, params_path=None, notebooks=None)
     if spec.name in PROMPT_READERS:   # stage 02's description prompt: the reward models' and the policy's input
         parts["also"] = {"sampling.prompt": params.sampling.prompt}
     if spec.name == POLICY_STAGE:   # what stage 05 reads besides its sections
-        parts["also"].update({"evaluate.batch_size": params.evaluate.batch_size,   # its validation batches
-                              "deepspeed": P.deepspeed_config(params.ppo.deepspeed) if params.ppo.deepspeed else None})
+        deepspeed = P.deepspeed_config(params.ppo.deepspeed) if params.ppo.deepspeed else None
+        parts.setdefault("also", {}).update({"evaluate.batch_size": params.evaluate.batch_size,   # validation batches
+                                             "deepspeed": deepspeed})
     if spec.name == COMPARING_STAGE:
         parts["compare"] = {other: (read_manifest(final_dir(other, POLICY_STAGE)) or {}).get("artifacts_hash")
                             for other in params.evaluate.compare_runs}
