@@ -55,7 +55,7 @@ from fgaif_utils.stage import shown_path
 SYNTHETIC_SPLITS = ["eval", "eval_long", "eval_ood"]
 POPE_SAMPLERS = ["random", "popular", "adversarial"]
 POPE_TEMPLATE = "Is there a {object} in the image?"
-POPE_MAX_NEW_TOKENS = 8
+POPE_MAX_NEW_TOKENS = 8   # evaluate.pope_max_new_tokens' default: the answer is read from its first sentence
 POPE_FILE = "coco_pope_{sampler}.json"
 NEGATORS = {"no", "not", "without", "none", "neither", "nor", "never", "zero"}
 VERB_NEGATORS = {"not", "never"}   # "not wearing a tie": a participle after them stays in the negation
@@ -701,7 +701,7 @@ def evaluate_policies(sources, base_path, params, inputs, kept_records, judge=No
                                        P.models.local_files_only)
         rows = evaluate_policy(model, processor, scenes_by_split, load_image, pope_by_split, vocabulary, synthetic,
                                policy=label, prompt=P.sampling.prompt, batch_size=EP.batch_size,
-                               max_new_tokens=EP.max_new_tokens)
+                               max_new_tokens=EP.max_new_tokens, pope_max_new_tokens=EP.pope_max_new_tokens)
         if judge is not None:
             rows += run_judged_benchmarks(model, processor, label, EP, judge, EP.batch_size, benchmarks=benchmarks)
         return rows
@@ -804,7 +804,7 @@ def description_record(text, scene, vocabulary, synthetic):
 
 def evaluate_policy(model, processor, scenes_by_split, load_image, pope_by_split=None, vocabulary=None,
                     synthetic=True, policy="policy", prompt=language.DESCRIBE_PROMPT, batch_size=100,
-                    max_new_tokens=64, progress=True):
+                    max_new_tokens=64, progress=True, pope_max_new_tokens=POPE_MAX_NEW_TOKENS):
     """One policy on every split: greedy descriptions (CHAIR; synthetic also the scorer's per-type counts) and
     POPE answers. Returns per-image records {"policy", "split", "image_id", "description", "counts", "pope",
     ...}. pope_by_split: {split: POPE rows}; a row whose image is not among the split's scenes (official POPE
@@ -821,12 +821,13 @@ def evaluate_policy(model, processor, scenes_by_split, load_image, pope_by_split
             by_id[scene["image_id"]] = {"policy": policy, "split": split, "image_id": scene["image_id"],
                                         **description_record(text, scene, vocabulary, synthetic), "pope": []}
         _add_pope(model, processor, (pope_by_split or {}).get(split, []), by_id, scenes, load_image, policy, split,
-                  batch_size, progress)
+                  batch_size, pope_max_new_tokens, progress)
         records += list(by_id.values())
     return records
 
 
-def _add_pope(model, processor, rows, by_id, scenes, load_image, policy, split, batch_size, progress):
+def _add_pope(model, processor, rows, by_id, scenes, load_image, policy, split, batch_size, max_new_tokens,
+              progress):
     if not rows:
         return
     scene_of = {scene["image_id"]: scene for scene in scenes}
@@ -839,7 +840,7 @@ def _add_pope(model, processor, rows, by_id, scenes, load_image, policy, split, 
             cache[key] = load_image(source)
         images.append(cache[key])
     raw = answer_open_questions(model, processor, images, [row["text"] for row in rows], batch_size,
-                                POPE_MAX_NEW_TOKENS, desc=f"{policy} POPE {split}", progress=progress)
+                                max_new_tokens, desc=f"{policy} POPE {split}", progress=progress)
     for row, text in zip(rows, raw):
         record = by_id.setdefault(row["image_id"], {"policy": policy, "split": split, "image_id": row["image_id"],
                                                     "counts": {}, "pope": []})
@@ -1000,8 +1001,9 @@ class Judge(llm.ChatBackend):
 
 
 def make_judge(ep, cache_dir, **knobs):
-    """The judge of EvaluateParams (judge_model, judge_base_url; the key from OPENAI_API_KEY only)."""
-    return Judge(ep.judge_model, base_url=ep.judge_base_url or None, cache_dir=cache_dir, **knobs)
+    """The judge of EvaluateParams (judge_model at judge_base_url, the key from the variable judge_api_key_env names)."""
+    return Judge(ep.judge_model, base_url=ep.judge_base_url or None, api_key_env=ep.judge_api_key_env,
+                 cache_dir=cache_dir, **knobs)
 
 
 def _find_image(folder, name):

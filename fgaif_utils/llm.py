@@ -13,7 +13,9 @@ No record is ever dropped: a call that fails for good comes back with status "fa
 and is counted in usage["failures"]. An answer the model gave that is neither yes nor no is "unknown", and cached:
 at temperature 0 the same request gets the same reply.
 
-The API key comes from the OPENAI_API_KEY environment variable only and is never written anywhere.
+Keys come from the environment only and are never written anywhere. OPENAI_API_KEY goes to the OpenAI API only;
+another endpoint (base_url) gets the key of the variable its params name (`api_key_env`), and none without one, so
+a key never reaches a server it was not meant for.
 
 Facts here are free text (COCO world): {"type": "object", "subject": "dog", "negated": false},
 {"type": "attribute", "subject": "dog", "kind": "colour" | "size" | "other", "value": "brown"},
@@ -32,6 +34,7 @@ import string
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -47,6 +50,7 @@ PRICES_PER_MILLION = {"gpt-3.5-turbo-0125": (0.50, 1.50), "gpt-4o-2024-08-06": (
 ATTRIBUTE_KINDS = ("colour", "size", "other")
 KIND_ALIASES = {"color": "colour"}
 API_KEY_VARIABLE = "OPENAI_API_KEY"
+OPENAI_API_HOST = "api.openai.com"
 LOCAL_PLACEHOLDER_KEY = "EMPTY"   # what local servers (vLLM, Ollama, LM Studio) accept when they need no key
 SUBSENTENCE_LABEL = "Sub-sentence:"
 YES_NO_INSTRUCTION = " Answer with yes or no."   # appended to every vision verifier question
@@ -168,15 +172,23 @@ def parse_yes_no(text):
     return found.pop() if len(found) == 1 else "unknown"
 
 
-def api_key_from_env(base_url):
-    """The key from OPENAI_API_KEY; "EMPTY" for a local server (base_url given) without one."""
-    key = os.environ.get(API_KEY_VARIABLE)
-    if key:
-        return key
-    if base_url is None:
-        raise RuntimeError(f"the OpenAI backend needs an API key: set the {API_KEY_VARIABLE} environment variable "
-                           "(or give base_url for a local OpenAI-compatible server)")
-    return LOCAL_PLACEHOLDER_KEY
+def sends_to_openai(base_url):
+    """Whether requests go to the OpenAI API itself (no base_url, or one on api.openai.com)."""
+    return base_url is None or urllib.parse.urlsplit(base_url).hostname == OPENAI_API_HOST
+
+
+def api_key_from_env(base_url, api_key_env=""):
+    """The key for an endpoint, from the environment only. api_key_env names the variable that holds it; "" means
+    OPENAI_API_KEY for the OpenAI API and no key ("EMPTY", what local servers accept) for any other base_url."""
+    variable = api_key_env or (API_KEY_VARIABLE if sends_to_openai(base_url) else "")
+    if not variable:
+        return LOCAL_PLACEHOLDER_KEY
+    key = os.environ.get(variable)
+    if not key:
+        where = "the OpenAI API" if sends_to_openai(base_url) else base_url
+        raise RuntimeError(f"{where} needs an API key: set the {variable} environment variable"
+                           + ("" if api_key_env else " (or give base_url for a local OpenAI-compatible server)"))
+    return key
 
 
 def request_key(payload):
@@ -216,7 +228,7 @@ class ChatBackend:
     """
 
     def __init__(self, model, base_url=None, cache_dir=None, concurrency=8, max_retries=5, timeout=60,
-                 temperature=0.0, backoff_base=1.0, max_backoff=60.0, progress=True):
+                 temperature=0.0, backoff_base=1.0, max_backoff=60.0, progress=True, api_key_env=""):
         if cache_dir is None:
             raise ValueError(f"{type(self).__name__} needs a cache_dir (per-request cache, see the stage contract)")
         if concurrency < 1 or max_retries < 0:
@@ -226,7 +238,7 @@ class ChatBackend:
         self.concurrency, self.max_retries, self.timeout = concurrency, max_retries, timeout
         self.temperature, self.backoff_base, self.max_backoff = temperature, backoff_base, max_backoff
         self.progress = progress
-        self._api_key = api_key_from_env(base_url)
+        self._api_key = api_key_from_env(base_url, api_key_env)
         self.client = openai.OpenAI(api_key=self._api_key, base_url=base_url, timeout=timeout, max_retries=0)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "cache_hits": 0, "failures": 0,
                       "retries": 0}
@@ -249,6 +261,13 @@ class ChatBackend:
         """Error text without the API key (servers sometimes echo part of it)."""
         return text.replace(self._api_key, "***") if self._api_key != LOCAL_PLACEHOLDER_KEY else text
 
+    def _key_hint(self, status):
+        """What to do when a server refuses the request for want of the key we did not send it."""
+        if status not in (401, 403) or self._api_key != LOCAL_PLACEHOLDER_KEY:
+            return ""
+        return (f" (no key was sent to {self.base_url}: name the environment variable that holds its key in the "
+                "params' api_key_env field of this endpoint)")
+
     def _backoff_s(self, attempt, error):
         retry_after = None
         response = getattr(error, "response", None)
@@ -262,7 +281,11 @@ class ChatBackend:
         return min(self.backoff_base * 2 ** attempt, self.max_backoff) * self._jitter.uniform(0.5, 1.0)
 
     def _create(self, **request):
-        """One chat completion with our retries; CallFailed when it fails for good."""
+        """The answer's text of one chat completion with our retries; CallFailed when it fails for good."""
+        return self._create_choice(**request).message.content
+
+    def _create_choice(self, **request):
+        """The first choice of one chat completion (message, finish_reason) with our retries."""
         for attempt in range(self.max_retries + 1):
             self._count(calls=1)
             try:
@@ -274,7 +297,8 @@ class ChatBackend:
                 reason = f"HTTP {status}" if status is not None else type(error).__name__
                 if not retryable or attempt == self.max_retries:
                     attempts = f" after {attempt + 1} attempts" if retryable else ""
-                    raise CallFailed(self._scrub(f"{reason}{attempts}: {error}"), status) from None
+                    raise CallFailed(self._scrub(f"{reason}{attempts}: {error}{self._key_hint(status)}"),
+                                     status) from None
                 self._count(retries=1)
                 time.sleep(self._backoff_s(attempt, error))
                 continue
@@ -283,7 +307,7 @@ class ChatBackend:
                             completion_tokens=response.usage.completion_tokens or 0)
             if not response.choices:
                 raise CallFailed("the server answered with no choices")
-            return response.choices[0].message.content
+            return response.choices[0]
 
     def _run_parallel(self, work, items, desc):
         """work(*item) for every item on `concurrency` threads; results in input order. An exception out of
@@ -316,8 +340,11 @@ def fact_messages(subsentence, response=None):
 class OpenAIFactExtractor(ChatBackend):
     """Typed atomic facts per sub-sentence from an OpenAI-compatible LLM (paper: gpt-3.5-turbo-0125)."""
 
-    def __init__(self, model, base_url=None, cache_dir=None, **knobs):
+    def __init__(self, model, base_url=None, cache_dir=None, max_tokens=1024, **knobs):
         super().__init__(model, base_url=base_url, cache_dir=cache_dir, **knobs)
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None (no limit), got {max_tokens}")
+        self.max_tokens = max_tokens   # a runaway answer costs at most this many tokens, then counts as cut
         self.json_mode = True   # response_format json_object; switched off for the run if the server rejects it
 
     def extract_many(self, items):
@@ -331,7 +358,7 @@ class OpenAIFactExtractor(ChatBackend):
     def extract_one(self, subsentence, response=None):
         messages = fact_messages(subsentence, response)
         key = request_key({"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
-                           "messages": messages})   # what the answer depends on, where it was asked
+                           "messages": messages, **self._limit()})   # what the answer depends on, where asked
         cached = self.cache.load(key)
         if cached is not None:
             self._count(cache_hits=1)
@@ -344,33 +371,46 @@ class OpenAIFactExtractor(ChatBackend):
         self.cache.save(key, {"model": self.model, "subsentence": subsentence, "facts": facts})
         return {"facts": facts, "status": "ok", "error": None, "cached": False}
 
+    def _limit(self):
+        """The max_tokens entry of a request (none without a limit, as the requests before it had none)."""
+        return {} if self.max_tokens is None else {"max_tokens": self.max_tokens}
+
+    def _read_answer(self, choice):
+        """(facts, None) or (None, what is wrong) for one answer, saying so when max_tokens cut it."""
+        facts, problem = parse_facts_answer(choice.message.content)
+        if problem is not None and choice.finish_reason == "length":
+            problem = f"the answer was cut at max_tokens ({self.max_tokens}) before it was complete: {problem}"
+        return facts, problem
+
     def _facts_with_repair(self, messages):
-        content = self._complete(messages)
-        facts, problem = parse_facts_answer(content)
+        choice = self._complete(messages)
+        content = choice.message.content
+        facts, problem = self._read_answer(choice)
         if problem is None:
             return facts
         repair = messages + [
             {"role": "assistant", "content": content or ""},
             {"role": "user", "content": f"That answer could not be used: {problem}. Reply with only the JSON object "
                                         '{"facts": [...]} in the format described, nothing else.'}]
-        facts, second_problem = parse_facts_answer(self._complete(repair))
+        facts, second_problem = self._read_answer(self._complete(repair))
         if second_problem is not None:
             raise CallFailed(f"unusable answer after one repair attempt: {second_problem} "
                              f"(first answer: {problem})")
         return facts
 
     def _complete(self, messages):
+        """The first choice of the answer to `messages`."""
         if not self.json_mode:
-            return self._create(messages=messages)
+            return self._create_choice(messages=messages, **self._limit())
         try:
-            return self._create(messages=messages, response_format={"type": "json_object"})
+            return self._create_choice(messages=messages, response_format={"type": "json_object"}, **self._limit())
         except CallFailed as error:
             if error.status != 400:
                 raise
         # A 400 with response_format: try once without it; if that works, the server does not support it.
-        content = self._create(messages=messages)
+        choice = self._create_choice(messages=messages, **self._limit())
         self.json_mode = False
-        return content
+        return choice
 
 
 def image_key(image):

@@ -29,6 +29,7 @@ WORLD_SPLITS = ("sft", "feedback", "ppo", "validation", "eval", "eval_long", "ev
 
 # A run name becomes a folder under outputs/ that the runner wipes parts of: a plain name (stage.check_run_name).
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+ENV_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ParamsError(ValueError):
@@ -231,7 +232,11 @@ class FeedbackParams:
     llm_model: str = "gpt-3.5-turbo-0125"
     """LLM for fact extraction (paper: gpt-3.5-turbo-0125; alternative gpt-4o-2024-08-06)."""
     llm_base_url: str = ""
-    """OpenAI-compatible endpoint (vLLM, Ollama, LM Studio); "" = the OpenAI API. The key comes from OPENAI_API_KEY only."""
+    """OpenAI-compatible endpoint (vLLM, Ollama, LM Studio); "" = the OpenAI API."""
+    llm_api_key_env: str = ""
+    """The environment variable that holds the LLM endpoint's key (a name, never the key); "" = OPENAI_API_KEY for the OpenAI API and no key for a llm_base_url, so the OpenAI key never goes to another server unless this names it."""
+    llm_max_tokens: NonNegativeInt = 1024
+    """Most tokens of one fact-extraction answer (a runaway answer is cut there, and repaired or counted as failed); 0 = no limit."""
     concurrency: PositiveInt = 8
     """Parallel LLM / vision requests."""
     max_retries: NonNegativeInt = 5
@@ -246,6 +251,8 @@ class FeedbackParams:
     """Model name for the openai-vision verifier."""
     vision_base_url: str = ""
     """Endpoint for the openai-vision verifier (e.g. vLLM serving LLaVA-1.5); "" = the OpenAI API."""
+    vision_api_key_env: str = ""
+    """The environment variable that holds the vision endpoint's key; "" = OPENAI_API_KEY for the OpenAI API and no key for a vision_base_url."""
     question_suffix: str = ""
     """Appended to every verifier question (LLaVA-1.5 short answers: " Answer the question using a single word or phrase.")."""
     verifier_batch_size: PositiveInt = 128
@@ -431,6 +438,8 @@ class EvaluateParams:
     """Images per generate call."""
     pope_objects: PositiveInt = 3
     """POPE: present and absent objects asked about per image (3 + 3 in Li et al. 2023); COCO without pope_files asks only about val2014 images with at least this many annotated categories."""
+    pope_max_new_tokens: PositiveInt = 8
+    """Longest POPE answer in tokens (greedy). The answer is read from its first sentence, so with the one-word suffix 8 is plenty; LLaVA-1.5's scripts allow 128, which a policy that explains its answer before saying no may need."""
     pope_suffix: str = ""
     """Appended to every POPE question (LLaVA-1.5 eval: " Answer the question using a single word or phrase.")."""
     pope_files: str = ""
@@ -442,9 +451,11 @@ class EvaluateParams:
     compare_runs: list[str] = field(default_factory=list)
     """Other runs whose PPO policies are evaluated beside this one (the ablations), on the same images."""
     judge_model: str = "gpt-4-0613"
-    """Judge for MMHal-Bench and LLaVA-Bench (any OpenAI-compatible model; the key only from OPENAI_API_KEY)."""
+    """Judge for MMHal-Bench and LLaVA-Bench (any OpenAI-compatible model)."""
     judge_base_url: str = ""
     """OpenAI-compatible endpoint of the judge; "" = the OpenAI API."""
+    judge_api_key_env: str = ""
+    """The environment variable that holds the judge endpoint's key; "" = OPENAI_API_KEY for the OpenAI API and no key for a judge_base_url."""
     mmhal_path: str = ""
     """MMHal-Bench folder (response_template.json + images), supplied by the user; "" = skip."""
     llava_bench_path: str = ""
@@ -644,6 +655,16 @@ def read_yaml_chain(path, _seen=()):
 
 def _check_across_keys(params, source):
     """What no single field's bounds can say: keys that must agree with each other."""
+    for key in ("feedback.llm_api_key_env", "feedback.vision_api_key_env", "evaluate.judge_api_key_env"):
+        section, name = key.split(".")
+        variable = getattr(getattr(params, section), name)
+        if variable and not ENV_VARIABLE.fullmatch(variable):   # e.g. a key pasted where its variable's name goes
+            raise ParamsError(f"{source}: key '{key}' must name an environment variable (letters, digits and '_'), "
+                              "not hold a key: secrets come from the environment only")
+    for fact_type, values in dataclasses.asdict(params.reward.claim_words).items():
+        if len(values) == 1:   # one value: no other word to be hallucinated, whose logit is -inf (infinite loss)
+            raise ParamsError(f"{source}: key 'reward.claim_words.{fact_type}' names one value; a naming head needs "
+                              "at least two (or [] for the plain 3-way head)")
     world = params.data.world_params
     for low, high, strict in (("min_objects", "max_objects", False), ("long_min_objects", "long_max_objects", False),
                               ("radius_small", "radius_large", True)):

@@ -678,13 +678,14 @@ def label_metrics(predicted, reference):
 def constant_baselines(reference):
     """The best a constant guess can do on the sub-sentences the reference judges (labels 0 / 1): the accuracy of
     always guessing the reference's own majority class, and the hallucination F1 of always guessing
-    hallucinated (the highest F1 any constant guess gets: recall 1, precision = the hallucination share)."""
+    hallucinated (the highest F1 any constant guess gets: recall 1, precision = the hallucination share; 0 when
+    nothing judged is hallucinated, as label_metrics scores that guess). None when the reference judges nothing."""
     judged = [v for v in reference if v != -1]
     halluc = sum(v == 1 for v in judged)
     majority = 1 if 2 * halluc > len(judged) else 0
     return {"n_applicable": len(judged), "majority_class": majority,
             "majority_accuracy": max(halluc, len(judged) - halluc) / len(judged) if judged else None,
-            "always_hallucinated_f1": 2 * halluc / (halluc + len(judged)) if halluc else None}
+            "always_hallucinated_f1": 2 * halluc / (halluc + len(judged)) if judged else None}
 
 
 def ai_labels(examples):

@@ -124,16 +124,11 @@ def reused_stages(params):
 
 
 def run_of(stage, run, params=None):
-    """The run whose outputs hold `stage` for `run`: for the reused stages params.reuse_run, or the run that one
-    read the stage from when it reused the stage itself (`record_reuse`), else `run`."""
+    """The run whose outputs hold `stage` for `run`: for the reused stages params.reuse_run or where its reuse
+    pointers lead (`pointed_run`), else `run`."""
     if params is None or stage_spec(stage).name not in reused_stages(params):
         return run
-    name, source, seen = stage_spec(stage).name, params.reuse_run, set()
-    while read_manifest(final_dir(source, name)) is None and reuse_pointer(source, name).is_file() \
-            and source not in seen:
-        seen.add(source)
-        source = check_run_name(reuse_pointer(source, name).read_text().strip())
-    return source
+    return pointed_run(params.reuse_run, stage)
 
 
 def reuse_pointer(run, stage):
@@ -145,6 +140,11 @@ def record_reuse(run, stage, source):
     pointer = reuse_pointer(run, stage)
     pointer.parent.mkdir(parents=True, exist_ok=True)
     write_text(pointer, source + "\n")
+
+
+def drop_reuse(run, stage):
+    """`run` makes `stage` itself (its params do not reuse it): it no longer reads it through a reuse pointer."""
+    remove_path(reuse_pointer(run, stage))
 
 
 def partial_dir(run, stage):
@@ -288,16 +288,21 @@ def fingerprint(params, stage, run=None, params_path=None, notebooks=None, for_c
     return sha256_text(canonical_json(checkpoint_parts(parts) if for_checkpoints else parts))
 
 
-def source_run(run, stage):
-    """The run whose outputs hold `stage` as `run` sees it: `run` itself, or where its reuse pointers lead; None
-    when neither has it."""
+def pointed_run(run, stage):
+    """Where `run`'s reuse pointers for `stage` lead, else `run`. A pointer wins over a final folder of the run's own:
+    a run that once made a stage and now reuses it reads the reused one (a run that makes a stage drops its
+    pointer, `drop_reuse`)."""
     name, seen = stage_spec(stage).name, set()
-    while read_manifest(final_dir(run, name)) is None:
-        if run in seen or not reuse_pointer(run, name).is_file():
-            return None
+    while reuse_pointer(run, name).is_file() and run not in seen:
         seen.add(run)
         run = check_run_name(reuse_pointer(run, name).read_text().strip())
     return run
+
+
+def source_run(run, stage):
+    """The run whose outputs hold `stage` as `run` sees it (`pointed_run`); None when that holds no finished stage."""
+    run = pointed_run(run, stage)
+    return run if read_manifest(final_dir(run, stage)) is not None else None
 
 
 def stale_inputs(run, stage):
@@ -578,6 +583,8 @@ class StageContext:
         self._finished = True
         if self.by_hand:
             promote(self.work_dir, self.final_dir)
+            if self.stage not in reused_stages(self.params):   # made here, as the params say: read from here
+                drop_reuse(self.run, self.stage)
             self.work_dir = self.final_dir
         rows = ", ".join(f"{k}={v}" for k, v in self.rows.items()) or "no row counts"
         print(f"{self.stage} finished in {manifest['wall_s']:.1f} s: {len(artifacts)} artifacts ({rows})")

@@ -32,6 +32,7 @@ class Reply:
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
     error_message: str = "stub error"
+    finish_reason: str = "stop"          # "length": the answer stopped at the request's max_tokens
 
 
 def last_subsentence(body):
@@ -49,13 +50,13 @@ def rules_answer(body):
     return Reply(content=json.dumps({"facts": facts}))
 
 
-def chat_completion(body, content):
+def chat_completion(body, content, finish_reason="stop"):
     """An OpenAI-shaped response; token counts are a deterministic function of the request and the answer."""
     prompt_tokens = len(json.dumps(body["messages"])) // 4
     completion_tokens = len(content or "") // 4
     return {"id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "stub"),
-            "choices": [{"index": 0, "finish_reason": "stop",
+            "choices": [{"index": 0, "finish_reason": finish_reason,
                          "message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
@@ -105,7 +106,7 @@ class StubServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 headers = {name.lower(): value for name, value in self.headers.items()}
                 reply = stub._reply_for(self.path, headers, body)
-                payload = chat_completion(body, reply.content) if reply.status == 200 else \
+                payload = chat_completion(body, reply.content, reply.finish_reason) if reply.status == 200 else \
                     {"error": {"message": reply.error_message, "type": "stub", "code": reply.status}}
                 with stub._lock:
                     stub.answered.append({"status": reply.status, "content": reply.content,

@@ -26,7 +26,8 @@ from openai_stub import Reply, StubServer, rules_answer
 pytestmark = pytest.mark.e2e   # `pytest -m "not e2e"` runs the rest in a few minutes
 
 REPO = params.REPO_ROOT
-SECRET = "sk-coco-e2e-not-a-real-key"
+SECRET = "sk-coco-e2e-not-a-real-key"            # the stub endpoints' key, in COCO_STUB_KEY
+OPENAI_SECRET = "sk-openai-e2e-never-to-the-stub"  # OPENAI_API_KEY, set too: it must reach no other server
 CHECK_PROFILE = REPO / "params" / "llava15_coco_check.yaml"
 CHECK = yaml.safe_load(CHECK_PROFILE.read_text())     # read as YAML: params.load would check its /data/coco2014
 SIZES = {key: CHECK["data"][key] for key in ("n_feedback", "n_ppo", "n_validation", "n_eval")}
@@ -115,14 +116,17 @@ def coco_run(tmp_path_factory):
             "extends": str(CHECK_PROFILE), "run": "coco-ci", "num_threads": 1,
             "data": {"coco_root": str(tmp / "coco")},
             "feedback": {"llm_base_url": server.url, "concurrency": 2, "verifier": "openai-vision",
-                         "vision_model": "stub-vision", "vision_base_url": server.url},
-            "evaluate": {"judge_base_url": server.url, "mmhal_path": str(tmp / "bench"),
+                         "vision_model": "stub-vision", "vision_base_url": server.url,
+                         "llm_api_key_env": "COCO_STUB_KEY", "vision_api_key_env": "COCO_STUB_KEY"},
+            "evaluate": {"judge_base_url": server.url, "judge_api_key_env": "COCO_STUB_KEY",
+                         "mmhal_path": str(tmp / "bench"),
                          "llava_bench_path": str(tmp / "bench")},
         }
         params_path = tmp / "coco_ci.yaml"
         params_path.write_text(json.dumps(overlay))      # JSON is YAML
         env = {**os.environ, "FGAIF_OUTPUTS": str(tmp / "outputs"), "HF_HOME": str(tmp / "hf"),
-               "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": SECRET, "OMP_NUM_THREADS": "1"}
+               "HF_HUB_OFFLINE": "1", "COCO_STUB_KEY": SECRET, "OPENAI_API_KEY": OPENAI_SECRET,
+               "OMP_NUM_THREADS": "1"}
         result = subprocess.run([sys.executable, "-m", "fgaif_utils.pipeline", str(params_path)], cwd=REPO,
                                 env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -198,10 +202,11 @@ def test_stage_06_reports_pope_chair_and_the_judged_benchmarks_for_both_policies
     assert {r["split"] for r in records} == {"eval", "mmhal", "llava_bench"}
 
 
-def test_the_key_reaches_the_server_and_no_file_of_the_run(coco_run):
+def test_the_endpoint_key_reaches_the_server_the_openai_key_does_not_and_no_file_holds_either(coco_run):
     tmp, _, requests, _ = coco_run
     assert requests and all(r["headers"]["authorization"] == f"Bearer {SECRET}" for r in requests)
-    leaks = [path for path in tmp.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+    leaks = [path for path in tmp.rglob("*") if path.is_file()
+             and any(key.encode() in path.read_bytes() for key in (SECRET, OPENAI_SECRET))]
     assert leaks == [] and (tmp / "coco_ci.yaml").read_text().count("sk-") == 0
 
 

@@ -132,6 +132,12 @@ def test_coco_evaluation_inputs_pope_images_load_from_val2014(tiny_setup, tmp_pa
     assert sorted(by_id) == sorted([1, 8, pope_ids[1]]) and "description" not in by_id[pope_ids[1]]
     assert not by_id[1]["pope"] and len(by_id[8]["pope"]) == len(by_id[pope_ids[1]]["pope"]) == 18
     assert sum(by_id[pope_ids[1]]["counts"][f"pope_random_{k}"] for k in ("tp", "fp", "tn", "fn")) == 6
+    answer_tokens = lambda records: [len(processor.tokenizer(a["raw_answer"], add_special_tokens=False).input_ids)
+                                     for r in records for a in r["pope"]]
+    assert max(answer_tokens(records)) > 1                         # the default limit (8) lets answers run on
+    short = E.evaluate_policy(model, processor, {}, load_image, pope_by_split, vocabulary, synthetic, policy="base",
+                              batch_size=4, progress=False, pope_max_new_tokens=1)   # evaluate.pope_max_new_tokens
+    assert max(answer_tokens(short)) == 1 and len(answer_tokens(short)) == len(answer_tokens(records))
     # official POPE files naming an image val2014 lacks: refused before any policy generates, the image named
     pope = tmp_path / "pope"
     pope.mkdir()
@@ -517,6 +523,7 @@ def test_verdicts_read_each_metric_direction():
 # ---------------------------------------------------------------------------------------------- judges
 
 SECRET = "sk-test-judge-NEVER-WRITE-ME"
+OPENAI_SECRET = "sk-openai-not-for-the-judge-stub"
 
 
 def judge_reply(body):
@@ -534,13 +541,14 @@ def judge_reply(body):
 
 @pytest.fixture
 def judge_server(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("JUDGE_API_KEY", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_SECRET)   # for api.openai.com only: never sent to the stub
     with StubServer(default=judge_reply) as server:
         yield server
 
 
 def _judge(server, cache_dir, concurrency=2):
-    ep = params.EvaluateParams(judge_model="judge-stub", judge_base_url=server.url)
+    ep = params.EvaluateParams(judge_model="judge-stub", judge_base_url=server.url, judge_api_key_env="JUDGE_API_KEY")
     return E.make_judge(ep, cache_dir, concurrency=concurrency, max_retries=1, timeout=5, backoff_base=0.001,
                         progress=False)
 
@@ -563,7 +571,7 @@ def test_mmhal_judge_ratings_malformed_answers_and_cache(judge_server, tmp_path)
         again = E.judge_mmhal(_judge(judge_server, tmp_path), items, answers, "base")
     assert len(judge_server.requests) == sent and all(r["judge"]["cached"] for r in again)
     assert [r["judge"]["status"] for r in again] == ["ok", "ok", "malformed"]
-    assert judge_server.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert {r["headers"]["authorization"] for r in judge_server.requests} == {f"Bearer {SECRET}"}
     assert all(SECRET not in path.read_text() for path in tmp_path.rglob("*.json"))
 
 
@@ -637,6 +645,16 @@ def test_a_kept_policy_s_failed_judge_calls_are_asked_again_without_generating(j
     assert records[1]["judge"]["status"] == "ok" and records[1]["counts"] == {"llava_reference_score": 8.0,
                                                                              "llava_model_score": 6.0}
     assert [json.loads(line)["judge"]["status"] for line in (kept / name).read_text().splitlines()[1:]] == ["ok"]
+
+
+def test_stage_06_generates_with_the_params_answer_lengths(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(E, "load_policy", lambda *a, **k: (None, None))
+    monkeypatch.setattr(E, "evaluate_policy", lambda *a, **k: calls.append(k) or [])
+    P = params.load(params.REPO_ROOT / "params" / "smoke.yaml")
+    P.evaluate.max_new_tokens, P.evaluate.pope_max_new_tokens = 33, 5
+    E.evaluate_policies({"base": None}, "unused", P, ({}, {}, None, {}, True), tmp_path / "kept")
+    assert [(k["max_new_tokens"], k["pope_max_new_tokens"]) for k in calls] == [(33, 5)]
 
 
 def test_pair_scores_need_a_first_line_of_exactly_two_numbers():

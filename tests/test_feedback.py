@@ -168,6 +168,11 @@ def test_verifier_asks_each_image_question_pair_once_across_batches(tmp_path):
                 for s in ("heart", "ring", "star")}
     assert verifier.asked == [question["heart"], question["ring"], question["star"], question["heart"]]
     assert [r["verdict"] for r in out] == [True, False, True, False, True, False, False, True]
+    loads = []   # an image is read once to key its answers, then once per batch that asks about it
+    load_image = lambda image_id: loads.append(image_id) or np.full((8, 8, 3), image_id, np.uint8)  # noqa: E731
+    feedback.verify_facts(rows, CountingVerifier(), load_image, feedback.AnswerCache(tmp_path / "b.jsonl", ["v1"]),
+                          batch_size=3)                          # batches: heart, ring, star of 7 | heart of 8
+    assert sorted(loads) == [7, 7, 8, 8]
 
 
 def test_sampling_resumes_with_identical_samples(tokenizer, tmp_path, monkeypatch):

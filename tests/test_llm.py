@@ -12,7 +12,9 @@ from fgaif_utils import llm
 from fgaif_utils.facts import check_fact, extract_facts_rules
 from openai_stub import Reply, StubServer, rules_answer
 
-SECRET = "sk-test-NEVER-WRITE-ME-0123456789"
+SECRET = "sk-test-NEVER-WRITE-ME-0123456789"          # the stub endpoint's key, in STUB_API_KEY
+OPENAI_SECRET = "sk-openai-NEVER-SEND-TO-THE-STUB-42"   # OPENAI_API_KEY: only for api.openai.com
+KEY_VARIABLE = "STUB_API_KEY"
 WORLD_SUBSENTENCES = [
     "there is a large red heart",
     "a small blue square is to the left of a green triangle",
@@ -31,7 +33,8 @@ ITEMS = [(part, RESPONSE) for part in WORLD_SUBSENTENCES]
 
 @pytest.fixture(autouse=True)
 def api_key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv(KEY_VARIABLE, SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_SECRET)
 
 
 @pytest.fixture
@@ -41,7 +44,8 @@ def stub():
 
 
 def extractor(stub, cache_dir, **knobs):
-    knobs = {"concurrency": 4, "max_retries": 3, "timeout": 5, "backoff_base": 0.001, "progress": False, **knobs}
+    knobs = {"concurrency": 4, "max_retries": 3, "timeout": 5, "backoff_base": 0.001, "progress": False,
+             "api_key_env": KEY_VARIABLE, **knobs}
     return llm.OpenAIFactExtractor(knobs.pop("model", "gpt-3.5-turbo-0125"), base_url=stub.url,
                                    cache_dir=cache_dir, **knobs)
 
@@ -282,6 +286,23 @@ def test_non_retryable_error_fails_at_once_without_leaking_the_key(tmp_path):
     assert backend.usage["calls"] == 1 and backend.usage["retries"] == 0
 
 
+def test_answers_are_limited_to_max_tokens_and_a_cut_one_says_so(stub, tmp_path):
+    extractor(stub, tmp_path / "a").extract_many(ITEMS[:1])
+    assert stub.requests[-1]["body"]["max_tokens"] == 1024                   # the default limit is sent
+    extractor(stub, tmp_path / "b", max_tokens=None).extract_many(ITEMS[:1])
+    assert "max_tokens" not in stub.requests[-1]["body"]
+    runaway = '{"facts": [' + '{"type": "object", "subject": "heart", "negated": false}, ' * 3
+    stub.script.extend([Reply(content=runaway, finish_reason="length")] * 2)
+    [result] = extractor(stub, tmp_path / "c", max_tokens=40).extract_many(ITEMS[:1])
+    assert result["status"] == "failed" and "cut at max_tokens (40)" in result["error"]
+    assert [r["body"]["max_tokens"] for r in stub.requests[-2:]] == [40, 40]   # the repair is limited too
+    stub.script.append(Reply(content=runaway, finish_reason="length"))      # cut once, then a complete answer
+    [repaired] = extractor(stub, tmp_path / "d", max_tokens=40).extract_many(ITEMS[:1])
+    assert repaired["status"] == "ok" and repaired["facts"] == rules_facts(ITEMS[0][0])
+    with pytest.raises(ValueError, match="max_tokens"):
+        extractor(stub, tmp_path, max_tokens=0)
+
+
 def test_malformed_json_is_repaired_once(stub, tmp_path):
     stub.script.append(Reply(content="{'facts': [oops"))
     backend = extractor(stub, tmp_path)
@@ -355,15 +376,45 @@ def test_api_key_from_environment_only(stub, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(RuntimeError, match="OPENAI_API_KEY"):
         llm.OpenAIFactExtractor("gpt-3.5-turbo-0125", cache_dir=tmp_path)
-    extractor(stub, tmp_path).extract_many(ITEMS[:1])
+    with pytest.raises(RuntimeError, match="OPENAI_API_KEY"):   # the OpenAI API named by its address is the same
+        llm.OpenAIFactExtractor("gpt-3.5-turbo-0125", base_url="https://api.openai.com/v1", cache_dir=tmp_path)
+    monkeypatch.delenv(KEY_VARIABLE)
+    with pytest.raises(RuntimeError, match=f"{stub.url} needs an API key: set the {KEY_VARIABLE} environment"):
+        extractor(stub, tmp_path)
+    extractor(stub, tmp_path, api_key_env="").extract_many(ITEMS[:1])   # a local server without a key
     assert stub.requests[0]["headers"]["authorization"] == "Bearer EMPTY"
+
+
+def test_the_openai_key_goes_to_the_openai_api_only(stub, tmp_path):
+    """OPENAI_API_KEY is set, but a base_url gets no key unless api_key_env names one: a judge or extractor pointed
+    at someone else's server must not hand it the OpenAI key."""
+    llm.OpenAIFactExtractor("m", base_url=stub.url, cache_dir=tmp_path, progress=False).extract_many(ITEMS[:1])
+    stub.script.append(Reply(content="yes"))
+    llm.OpenAIVisionVerifier("m", base_url=stub.url, cache_dir=tmp_path, progress=False).answer(
+        [np.zeros((4, 4, 3), np.uint8)], ["is there a heart ?"])
+    assert [r["headers"]["authorization"] for r in stub.requests] == ["Bearer EMPTY"] * 2
+    extractor(stub, tmp_path, api_key_env="OPENAI_API_KEY").extract_many(ITEMS[1:2])   # named on purpose: sent
+    assert stub.requests[-1]["headers"]["authorization"] == f"Bearer {OPENAI_SECRET}"
+    assert llm.OpenAIFactExtractor("m", base_url="https://api.openai.com/v1", cache_dir=tmp_path)._api_key == \
+        OPENAI_SECRET
+    assert llm.OpenAIFactExtractor("m", base_url="https://api.openai.com.example.org/v1", cache_dir=tmp_path
+                                   )._api_key == llm.LOCAL_PLACEHOLDER_KEY
+
+
+def test_a_server_that_wants_a_key_it_was_not_sent_says_how_to_give_it(tmp_path):
+    with StubServer(default=lambda body: Reply(status=401, error_message="missing key")) as stub:
+        [keyless] = extractor(stub, tmp_path, api_key_env="").extract_many(ITEMS[:1])
+        [wrong] = extractor(stub, tmp_path).extract_many(ITEMS[:1])
+    assert keyless["status"] == "failed" and f"no key was sent to {stub.url}" in keyless["error"]
+    assert "api_key_env" in keyless["error"]
+    assert "HTTP 401" in wrong["error"] and "no key was sent" not in wrong["error"]   # a key went: it was wrong
 
 
 def test_key_is_never_written_to_the_cache(stub, tmp_path):
     extractor(stub, tmp_path / "facts").extract_many(ITEMS)
     image = np.zeros((4, 4, 3), np.uint8)
     verifier = llm.OpenAIVisionVerifier("gpt-4o-2024-08-06", base_url=stub.url, cache_dir=tmp_path / "vision",
-                                        progress=False)
+                                        api_key_env=KEY_VARIABLE, progress=False)
     stub.default = lambda body: Reply(content="yes")
     verifier.answer([image], ["is there a heart ?"])
     files = cache_files(tmp_path)
@@ -396,7 +447,8 @@ def vision_answer(body):
 
 
 def verifier(stub, cache_dir, **knobs):
-    knobs = {"concurrency": 2, "max_retries": 1, "timeout": 5, "backoff_base": 0.001, "progress": False, **knobs}
+    knobs = {"concurrency": 2, "max_retries": 1, "timeout": 5, "backoff_base": 0.001, "progress": False,
+             "api_key_env": KEY_VARIABLE, **knobs}
     return llm.OpenAIVisionVerifier("gpt-4o-2024-08-06", base_url=stub.url, cache_dir=cache_dir, **knobs)
 
 

@@ -339,3 +339,23 @@ def test_deepspeed_config_errors_name_the_key_and_the_file(tmp_path, text, messa
     assert f"{path}: " in str(err.value) and message in str(err.value)
     good = write(tmp_path, "good.yaml", "ppo:\n  launcher: torchrun\n  deepspeed: params/deepspeed/zero3.json\n")
     assert P.deepspeed_config(P.load(good).ppo.deepspeed)["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("key", ["feedback.llm_api_key_env", "feedback.vision_api_key_env",
+                                 "evaluate.judge_api_key_env"])
+def test_an_api_key_env_names_a_variable_and_never_holds_a_key(tmp_path, key):
+    section, name = key.split(".")
+    ok = write(tmp_path, "ok.yaml", f"{section}:\n  {name}: VLLM_KEY_2\n")
+    assert getattr(getattr(P.load(ok), section), name) == "VLLM_KEY_2"
+    pasted = write(tmp_path, "pasted.yaml", f"{section}:\n  {name}: sk-proj-abc123\n")
+    with pytest.raises(P.ParamsError, match=rf"pasted\.yaml: key '{key}' must name an environment variable .*not "
+                                            "hold a key"):
+        P.load(pasted)
+
+
+def test_a_naming_head_needs_two_claim_words(tmp_path):
+    one = write(tmp_path, "one.yaml", "reward:\n  claim_words:\n    relation: [[left]]\n")
+    with pytest.raises(P.ParamsError, match=r"one\.yaml: key 'reward.claim_words.relation' names one value"):
+        P.load(one)
+    two = write(tmp_path, "two.yaml", "reward:\n  claim_words:\n    relation: [[left], [right, rightwards]]\n")
+    assert P.load(two).reward.claim_words.relation == [["left"], ["right", "rightwards"]]

@@ -582,6 +582,28 @@ def test_a_middle_run_records_its_reuse_even_when_the_reused_stage_is_not_select
     assert (ws.outputs / "t3" / ".01_base_models.reused").read_text() == "t2\n"
 
 
+def test_a_run_that_made_a_stage_and_now_reuses_it_reads_the_reused_one(ws, tmp_path):
+    ws.notebook("00_data", STAGE_00)
+    ws.notebook("01_base_models", STAGE_01)
+    assert ws.run(stages="00") == ["run"]
+    own = tmp_path / "own.yaml"
+    own.write_text(f"extends: {ws.params}\nrun: t2\ndata:\n  n_eval: 4\n")
+    assert [r["status"] for r in pipeline.run_pipeline(own, notebooks_dir=ws.notebooks, stages="00-01")] == \
+        ["run", "run"]                                                      # t2 makes its own 00 (4 rows)
+    reusing = tmp_path / "reusing.yaml"
+    reusing.write_text(f"extends: {own}\nreuse_run: t\nreuse_stages: [00_data]\n")
+    assert [r["status"] for r in pipeline.run_pipeline(reusing, notebooks_dir=ws.notebooks, stages="00-01")] == \
+        ["reused", "run"]                                                   # now 01 reads t's 00 (3 rows)
+    assert (ws.outputs / "t2" / "00_data" / "eval.jsonl").is_file()         # t2's old 00 is still there ...
+    assert S.source_run("t2", "00_data") == "t" and S.stale_inputs("t2", "01_base_models") == []   # ... unread
+    third = tmp_path / "third.yaml"                                         # nor read by a run reusing t2's 01
+    third.write_text(f"extends: {ws.params}\nrun: t3\nreuse_run: t2\nreuse_stages: [00_data, 01_base_models]\n")
+    assert pipeline.reuse_problem("01_base_models", "t3", P.load(third)) is None
+    assert [r["status"] for r in pipeline.run_pipeline(own, notebooks_dir=ws.notebooks, stages="00")] == ["skip"]
+    assert not (ws.outputs / "t2" / ".00_data.reused").exists()             # t2 makes 00 itself again: its own
+    assert S.source_run("t2", "00_data") == "t2" and S.stale_inputs("t2", "01_base_models") == ["00_data"]
+
+
 def test_a_run_reuses_stages_of_another_run(ws, tmp_path):
     ws.notebook("00_data", STAGE_00)
     ws.notebook("01_base_models", STAGE_01)

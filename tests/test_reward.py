@@ -717,7 +717,10 @@ def test_constant_baselines_by_hand():
     assert b["majority_class"] == 1 and b["majority_accuracy"] == pytest.approx(2 / 3)
     assert b["always_hallucinated_f1"] == pytest.approx(4 / 5)
     assert b["always_hallucinated_f1"] == pytest.approx(reward.label_metrics([-1, 1, 1, 1, -1], [-1, 0, 1, 1, -1])["f1"])
-    assert reward.constant_baselines([-1, 0])["always_hallucinated_f1"] is None
+    # nothing judged hallucinated: always guessing it is all false positives, F1 0 (as label_metrics scores it)
+    assert reward.constant_baselines([-1, 0])["always_hallucinated_f1"] == 0.0 == \
+        reward.label_metrics([1, 1], [-1, 0])["f1"]
+    assert reward.constant_baselines([-1, -1])["always_hallucinated_f1"] is None   # nothing judged at all
 
 
 def test_holistic_labels_by_hand():
