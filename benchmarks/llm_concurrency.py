@@ -4,7 +4,6 @@ latency, N distinct items, each concurrency level on a fresh cache.
     .venv/bin/python benchmarks/llm_concurrency.py [--items 64] [--latency 0.1] [--concurrency 1 8]
 """
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -40,7 +39,6 @@ def main():
     parser.add_argument("--latency", type=float, default=0.1, help="server-side seconds per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    os.environ.setdefault("OPENAI_API_KEY", "benchmark-placeholder")   # the stub ignores it
     # Distinct contexts make every item a distinct request (no cache sharing between items).
     items = [(SUBSENTENCES[i % len(SUBSENTENCES)], f"image {i}: " + " . ".join(SUBSENTENCES))
              for i in range(args.items)]

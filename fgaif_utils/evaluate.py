@@ -1001,7 +1001,8 @@ class Judge(llm.ChatBackend):
 
 
 def make_judge(ep, cache_dir, **knobs):
-    """The judge of EvaluateParams (judge_model at judge_base_url, the key from the variable judge_api_key_env names)."""
+    """The judge of EvaluateParams: judge_model at judge_base_url, with the key of the variable judge_api_key_env
+    names (by default OPENAI_API_KEY for the OpenAI API and no key for a judge_base_url)."""
     return Judge(ep.judge_model, base_url=ep.judge_base_url or None, api_key_env=ep.judge_api_key_env,
                  cache_dir=cache_dir, **knobs)
 

@@ -51,6 +51,7 @@ ATTRIBUTE_KINDS = ("colour", "size", "other")
 KIND_ALIASES = {"color": "colour"}
 API_KEY_VARIABLE = "OPENAI_API_KEY"
 OPENAI_API_HOST = "api.openai.com"
+OPENAI_API_URL = f"https://{OPENAI_API_HOST}/v1"   # named explicitly: the client would read OPENAI_BASE_URL
 LOCAL_PLACEHOLDER_KEY = "EMPTY"   # what local servers (vLLM, Ollama, LM Studio) accept when they need no key
 SUBSENTENCE_LABEL = "Sub-sentence:"
 YES_NO_INSTRUCTION = " Answer with yes or no."   # appended to every vision verifier question
@@ -239,7 +240,8 @@ class ChatBackend:
         self.temperature, self.backoff_base, self.max_backoff = temperature, backoff_base, max_backoff
         self.progress = progress
         self._api_key = api_key_from_env(base_url, api_key_env)
-        self.client = openai.OpenAI(api_key=self._api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self.client = openai.OpenAI(api_key=self._api_key, base_url=base_url or OPENAI_API_URL, timeout=timeout,
+                                    max_retries=0)
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "cache_hits": 0, "failures": 0,
                       "retries": 0}
         self._lock = threading.Lock()
@@ -265,8 +267,9 @@ class ChatBackend:
         """What to do when a server refuses the request for want of the key we did not send it."""
         if status not in (401, 403) or self._api_key != LOCAL_PLACEHOLDER_KEY:
             return ""
-        return (f" (no key was sent to {self.base_url}: name the environment variable that holds its key in the "
-                "params' api_key_env field of this endpoint)")
+        return (f" (no key was sent to {self.base_url}: set the params key that configures this endpoint, "
+                "feedback.llm_api_key_env, feedback.vision_api_key_env or evaluate.judge_api_key_env, to the name of "
+                "the environment variable that holds its key)")
 
     def _backoff_s(self, attempt, error):
         retry_after = None
@@ -357,8 +360,10 @@ class OpenAIFactExtractor(ChatBackend):
 
     def extract_one(self, subsentence, response=None):
         messages = fact_messages(subsentence, response)
+        # What the answer depends on, and where it was asked. Not max_tokens: only an answer that parses is cached,
+        # and a cut one never does, so a cached answer is the same under any limit (and old caches stay valid).
         key = request_key({"model": self.model, "base_url": self.base_url, "temperature": self.temperature,
-                           "messages": messages, **self._limit()})   # what the answer depends on, where asked
+                           "messages": messages})
         cached = self.cache.load(key)
         if cached is not None:
             self._count(cache_hits=1)

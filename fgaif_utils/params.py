@@ -29,7 +29,7 @@ WORLD_SPLITS = ("sft", "feedback", "ppo", "validation", "eval", "eval_long", "ev
 
 # A run name becomes a folder under outputs/ that the runner wipes parts of: a plain name (stage.check_run_name).
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-ENV_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_VARIABLE = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")   # POSIX's portable names: a mixed-case key does not pass
 
 
 class ParamsError(ValueError):
@@ -236,7 +236,7 @@ class FeedbackParams:
     llm_api_key_env: str = ""
     """The environment variable that holds the LLM endpoint's key (a name, never the key); "" = OPENAI_API_KEY for the OpenAI API and no key for a llm_base_url, so the OpenAI key never goes to another server unless this names it."""
     llm_max_tokens: NonNegativeInt = 1024
-    """Most tokens of one fact-extraction answer (a runaway answer is cut there, and repaired or counted as failed); 0 = no limit."""
+    """Most tokens of one fact-extraction answer (a runaway answer is cut there, and repaired or counted as failed); 0 = no limit, and no max_tokens in the request (for servers that refuse it, like OpenAI's reasoning models)."""
     concurrency: PositiveInt = 8
     """Parallel LLM / vision requests."""
     max_retries: NonNegativeInt = 5
@@ -282,7 +282,7 @@ class ClaimWords:
     attribute: list[list[str]] = field(default_factory=list)
     """Claim words of the attribute reward model's head ([] = the plain 3-way head); see `relation`."""
     relation: list[list[str]] = field(default_factory=list)
-    """Claim words of the relation reward model's head, one list of surface forms per value (tiny: [[left], [right], [above], [below, under]]), each form one token of the tokenizer; [] = the plain 3-way head (paper). The head then names the value at each end marker and p(correct) is the stated word's probability (reward.three_class_logits)."""
+    """Claim words of the relation reward model's head, one list of surface forms per value (tiny: [[left], [right], [above], [below, under]]), at least two values, each form one token of the tokenizer; [] = the plain 3-way head (paper). The head then names the value at each end marker and p(correct) is the stated word's probability (reward.three_class_logits)."""
 
 
 @dataclass
@@ -659,8 +659,8 @@ def _check_across_keys(params, source):
         section, name = key.split(".")
         variable = getattr(getattr(params, section), name)
         if variable and not ENV_VARIABLE.fullmatch(variable):   # e.g. a key pasted where its variable's name goes
-            raise ParamsError(f"{source}: key '{key}' must name an environment variable (letters, digits and '_'), "
-                              "not hold a key: secrets come from the environment only")
+            raise ParamsError(f"{source}: key '{key}' must name an environment variable (upper-case letters, digits "
+                              "and '_', like VLLM_API_KEY), not hold a key: secrets come from the environment only")
     for fact_type, values in dataclasses.asdict(params.reward.claim_words).items():
         if len(values) == 1:   # one value: no other word to be hallucinated, whose logit is -inf (infinite loss)
             raise ParamsError(f"{source}: key 'reward.claim_words.{fact_type}' names one value; a naming head needs "

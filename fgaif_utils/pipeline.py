@@ -156,6 +156,7 @@ def run_stage(spec, params, params_path, shown_path, run, force, notebooks):
         return fail(str(err))
     final = S.final_dir(run, name)
     manifest = S.read_manifest(final)
+    S.drop_reuse(run, name)   # made here now (skipped as up to date, or run): no longer read through a pointer
     if not force and manifest is not None and manifest.get("fingerprint") == fingerprint:
         result.update(status="skip", rows=manifest.get("rows", {}), wall_s=round(time.monotonic() - t0, 2))
         print(f"{name}: skip (up to date)", flush=True)
@@ -230,17 +231,11 @@ def prune_caches(run, results):
 
 def record_available_reuses(params, run):
     """Point every reused stage that its source holds at that source, selected or not: a run that reuses a stage
-    from a run that itself reused it must find it, even when that middle run was started with `--stages 01-03`.
-    And drop the pointers of the stages these params make here: a run that reused a stage and no longer does reads
-    its own (`stage.source_run` follows a pointer before the run's own folder)."""
-    reused = S.reused_stages(params)
-    for spec in S.STAGES:
-        if spec.name not in reused:
-            S.drop_reuse(run, spec.name)
-            continue
-        source = S.run_of(spec.name, run, params)
-        if S.read_manifest(S.final_dir(source, spec.name)) is not None:
-            S.record_reuse(run, spec.name, source)
+    from a run that itself reused it must find it, even when that middle run was started with `--stages 01-03`."""
+    for name in S.reused_stages(params):
+        source = S.run_of(name, run, params)
+        if S.read_manifest(S.final_dir(source, name)) is not None:
+            S.record_reuse(run, name, source)
 
 
 def note_out_of_date(params, shown_path, run, between, notebooks):

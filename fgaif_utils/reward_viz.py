@@ -91,7 +91,7 @@ def below_baselines(evaluation):
             failed = [f"{label} {_fmt(mine)} <= {_fmt(theirs)} ({baseline})" for label, mine, theirs, baseline in (
                 ("halluc. F1", m["f1"], b["always_hallucinated_f1"], "always hallucinated"),
                 ("accuracy where judged", m["applicable_accuracy"], b["majority_accuracy"], "majority class"))
-                if mine is not None and theirs is not None and mine <= theirs]
+                if mine is not None and theirs is not None and mine <= theirs and theirs > 0]   # 0: nothing to beat
             if failed:
                 lines.append(f"the {fact_type} reward model does not beat a constant guess against the "
                              f"{SOURCE_NAMES[source]}: {'; '.join(failed)}")

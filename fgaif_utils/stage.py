@@ -72,10 +72,12 @@ STAGES = [
 ]
 # Orchestration only: editing them never changes what a stage computes, so "*" leaves them out.
 NOT_HASHED = ("__init__", "stage", "pipeline", "params")
-# Params that change what a stage shows or how often it checkpoints, never what it trains or evaluates: left out
-# of the checkpoint key (a resumed run repeats an unbroken one whatever the checkpoint schedule; tests say so).
-DISPLAY_ONLY = {"reward": ("checkpoint_every", "report_records"), "ppo": ("checkpoint_every", "report_images"),
-                "evaluate": ("report_images",)}
+# Params that change what a stage shows, how often it checkpoints or where a key comes from, never what it trains or
+# evaluates: left out of the checkpoint key (a resumed run repeats an unbroken one whatever the checkpoint schedule;
+# tests say so), so that renaming a key's variable does not evaluate every kept policy again.
+DISPLAY_ONLY = {"feedback": ("llm_api_key_env", "vision_api_key_env"),
+                "reward": ("checkpoint_every", "report_records"), "ppo": ("checkpoint_every", "report_images"),
+                "evaluate": ("report_images", "judge_api_key_env")}
 
 
 def stage_spec(name):
@@ -496,6 +498,11 @@ class StageContext:
         self.params = P.load(self.params_path)
         self.stage = stage_spec(stage).name
         self.run = check_run_name(run or self.params.run)
+        if self.stage in reused_stages(self.params):   # what it made here would never be read: the pointer wins
+            raise StageError(f"stage {self.stage} is not made by run '{self.run}': {shown_path(self.params_path)} "
+                             f"reuses it from run '{self.params.reuse_run}' (reuse_stages). Open it with the params "
+                             f"of run '{self.params.reuse_run}' to make it there, or read that run's executed "
+                             f"notebook, {shown_path(final_dir(run_of(self.stage, self.run, self.params), self.stage))}")
         self.inputs = upstream_hashes(self.stage, self.run, params_path, self.params.run, self.params)   # fails early
         parts = fingerprint_parts(self.params, self.stage, self.run, params_path)
         self.fingerprint = sha256_text(canonical_json(parts))
@@ -583,8 +590,7 @@ class StageContext:
         self._finished = True
         if self.by_hand:
             promote(self.work_dir, self.final_dir)
-            if self.stage not in reused_stages(self.params):   # made here, as the params say: read from here
-                drop_reuse(self.run, self.stage)
+            drop_reuse(self.run, self.stage)
             self.work_dir = self.final_dir
         rows = ", ".join(f"{k}={v}" for k, v in self.rows.items()) or "no row counts"
         print(f"{self.stage} finished in {manifest['wall_s']:.1f} s: {len(artifacts)} artifacts ({rows})")

@@ -287,10 +287,13 @@ def test_non_retryable_error_fails_at_once_without_leaking_the_key(tmp_path):
 
 
 def test_answers_are_limited_to_max_tokens_and_a_cut_one_says_so(stub, tmp_path):
-    extractor(stub, tmp_path / "a").extract_many(ITEMS[:1])
-    assert stub.requests[-1]["body"]["max_tokens"] == 1024                   # the default limit is sent
-    extractor(stub, tmp_path / "b", max_tokens=None).extract_many(ITEMS[:1])
+    extractor(stub, tmp_path / "a", max_tokens=None).extract_many(ITEMS[:1])
     assert "max_tokens" not in stub.requests[-1]["body"]
+    sent = len(stub.requests)    # an answer cached without a limit is read under one: a cut answer is never cached
+    [cached] = extractor(stub, tmp_path / "a").extract_many(ITEMS[:1])
+    assert cached["cached"] and len(stub.requests) == sent
+    extractor(stub, tmp_path / "b").extract_many(ITEMS[:1])
+    assert stub.requests[-1]["body"]["max_tokens"] == 1024                   # the default limit is sent
     runaway = '{"facts": [' + '{"type": "object", "subject": "heart", "negated": false}, ' * 3
     stub.script.extend([Reply(content=runaway, finish_reason="length")] * 2)
     [result] = extractor(stub, tmp_path / "c", max_tokens=40).extract_many(ITEMS[:1])
@@ -399,6 +402,14 @@ def test_the_openai_key_goes_to_the_openai_api_only(stub, tmp_path):
         OPENAI_SECRET
     assert llm.OpenAIFactExtractor("m", base_url="https://api.openai.com.example.org/v1", cache_dir=tmp_path
                                    )._api_key == llm.LOCAL_PLACEHOLDER_KEY
+
+
+def test_without_base_url_the_requests_go_to_the_openai_api_whatever_openai_base_url_says(stub, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", stub.url)      # the client alone would send the OpenAI key there
+    backend = llm.OpenAIFactExtractor("m", cache_dir=tmp_path, progress=False)
+    assert str(backend.client.base_url).rstrip("/") == llm.OPENAI_API_URL and backend._api_key == OPENAI_SECRET
+    assert str(extractor(stub, tmp_path).client.base_url).rstrip("/") == stub.url
 
 
 def test_a_server_that_wants_a_key_it_was_not_sent_says_how_to_give_it(tmp_path):

@@ -347,10 +347,11 @@ def test_an_api_key_env_names_a_variable_and_never_holds_a_key(tmp_path, key):
     section, name = key.split(".")
     ok = write(tmp_path, "ok.yaml", f"{section}:\n  {name}: VLLM_KEY_2\n")
     assert getattr(getattr(P.load(ok), section), name) == "VLLM_KEY_2"
-    pasted = write(tmp_path, "pasted.yaml", f"{section}:\n  {name}: sk-proj-abc123\n")
-    with pytest.raises(P.ParamsError, match=rf"pasted\.yaml: key '{key}' must name an environment variable .*not "
-                                            "hold a key"):
-        P.load(pasted)
+    for pasted_key in ("sk-proj-abc123", "hf_AbCdEf0123", "gsk_4f9c2b"):   # OpenAI, Hugging Face, Groq keys
+        pasted = write(tmp_path, "pasted.yaml", f"{section}:\n  {name}: {pasted_key}\n")
+        with pytest.raises(P.ParamsError, match=rf"pasted\.yaml: key '{key}' must name an environment variable .*not "
+                                                "hold a key"):
+            P.load(pasted)
 
 
 def test_a_naming_head_needs_two_claim_words(tmp_path):

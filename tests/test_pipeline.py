@@ -197,6 +197,13 @@ def test_checkpoint_key_leaves_out_markdown_and_display_only_params_only(ws):
     assert keys(PARAMS_TEXT + "reward:\n  checkpoint_every: 7\n  lr: 0.5\n")[1] != key
     ws.notebook("05_ppo", "pass\n# a code edit")
     assert keys()[1] != key
+    ws.notebook("03_ai_feedback", "pass")               # where a key comes from is not what stage 03 computes
+
+    def key_03(text):
+        ws.params.write_text(text)
+        return S.fingerprint(P.load(ws.params), "03_ai_feedback", for_checkpoints=True)
+    assert key_03(PARAMS_TEXT + "feedback:\n  llm_api_key_env: MY_KEY\n  vision_api_key_env: MY_KEY\n") == \
+        key_03(PARAMS_TEXT) != key_03(PARAMS_TEXT + "feedback:\n  llm_model: another\n")
 
 
 def test_checkpoint_key_follows_the_computing_packages_and_leaves_out_the_compare_runs(ws, monkeypatch):
@@ -602,6 +609,23 @@ def test_a_run_that_made_a_stage_and_now_reuses_it_reads_the_reused_one(ws, tmp_
     assert [r["status"] for r in pipeline.run_pipeline(own, notebooks_dir=ws.notebooks, stages="00")] == ["skip"]
     assert not (ws.outputs / "t2" / ".00_data.reused").exists()             # t2 makes 00 itself again: its own
     assert S.source_run("t2", "00_data") == "t2" and S.stale_inputs("t2", "01_base_models") == ["00_data"]
+
+
+def test_by_hand_a_reused_stage_is_refused_and_a_stage_made_here_drops_the_pointer(ws, tmp_path):
+    ws.notebook("00_data", STAGE_00)
+    assert ws.run(stages="00") == ["run"]
+    reusing = tmp_path / "reusing.yaml"
+    reusing.write_text(f"extends: {ws.params}\nrun: t2\nreuse_run: t\nreuse_stages: [00_data]\n")
+    assert [r["status"] for r in pipeline.run_pipeline(reusing, notebooks_dir=ws.notebooks, stages="00")] == \
+        ["reused"]
+    with pytest.raises(S.StageError, match="stage 00_data is not made by run 't2': .*reuses it from run 't'"):
+        S.open_stage("00_data", reusing)                      # in JupyterLab: what it made would never be read
+    own = tmp_path / "own.yaml"
+    own.write_text(f"extends: {ws.params}\nrun: t2\n")
+    ctx = S.open_stage("00_data", own)
+    ctx.write_jsonl("eval.jsonl", [{"i": 0}])
+    ctx.finish()
+    assert not (ws.outputs / "t2" / ".00_data.reused").exists() and S.source_run("t2", "00_data") == "t2"
 
 
 def test_a_run_reuses_stages_of_another_run(ws, tmp_path):

@@ -298,6 +298,11 @@ def test_reward_models_that_do_not_beat_a_constant_guess_are_named():
         "halluc. F1 0.560 <= 0.690 (always hallucinated); accuracy where judged 0.470 <= 0.530 (majority class)",
         "the attribute reward model does not beat a constant guess against the ground truth: "
         "halluc. F1 0.500 <= 0.500 (always hallucinated)"]
+    # a reference with nothing hallucinated: no F1 can beat the constant's 0, so no alarm on F1 (accuracy still counts)
+    nothing = entry(0.0, 0.90, 0.0, 0.95)
+    assert reward_viz.below_baselines({"object": {"ai": nothing[0], "baseline_ai": nothing[1]}}) == [
+        "the object reward model does not beat a constant guess against the AI labels: "
+        "accuracy where judged 0.900 <= 0.950 (majority class)"]
 
 
 def test_before_after_page_embeds_the_images_and_escapes_the_descriptions():
