@@ -56,6 +56,9 @@ REWARD_MODULES = FEEDBACK_MODULES + ("reward", "reward_viz")
 PPO_MODULES = REWARD_MODULES + ("ppo", "ppo_viz", "launch")
 EVALUATE_MODULES = PPO_MODULES + ("evaluate", "coco_synonyms")
 ALL_MODULES = ("*",)
+# Modules that only draw figures and pages from what a stage computed: in its fingerprint (a plot edit re-runs the
+# stage) but not in its checkpoint key (it re-runs from its checkpoints instead of training again).
+VIEW_MODULES = ("viz", "report", "reward_viz", "ppo_viz")
 BASE_STAGE, POLICY_STAGE, COMPARING_STAGE = "01_base_models", "05_ppo", "06_evaluate"
 PROMPT_READERS = ("04_reward_models", "05_ppo", "06_evaluate")   # read sampling.prompt, not their section
 LATER = ("seed", "num_threads", "data", "models")
@@ -271,8 +274,8 @@ def fingerprint_parts(params, stage, run=None, params_path=None, notebooks=None)
 
 def checkpoint_parts(parts):
     """The parts that key a stage's training checkpoints and kept records: without what cannot change them
-    (markdown cells, DISPLAY_ONLY params), so that editing a notebook's prose or a report size re-runs the stage
-    from its last checkpoint; without the compare runs' policies (stage 06 keeps each policy's records under a hash
+    (markdown cells, DISPLAY_ONLY params, VIEW_MODULES), so that editing a notebook's prose, a report size or a plot
+    re-runs the stage from its last checkpoint; without the compare runs' policies (stage 06 keeps each policy's records under a hash
     of its own adapter, evaluate.policy_cache_name: a new ablation run leaves the others' records kept); with the
     versions of the packages that compute, which the fingerprint leaves out (a checkpoint is resumed only by the
     numerics that made it, and `--force` after an upgrade trains again instead of reloading the finished result)."""
@@ -280,8 +283,9 @@ def checkpoint_parts(parts):
                 if isinstance(values, dict) else values for name, values in parts["params"].items()}
     kept = {name: value for name, value in parts.items() if name != "compare"}
     versions = {name: version for name, version in package_versions().items() if name in COMPUTING_PACKAGES}
+    modules = {name: source for name, source in parts["modules"].items() if name not in VIEW_MODULES}
     return dict(kept, params=sections, notebook=[cell for cell in parts["notebook"] if cell[0] == "code"],
-                versions=versions)
+                modules=modules, versions=versions)
 
 
 def fingerprint(params, stage, run=None, params_path=None, notebooks=None, for_checkpoints=False):

@@ -175,7 +175,7 @@ def test_a_prose_edit_reruns_a_stage_from_its_checkpoints(ws):
     assert json.loads((ws.final("00_data") / "resumed.json").read_text()) is False
 
 
-def test_checkpoint_key_leaves_out_markdown_and_display_only_params_only(ws):
+def test_checkpoint_key_leaves_out_markdown_display_only_params_and_view_modules_only(ws, monkeypatch):
     names = [spec.name for spec in S.STAGES]
     for name in names[:names.index("05_ppo")]:
         S.write_text(ws.outputs / "t" / name / "manifest.json", json.dumps({"artifacts_hash": name, "inputs": {}}))
@@ -197,6 +197,14 @@ def test_checkpoint_key_leaves_out_markdown_and_display_only_params_only(ws):
     assert keys(PARAMS_TEXT + "reward:\n  checkpoint_every: 7\n  lr: 0.5\n")[1] != key
     ws.notebook("05_ppo", "pass\n# a code edit")
     assert keys()[1] != key
+    ws.notebook("05_ppo", "pass")
+    real_sources = S.module_sources
+    for module, trains in (("ppo_viz", False), ("reward_viz", False), ("ppo", True), ("reward", True)):
+        monkeypatch.setattr(S, "module_sources", lambda modules, edited=module: {   # noqa: E731
+            name: "edited" if name == edited else source for name, source in real_sources(modules).items()})
+        edited_fingerprint, edited_key = keys()
+        assert edited_fingerprint != fingerprint and (edited_key != key) == trains, module   # a plot: no training
+    monkeypatch.setattr(S, "module_sources", real_sources)
     ws.notebook("03_ai_feedback", "pass")               # where a key comes from is not what stage 03 computes
 
     def key_03(text):
