@@ -60,7 +60,11 @@ POPE_FILE = "coco_pope_{sampler}.json"
 NEGATORS = {"no", "not", "without", "none", "neither", "nor", "never", "zero"}
 VERB_NEGATORS = {"not", "never"}   # "not wearing a tie": a participle after them stays in the negation
 CLAUSE_BREAKS = {".", "!", "?", ",", ";", ":", "(", ")", "\n", "but", "while", "whereas", "although", "however"}
-AND_OPENERS = {"a", "an", "the", "there", "some", "two", "three", "several", "many", "it", "they", "i"}
+# After a noun-phrase negator ("no", "without" ...), a verb that starts a new clause: "a room with no windows has a
+# couch" claims the couch ("windows" names no COCO object, so nothing else closed the scope).
+CLAUSE_VERBS = {"is", "are", "was", "were", "has", "have", "had", "can", "could", "will", "would", "may", "might",
+                "seems", "seem", "appears", "appear", "sits", "sit", "stands", "stand", "lies", "lie", "rides",
+                "ride", "holds", "hold", "looks", "look", "shows", "show", "contains", "contain", "wears", "wear"}
 SCOPE_PREPOSITIONS = {"on", "in", "under", "near", "next", "beside", "behind", "above", "below", "at", "by", "with",
                       "inside", "into", "onto", "over", "across", "along", "around", "through", "from", "to",
                       "against", "between", "among", "atop", "underneath"}   # every preposition but "of"
@@ -95,23 +99,28 @@ def category_statistics(instances):
     return dict(frequency), {name: dict(counts) for name, counts in cooccurrence.items()}
 
 
-def sample_negatives(sampler, present, categories, k, rng, frequency=None, cooccurrence=None):
+def sample_negatives(sampler, present, categories, k, rng, frequency=None, cooccurrence=None, positives=None):
     """k categories absent from the image (`present`): random = uniform; popular = the most frequent in the
-    annotation set; adversarial = the most co-occurring with the present ones (summed over them). Ties break
-    by frequency, then by name."""
+    annotation set; adversarial = as Li et al.'s code: for each positive asked about (`positives`, default the
+    first k present) in turn, the absent category that co-occurs with it most often and is not drawn yet, a random
+    unused absent one when none co-occurs. Ties break by frequency, then by name."""
     absent = sorted(set(categories) - set(present))
     if sampler == "random":
         return rng.sample(absent, min(k, len(absent)))
     frequency = frequency or {}
     if sampler == "popular":
-        ranked = sorted(absent, key=lambda c: (-frequency.get(c, 0), c))
-    elif sampler == "adversarial":
-        cooccurrence = cooccurrence or {}
-        together = {c: sum(cooccurrence.get(p, {}).get(c, 0) for p in present) for c in absent}
-        ranked = sorted(absent, key=lambda c: (-together[c], -frequency.get(c, 0), c))
-    else:
+        return sorted(absent, key=lambda c: (-frequency.get(c, 0), c))[:k]
+    if sampler != "adversarial":
         raise ValueError(f"unknown POPE sampler {sampler!r}; expected one of {POPE_SAMPLERS}")
-    return ranked[:k]
+    cooccurrence, drawn = cooccurrence or {}, []
+    for positive in (sorted(present) if positives is None else positives)[:k]:
+        together = cooccurrence.get(positive, {})
+        candidates = [c for c in absent if c not in drawn and together.get(c, 0) > 0]
+        if candidates:
+            drawn.append(min(candidates, key=lambda c: (-together[c], -frequency.get(c, 0), c)))
+        elif len(drawn) < len(absent):
+            drawn.append(rng.choice([c for c in absent if c not in drawn]))
+    return drawn
 
 
 def pope_question(name, suffix=""):
@@ -135,7 +144,7 @@ def build_pope(instances, image_ids, n_objects=3, seed=0, suffix="", samplers=PO
         positives = random.Random(f"fgaif-pope:{seed}:{image_id}:present").sample(present, k)
         for sampler in samplers:
             rng = random.Random(f"fgaif-pope:{seed}:{image_id}:{sampler}")
-            negatives = sample_negatives(sampler, present, categories, k, rng, frequency, cooccurrence)
+            negatives = sample_negatives(sampler, present, categories, k, rng, frequency, cooccurrence, positives)
             for name, label in [(p, "yes") for p in positives] + [(n, "no") for n in negatives]:
                 rows.append({"question_id": len(rows), "image_id": image_id, "sampler": sampler, "object": name,
                              "label": label, "text": pope_question(name, suffix)})
@@ -293,8 +302,9 @@ def _ends_negation(word, previous, negator):
     """Whether `word` (not an object name; `previous` the word before it) closes the negation `negator` opened: a
     preposition other than "of", or, after a noun-phrase negator ("no", "without" ...), a participle that starts
     a new phrase (not one right after the negator or an article: "no sleeping cats" denies the cats)."""
-    return word in SCOPE_PREPOSITIONS or (negator not in VERB_NEGATORS and word.endswith("ing")
-                                          and previous not in NEGATORS | {"a", "an", "the", "any"})
+    noun_phrase = negator not in VERB_NEGATORS
+    return word in SCOPE_PREPOSITIONS or (noun_phrase and previous not in NEGATORS | {"a", "an", "the", "any"}
+                                          and (word.endswith("ing") or word in CLAUSE_VERBS))
 
 
 class ObjectVocabulary:
@@ -317,19 +327,19 @@ class ObjectVocabulary:
     def mentions(self, text):
         """Every mention in text order: {"category", "span": [start, end], "negated"}. Hyphens between letters
         count as spaces ("hot-dogs" are hot dogs, not dogs). A negation word (NEGATORS) opens a scope, and a
-        mention inside it is negated. The scope ends (a) at a clause break (punctuation, "but", "and" before a
-        new phrase); (b) at a preposition other than "of" ("the cat is not on the couch": the couch is claimed;
-        "no sign of any dogs": no dog); (c) after a noun-phrase negator ("no", "without", ...) also at a word
-        ending in "ing" that names no object, a participle starting a new phrase ("without a hat holding a dog"),
-        unless it follows the negator or an article ("no sleeping cats"), and never after "not" / "never" ("not
-        wearing a tie" denies the tie); (d) right after the first object mentioned in it, unless "or" / "nor"
-        follows ("there isn't a zebra or a giraffe" denies both)."""
+        mention inside it is negated. The scope ends (a) at a clause break (punctuation, "but", "and": "the dog is
+        not brown and has a frisbee" claims the frisbee); (b) at a preposition other than "of" ("the cat is not on
+        the couch": the couch is claimed; "no sign of any dogs": no dog); (c) after a noun-phrase negator ("no",
+        "without", ...) also at a word that names no object and starts a new phrase, a participle ("without a hat
+        holding a dog") or a clause verb (CLAUSE_VERBS: "a man without shoes rides a bicycle"), unless it follows
+        the negator or an article ("no sleeping cats"), and never after "not" / "never" ("not wearing a tie" denies
+        the tie); (d) right after the first object mentioned in it, unless "or" / "nor" follows ("there isn't a
+        zebra or a giraffe" denies both)."""
         tokens = facts_lib.tokenize(_unhyphenated(text))
         found, negator, i = [], None, 0   # negator: the word that opened the current scope, None outside one
         while i < len(tokens):
             word = tokens[i][0]
-            next_word = tokens[i + 1][0] if i + 1 < len(tokens) else ""
-            if word in CLAUSE_BREAKS or (word == "and" and next_word in AND_OPENERS | NEGATORS):
+            if word in CLAUSE_BREAKS or word == "and":
                 negator, i = None, i + 1
                 continue
             length = self._match(tokens, i)
@@ -507,10 +517,16 @@ def paired_bootstrap(numerators_a, denominators_a, numerators_b, denominators_b,
     return {"a": float(value_a), "b": float(value_b), **_difference(value_a - value_b, draws, confidence), "n": n}
 
 
+def _p_text(p):
+    return "n/a" if p is None else f"{p:.3f}"
+
+
 def _difference(diff, draws, confidence):
     """The observed difference, its percentile interval and two-sided p from resampled differences."""
     draws = draws[~np.isnan(draws)]
     low, high = _interval(draws, confidence)
+    if not len(draws):   # no resample (bootstrap 0, or none defined): no test was run
+        return {"diff": float(diff), "low": None, "high": None, "p": None}
     extreme = np.sum(np.abs(draws - diff) >= abs(diff) - 1e-12)
     return {"diff": float(diff), "low": low, "high": high, "p": float((extreme + 1) / (len(draws) + 1))}
 
@@ -592,7 +608,7 @@ def seed_pooled_bootstrap(numerators_a, denominators_a, numerators_b, denominato
     if any(a.shape[1] != n_images for a in arrays):
         raise ValueError(f"seed_pooled_bootstrap: every array needs the same images, got shapes "
                          f"{[a.shape for a in arrays]}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 1])   # the seeds' draws: a stream of its own beside the images' (seed)
     image_weights = resample_weights(n_images, n_resamples, seed) if image_weights is None else image_weights
 
     def pooled_draws(numerators, denominators):
@@ -870,10 +886,8 @@ def evaluation_inputs(params, data_dir, n_images=None):
                                               params.seed, ep.pope_suffix)
     elif ep.pope_files:
         pope_by_split["pope"] = read_pope_folder(ep.pope_files, ep.pope_suffix)
-        # found before any policy generates (they are read after each policy's descriptions)
-        eval_ids = {s["image_id"] for s in scenes_by_split.get("eval", [])}
-        missing = sorted({row["image"] for row in pope_by_split["pope"]
-                          if row["image_id"] not in eval_ids and not (coco_images / row["image"]).is_file()})
+        # found before any policy generates (they are read after each policy's descriptions, all from val2014)
+        missing = sorted({row["image"] for row in pope_by_split["pope"] if not (coco_images / row["image"]).is_file()})
         if missing:
             raise FileNotFoundError(f"the POPE files in {ep.pope_files} name {len(missing)} image(s) not in "
                                     f"{coco_images}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
@@ -1224,7 +1238,7 @@ def results_markdown(summary, tests=None, confidence=0.95):
             for p in compared:
                 t = tests[p][split].get(name)
                 cells.append("–" if not t or t["diff"] is None else
-                             f"{t['diff']:+.3f} (p={t['p']:.3f})" + _verdict_suffix(name, t))
+                             f"{t['diff']:+.3f} (p={_p_text(t['p'])})" + _verdict_suffix(name, t))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1475,7 +1489,7 @@ def main(argv=None):
         for pair in pairs:
             t = tests[pair][name]
             difference = "–" if t["diff"] is None else (f"{t['diff']:+.3f} [{_signed(t['low'])}, "
-                                                        f"{_signed(t['high'])}] (p={t['p']:.3f})"
+                                                        f"{_signed(t['high'])}] (p={_p_text(t['p'])})"
                                                         + _verdict_suffix(name, t))
             cells += [_fmt(t["a"]), _fmt(t["b"]), difference]
         print(f"| {name} | " + " | ".join(cells) + " |")

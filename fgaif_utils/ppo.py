@@ -53,8 +53,11 @@ from .params import deepspeed_config
 VALUE_ADAPTER = "value"
 POLICY_ADAPTER = "policy"
 PROMPT_STREAM = 1    # names the random stream of the prompt images' order (prompt_order) among those of a seed
+# Token means of the returns and of the value residuals (returns - values) and their squares: explained variance
+# over every rank's tokens is computed from their means over ranks (_mean_over_ranks), then they leave the row.
+EV_MOMENTS = ("ev_return", "ev_return_sq", "ev_residual", "ev_residual_sq")
 # A log row's per-token means: averaged over ranks by their response tokens (_mean_over_ranks).
-PER_TOKEN_KEYS = ("kl_per_token", "kl_k3_per_token", "entropy", "explained_variance", "value_mean")
+PER_TOKEN_KEYS = ("kl_per_token", "kl_k3_per_token", "entropy", "value_mean") + EV_MOMENTS
 RANK_WEIGHTS = "rank_weights"   # a log row's key for what each entry is a mean over on this rank (not logged)
 
 
@@ -569,13 +572,16 @@ def rollout_stats(batch, reward_types, weights):
         "kl_per_token": float(batch.kl.sum() / mask.sum()),
         "kl_k3_per_token": float(k3_kl(batch.logprobs, batch.ref_logprobs, mask).sum() / mask.sum()),
         "entropy": float(batch.entropy.sum() / mask.sum()),
-        "response_length": float(mask.sum() / n),
+        "response_length": float(np.mean([len(ids) for ids in batch.token_ids])),   # sampled tokens, as val_length
         "subsentences": float(np.mean([len(e) for e in batch.end_positions])),
         "explained_variance": explained_variance(batch.values, batch.returns, mask),
         "advantage_contrast": advantage_contrast(batch.advantages.cpu(), batch.end_positions, batch.labels,
                                                  len(reward_types)),
         "value_mean": float(batch.values.sum() / mask.sum()),
     })
+    returns, residuals = batch.returns[mask.bool()], (batch.returns - batch.values)[mask.bool()]
+    row.update(zip(EV_MOMENTS, (float(returns.mean()), float((returns ** 2).mean()), float(residuals.mean()),
+                                float((residuals ** 2).mean()))))
     tokens = float(mask.sum())
     weights = {key: tokens for key in PER_TOKEN_KEYS}
     for j, t in enumerate(reward_types):
@@ -801,20 +807,31 @@ def prompt_order(n_images, per_iteration, iteration, seed):
 def _mean_over_ranks(row):
     """Each numeric entry averaged over the ranks that have it, weighted by what the rank's value is a mean over
     where the row's RANK_WEIGHTS says (response tokens for per-token means, judged sub-sentences for the
-    hallucination shares: the global batch's value, as one process would log it; explained variance, not a mean,
-    gets the token-weighted mean of the ranks' values), else equally (the ranks' shares hold equally many
-    responses). A value can be None on one rank only (e.g. no judged relation in its share of the batch), so every
-    rank sends the same keys: (weighted sum, weight) per key."""
+    hallucination shares: the global batch's value, as one process would log it), else equally (the ranks' shares
+    hold equally many responses); explained variance, not a mean, from the global moments (EV_MOMENTS). A value can
+    be None on one rank only (e.g. no judged relation in its share of the batch), so every rank sends the same
+    keys: (weighted sum, weight) per key."""
     row = dict(row)
     weights = row.pop(RANK_WEIGHTS, {})
     if not dist.is_initialized():
-        return row
+        return _global_explained_variance(row)
     keys = sorted(k for k, v in row.items() if k != "iteration" and (v is None or isinstance(v, (int, float))))
     sent = [[(row[k] or 0.0) * weights.get(k, 1.0), weights.get(k, 1.0) if row[k] is not None else 0.0]
             for k in keys]
     sums = _global_sum(torch.tensor(sent, dtype=torch.float64).reshape(-1, 2))
-    return {**row, **{k: (float(total / weight) if weight else None)
-                      for k, (total, weight) in zip(keys, sums.tolist())}}
+    return _global_explained_variance({**row, **{k: (float(total / weight) if weight else None)
+                                                 for k, (total, weight) in zip(keys, sums.tolist())}})
+
+
+def _global_explained_variance(row):
+    """The row with explained_variance = 1 - Var(returns - values) / Var(returns) from its EV_MOMENTS (the global
+    batch's tokens once averaged over ranks; a rank's own EV centres on its own mean), the moments removed."""
+    if not all(key in row for key in EV_MOMENTS):
+        return row
+    mean_r, mean_r2, mean_d, mean_d2 = (row.pop(key) for key in EV_MOMENTS)
+    variance = mean_r2 - mean_r ** 2
+    row["explained_variance"] = float("nan") if variance <= 0 else 1 - (mean_d2 - mean_d ** 2) / variance
+    return row
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -47,7 +47,10 @@ def test_popular_and_adversarial_draw_the_most_frequent_and_most_co_occurring_ab
     by_sampler = {s: [r for r in rows if r["sampler"] == s] for s in E.POPE_SAMPLERS}
     negatives = {s: [r["object"] for r in rs if r["label"] == "no"] for s, rs in by_sampler.items()}
     assert negatives["popular"] == ["person", "car"]            # the two most frequent absent categories
-    assert negatives["adversarial"] == ["frisbee", "person"]    # co-occurrence 3 and 1 with dog / kite / cup
+    # adversarial, per positive as Li et al.'s code: the positives drawn are cup, then kite; cup co-occurs with
+    # person / dog / kite (1 each; person is the absent one), kite with dog 2, frisbee 1, cup 1 (frisbee absent)
+    assert [r["object"] for r in by_sampler["adversarial"] if r["label"] == "yes"] == ["cup", "kite"]
+    assert negatives["adversarial"] == ["person", "frisbee"]
     for sampler, rs in by_sampler.items():
         positives = [r["object"] for r in rs if r["label"] == "yes"]
         assert len(positives) == 2 and set(positives) <= {"dog", "kite", "cup"}
@@ -55,6 +58,17 @@ def test_popular_and_adversarial_draw_the_most_frequent_and_most_co_occurring_ab
         assert rs[0]["text"] == f"Is there a {rs[0]['object']} in the image?"
     # the same present objects for every sampler
     assert len({tuple(r["object"] for r in rs if r["label"] == "yes") for rs in by_sampler.values()}) == 1
+
+
+def test_adversarial_negatives_follow_each_positive_not_their_sum():
+    frequency, cooccurrence = E.category_statistics(instances())
+    present, categories = ["dog", "kite", "cup"], sorted(NAMES.values())
+    draw = lambda positives: E.sample_negatives("adversarial", present, categories, 2, __import__("random").Random(0),  # noqa
+                                               frequency, cooccurrence, positives)
+    assert draw(["cup", "dog"]) == ["person", "frisbee"]      # cup: person (1); dog: frisbee (2)
+    dog_kite = draw(["dog", "kite"])   # dog: frisbee; kite co-occurs with no other absent one: a random unused one
+    assert dog_kite[0] == "frisbee" and dog_kite[1] in {"person", "car", "bus"}
+    # summed over the present objects both would be frisbee (3), person (1): the sum is not what POPE does
 
 
 def test_random_negatives_are_absent_uniform_and_seeded():
@@ -274,6 +288,11 @@ def test_chair_negation_ends_at_prepositions_participles_and_the_first_object():
     assert cats("The image does not show a dog") == [("dog", True)]
     assert cats("A man is not wearing a tie.") == [("person", False), ("tie", True)]
     assert cats("There are no sleeping cats.") == [("cat", True)]
+    # a noun that names no COCO object does not keep the scope open past a new clause
+    assert cats("A man without shoes rides a bicycle.") == [("person", False), ("bicycle", False)]
+    assert cats("A room with no windows has a couch.") == [("couch", False)]
+    assert cats("The dog is not brown and has a frisbee.") == [("dog", False), ("frisbee", False)]
+    assert cats("There is no dog and no cat.") == [("dog", True), ("cat", True)]
 
 
 def test_chair_reads_hyphens_as_spaces_and_pluralises_x_of_y():
@@ -394,7 +413,7 @@ def test_main_prints_n_a_for_an_interval_it_cannot_tell(tmp_path, capsys):
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     E.main([str(tmp_path / "records.jsonl"), "--group", "base=base", "--group", "fgaif=fgaif", "--pair",
             "fgaif:base", "--metrics", "object_halluc", "--bootstrap", "0"])   # no resample: no interval
-    assert "| object_halluc | 0.250 | 0.500 | -0.250 [n/a, n/a] (p=1.000) |" in capsys.readouterr().out
+    assert "| object_halluc | 0.250 | 0.500 | -0.250 [n/a, n/a] (p=n/a) |" in capsys.readouterr().out   # no test
 
 
 def _record(policy, image_id, **counts):
@@ -415,6 +434,23 @@ def test_summarise_and_paired_tests_align_images_and_pool_ratio_of_sums():
     assert test["n"] == 40 and test["diff"] == pytest.approx(0 - 60 / 160) and test["p"] < 0.01
     with pytest.raises(ValueError, match="baseline"):
         E.paired_tests(tuned, "base")
+
+
+def test_paired_tests_pair_each_image_with_itself():
+    """Images that differ a lot from each other, a policy a little and evenly better on each: paired by image, the
+    resamples see only the small shift, so the interval is narrow and excludes 0. Paired by position (the records
+    come in another order) or resampled apart, the images' spread would swamp it."""
+    rates = np.linspace(0.0, 1.0, 40)
+    base = [_record("base", i, n_object_judged=20, n_object_false=int(20 * rate)) for i, rate in enumerate(rates)]
+    same = [_record("copy", i, **base[i]["counts"]) for i in reversed(range(40))]
+    better = [_record("fgaif", i, n_object_judged=20, n_object_false=max(int(20 * rate) - 1, 0))
+              for i, rate in reversed(list(enumerate(rates)))]
+    tests = E.paired_tests(base + same + better, "base", n_resamples=400)
+    copy, fgaif = tests["copy"]["eval"]["object_halluc"], tests["fgaif"]["eval"]["object_halluc"]
+    assert copy["diff"] == copy["low"] == copy["high"] == 0 and copy["p"] == 1.0
+    assert fgaif["high"] < 0 and fgaif["high"] - fgaif["low"] < 0.02 and fgaif["p"] < 0.01
+    spread = E.bootstrap_ratio([r["counts"]["n_object_false"] for r in base], [20] * 40, n_resamples=400)
+    assert spread["high"] - spread["low"] > 0.15        # what an unpaired interval would carry
 
 
 def test_a_metric_needs_its_numerator_counts_too():

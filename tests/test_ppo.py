@@ -615,7 +615,9 @@ rank = dist.get_rank()
 row = {"iteration": 3, "kl": [1.0, 3.0][rank], "halluc_share_relation": [None, 0.5][rank],
        "halluc_share_attribute": None, "note": "text", "kl_per_token": [0.1, 0.0][rank], "halluc_share_object": 0.5 * rank,
        ppo.RANK_WEIGHTS: {"kl_per_token": [100.0, 10.0][rank], "halluc_share_relation": [0.0, 3.0][rank],
-                          "halluc_share_object": [1.0, 3.0][rank]}}
+                          "halluc_share_object": [1.0, 3.0][rank], **{key: 2.0 for key in ppo.EV_MOMENTS}}}
+# returns {0, 2} against values {1, 1} on rank 0, {10, 12} against {11, 11} on rank 1: each rank's own EV is 0
+row.update(zip(ppo.EV_MOMENTS, [[1.0, 2.0, 0.0, 1.0], [11.0, 122.0, 0.0, 1.0]][rank]), explained_variance=0.0)
 mean = ppo._mean_over_ranks(row)
 if rank == 0:
     open(sys.argv[2], "w").write(json.dumps(mean))
@@ -642,13 +644,18 @@ def test_log_rows_average_over_ranks_when_a_value_is_missing_on_one_rank(tmp_pat
     mean = json.loads((tmp_path / "out.json").read_text())
     # per-token means weighted by the ranks' tokens (100 tokens at 0.1, 10 at 0.0: the global 10 / 110, not 0.05),
     # shares by judged sub-sentences (1 judged at 0.0, 3 at 0.5: 1.5 / 4); per-response means equally
+    # explained variance over both ranks' tokens: Var(returns) = 62 - 6^2 = 26, Var(residuals) = 1: 1 - 1/26
     assert mean == {"iteration": 3, "kl": 2.0, "halluc_share_relation": 0.5, "halluc_share_attribute": None,
-                    "note": "text", "kl_per_token": pytest.approx(10 / 110), "halluc_share_object": pytest.approx(1.5 / 4)}
+                    "note": "text", "kl_per_token": pytest.approx(10 / 110), "halluc_share_object": pytest.approx(1.5 / 4),
+                    "explained_variance": pytest.approx(1 - 1 / 26)}
 
 
 def test_one_process_log_row_drops_the_rank_weights():
     row = {"iteration": 1, "kl_per_token": 0.2, ppo.RANK_WEIGHTS: {"kl_per_token": 7.0}}
     assert ppo._mean_over_ranks(row) == {"iteration": 1, "kl_per_token": 0.2}
+    # returns {1, 3} against values {1, 2}: residuals {0, 1}; 1 - Var(residuals) / Var(returns) = 1 - 0.25 / 1
+    moments = dict(zip(ppo.EV_MOMENTS, (2.0, 5.0, 0.5, 0.5)), explained_variance=0.75)
+    assert ppo._mean_over_ranks(moments) == {"explained_variance": pytest.approx(0.75)}   # the moments leave the row
     assert ppo.RANK_WEIGHTS in row   # the caller's row is left as it was
 
 
@@ -787,7 +794,7 @@ def test_logprobs_and_entropy_are_of_the_tempered_distribution_by_hand():
 def test_rollout_stats_by_hand():
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])                      # 5 response tokens in 2 responses
     batch = SimpleNamespace(
-        mask=mask, end_positions=[[0, 2], [1]],
+        mask=mask, end_positions=[[0, 2], [1]], token_ids=[[7, 8], [7, 9]],   # the first ended early: EOS action
         labels=[np.array([[0, -1, -1], [1, 0, -1]]), np.array([[1, 1, -1]])],
         fine_grained=torch.tensor([[1.0, 0, -1, 0], [0, -2, 0, 0]]),
         rewards=torch.tensor([[0.9, -0.1, -1.1, 0], [-0.1, -2.1, 0, 0]]),
@@ -804,7 +811,7 @@ def test_rollout_stats_by_hand():
     assert row["kl"] == pytest.approx(0.5 / 2) and row["kl_per_token"] == pytest.approx(0.5 / 5)
     # k3 = r - 1 - log r with log r = ref - logprob: -0.5 -> e^-0.5 - 0.5 = 0.10653, +1.0 -> e - 2 = 0.71828
     assert row["kl_k3_per_token"] == pytest.approx((math.exp(-0.5) - 1 + 0.5 + math.e - 1 - 1) / 5)
-    assert row["entropy"] == pytest.approx(15 / 5) and row["response_length"] == 2.5 and row["subsentences"] == 1.5
+    assert row["entropy"] == pytest.approx(15 / 5) and row["response_length"] == 2 and row["subsentences"] == 1.5
     assert row["explained_variance"] == pytest.approx(1.0) and row["value_mean"] == pytest.approx(15 / 5)
     # judged labels: object [0, 1, 1], attribute [0, 1], relation none
     assert row["halluc_share_object"] == pytest.approx(2 / 3) and row["halluc_share_attribute"] == 0.5
