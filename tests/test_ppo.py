@@ -227,6 +227,23 @@ def test_whitened_rewards_are_scaled_not_shifted(tiny):
     assert torch.allclose(fine_grained(sparse=True, whiten_rewards=True, reward_scale=3.0), 3 * whitened, atol=1e-6)
 
 
+def test_the_batch_log_probs_are_those_of_the_sampling_temperature(tiny):
+    """PPO's old log-probs (and so its ratio) must be the distribution the actions were drawn from: at temperature
+    0.7 the forward pass divides the logits by 0.7, and the temperature-1 values differ."""
+    images = _images(4)
+    cold = _trainer(tiny, _settings(max_new_tokens=12, temperature=0.7))
+    token_ids, ends = cold.rollout(images, list(range(4)), seed=5)
+    labels = cold.score(images, token_ids, ends)
+    batch = cold.make_batch(images, list(range(4)), token_ids, ends, labels)
+    with torch.no_grad():
+        expected = ppo.response_logprobs(cold.policy, batch.input_ids, batch.pixel_values, len(cold.prompt), 0.7)
+        plain = ppo.response_logprobs(cold.policy, batch.input_ids, batch.pixel_values, len(cold.prompt), 1.0)
+    assert torch.allclose(batch.logprobs, expected * batch.mask, atol=1e-5)
+    assert not torch.allclose(batch.logprobs, plain * batch.mask, atol=1e-3)
+    warm = _trainer(tiny, _settings(max_new_tokens=12)).make_batch(images, list(range(4)), token_ids, ends, labels)
+    assert torch.allclose(warm.logprobs, plain * batch.mask, atol=1e-5)
+
+
 def test_whitening_leaves_rewards_alone_when_every_response_earned_the_same_total():
     # totals 2 and 2: no spread to divide by (dividing by sqrt(0 + 1e-8) multiplied them by 10,000)
     rewards = torch.tensor([[1.0, 0, 1, 0], [0, 0, 2, 0]])
