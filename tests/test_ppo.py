@@ -426,12 +426,21 @@ batch = trainer.make_batch(images[mine], list(range(8))[mine], token_ids[mine], 
 norms = []
 torch.nn.utils.clip_grad_norm_ = _recording_grad_norms(norms)
 stats = trainer.update(batch, seed=0)
+norms = list(norms)   # the first update's (the one below records into the old list)
 flat = _flat(trainer)
 gathered = [torch.zeros_like(flat) for _ in range(world)]
 dist.all_gather(gathered, flat)
+# two minibatches per epoch (a rank's permutation, the token count reduced per minibatch, four Adam steps)
+several = _trainer(Path(sys.argv[2]), _settings(minibatch_size=4, epochs=2))
+several.update(several.make_batch(images[mine], list(range(8))[mine], token_ids[mine], ends[mine], labels[mine]),
+               seed=0)
+flat_several = _flat(several)
+gathered_several = [torch.zeros_like(flat_several) for _ in range(world)]
+dist.all_gather(gathered_several, flat_several)
 if rank == 0:
-    torch.save({"flat": flat, "same": all(torch.equal(g, flat) for g in gathered), "stats": stats, "norms": norms},
-               sys.argv[4])
+    torch.save({"flat": flat, "same": all(torch.equal(g, flat) for g in gathered), "stats": stats, "norms": norms,
+                "same_with_minibatches": all(torch.equal(g, flat_several) for g in gathered_several),
+                "moved_with_minibatches": not torch.equal(flat_several, flat)}, sys.argv[4])
 launch.all_ranks_finished(Path(sys.argv[4]).with_name(launch.FINISHED))   # as fgaif_utils.launch ends a rank
 dist.destroy_process_group()
 '''
@@ -493,6 +502,7 @@ def _torchrun(tmp_path, worker, port, *args):
 def test_two_process_gloo_update_matches_one_process(tiny, tmp_path):
     single, stats, out = _one_process_update_and_two_ranks(tiny, tmp_path, WORKER, 29517)
     assert out["same"]                                     # both ranks hold identical parameters
+    assert out["same_with_minibatches"] and out["moved_with_minibatches"]   # also after 2 minibatches an epoch
     assert torch.allclose(out["flat"], _flat(single), atol=1e-5, rtol=1e-4)
     _assert_same_update_stats(out, stats)
 
