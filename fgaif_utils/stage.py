@@ -275,9 +275,9 @@ def fingerprint_parts(params, stage, run=None, params_path=None, notebooks=None)
 def checkpoint_parts(parts):
     """The parts that key a stage's training checkpoints and kept records: without what cannot change them
     (markdown cells, DISPLAY_ONLY params, VIEW_MODULES), so that editing a notebook's prose, a report size or a plot
-    re-runs the stage from its last checkpoint; without the compare runs' policies (stage 06 keeps each policy's records under a hash
-    of its own adapter, evaluate.policy_cache_name: a new ablation run leaves the others' records kept); with the
-    versions of the packages that compute, which the fingerprint leaves out (a checkpoint is resumed only by the
+    re-runs the stage from its last checkpoint; without the compare runs' policies (stage 06 keeps each policy's
+    records under a hash of its own adapter, evaluate.policy_cache_name: a new ablation run leaves the others'
+    records kept); with the versions of the packages that compute, which the fingerprint leaves out (a checkpoint is resumed only by the
     numerics that made it, and `--force` after an upgrade trains again instead of reloading the finished result)."""
     sections = {name: {key: value for key, value in values.items() if key not in DISPLAY_ONLY.get(name, ())}
                 if isinstance(values, dict) else values for name, values in parts["params"].items()}
@@ -503,10 +503,11 @@ class StageContext:
         self.stage = stage_spec(stage).name
         self.run = check_run_name(run or self.params.run)
         if self.stage in reused_stages(self.params):   # what it made here would never be read: the pointer wins
+            source = final_dir(run_of(self.stage, self.run, self.params), self.stage)
             raise StageError(f"stage {self.stage} is not made by run '{self.run}': {shown_path(self.params_path)} "
                              f"reuses it from run '{self.params.reuse_run}' (reuse_stages). Open it with the params "
                              f"of run '{self.params.reuse_run}' to make it there, or read that run's executed "
-                             f"notebook, {shown_path(final_dir(run_of(self.stage, self.run, self.params), self.stage))}")
+                             f"notebook, {shown_path(source)}")
         self.inputs = upstream_hashes(self.stage, self.run, params_path, self.params.run, self.params)   # fails early
         parts = fingerprint_parts(self.params, self.stage, self.run, params_path)
         self.fingerprint = sha256_text(canonical_json(parts))
