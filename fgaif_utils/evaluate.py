@@ -494,12 +494,13 @@ def _interval(draws, confidence):
 
 def bootstrap_ratio(numerators, denominators, n_resamples=1000, confidence=0.95, seed=0, weights=None):
     """sum(numerators) / sum(denominators) over items, with its percentile bootstrap interval (items resampled
-    with replacement): {"value", "low", "high", "n"}; value None when the denominator is 0."""
+    with replacement): {"value", "low", "high", "n"}; value None when the denominator is 0; n: the items that carry
+    the metric (denominator > 0: a description with no attribute claim adds nothing to the attribute rate)."""
     numerators, denominators = np.asarray(numerators, float), np.asarray(denominators, float)
     weights = resample_weights(len(numerators), n_resamples, seed) if weights is None else weights
     low, high = _interval(_ratio_draws(weights, numerators, denominators), confidence)
     return {"value": _ratio(float(numerators.sum()), float(denominators.sum())), "low": low, "high": high,
-            "n": len(numerators)}
+            "n": int(np.count_nonzero(denominators > 0))}
 
 
 def paired_bootstrap(numerators_a, denominators_a, numerators_b, denominators_b, n_resamples=1000,

@@ -430,6 +430,9 @@ def test_summarise_and_paired_tests_align_images_and_pool_ratio_of_sums():
     assert "attribute_halluc" not in summary["base"]["eval"]          # no attribute counts: no metric
     entry = summary["base"]["eval"]["object_halluc"]
     assert entry["low"] <= entry["value"] <= entry["high"] and entry["n"] == 40
+    silent = [_record("terse", i, n_object_judged=4 if i < 30 else 0, n_object_false=1 if i < 30 else 0)
+              for i in range(40)]                                   # ten descriptions judge no object at all
+    assert E.summarise(silent, n_resamples=50)["terse"]["eval"]["object_halluc"]["n"] == 30
     test = E.paired_tests(base + tuned, "base", n_resamples=300)["fgaif"]["eval"]["object_halluc"]
     assert test["n"] == 40 and test["diff"] == pytest.approx(0 - 60 / 160) and test["p"] < 0.01
     with pytest.raises(ValueError, match="baseline"):
