@@ -960,7 +960,8 @@ def llava_bench_messages(context, question, reference, answer):
 
 def parse_pair_scores(content):
     """((reference score, model score), None) from the judge's first line, else (None, what is wrong). As in
-    LLaVA's own script, the first line, commas read as spaces, must be exactly two numbers ("8 9", "8, 9")."""
+    LLaVA's own script, the first line, commas read as spaces, must be exactly two numbers ("8 9", "8, 9"). A
+    reference scored 0 is kept: the relative score is a ratio of sums over items, not of each item's scores."""
     lines = [line for line in (content or "").strip().splitlines() if line.strip()]
     if not lines:
         return None, "the judge answer is empty"
@@ -970,8 +971,6 @@ def parse_pair_scores(content):
     scores = tuple(float(x) for x in numbers)
     if not all(0 <= s <= 10 for s in scores):
         return None, f"scores must be from 0 to 10, got {scores}"
-    if scores[0] == 0:
-        return None, "the reference answer scored 0: no relative score"
     return scores, None
 
 

@@ -698,6 +698,7 @@ def test_stage_06_generates_with_the_params_answer_lengths(monkeypatch, tmp_path
 
 def test_pair_scores_need_a_first_line_of_exactly_two_numbers():
     assert E.parse_pair_scores("8 9") == ((8.0, 9.0), None)
+    assert E.parse_pair_scores("0 6") == ((0.0, 6.0), None)   # kept: the relative score is a ratio of sums
     assert E.parse_pair_scores("8, 9\nBoth fine.") == ((8.0, 9.0), None)
     assert E.parse_pair_scores("8.5 9") == ((8.5, 9.0), None)
     for content in ("Assistant 1: 8\nAssistant 2: 9", "Scores: 8 9", "8 9 10", "8 and 9", "8/10 9/10"):
