@@ -210,7 +210,17 @@ def _fact_sides(fact):
     return [fact["subject"]] + ([fact["object"]] if fact["type"] == "relation" else [])
 
 
-def gate_on_existence(rows):
+def gate_name(subject, synthetic=False):
+    """The name the existence gate matches a shape by: lower case without an article and, in the synthetic world,
+    the shape the world's words name, as the ground truth reads them ("the donut" and "ring" are one shape)."""
+    text = " ".join(str(subject).lower().split())
+    for article in ("a ", "an ", "the "):
+        text = text.removeprefix(article)
+    canonical = scorer.in_world_words({"type": "object", "subject": text, "negated": False}) if synthetic else None
+    return canonical["subject"] if canonical else text
+
+
+def gate_on_existence(rows, synthetic=False):
     """Set row["counts_as"], the verdict that enters the labels, and row["gated_by"], the shape that gated it.
 
     An attribute or relation fact about a shape that the verifier judged absent in the same response (every
@@ -218,19 +228,19 @@ def gate_on_existence(rows):
     The object fact already carries that error, as in the ground-truth scorer. Without the gate, "a red ring"
     over an image without a ring is also an attribute hallucination and "the ring is left of the star" a
     relation one, so the attribute and relation reward models mostly learn object existence again (measured
-    in benchmarks/MEASUREMENTS.md). Rows keep the verifier's own `verdict`."""
+    in benchmarks/MEASUREMENTS.md). Shapes are matched by `gate_name`. Rows keep the verifier's own `verdict`."""
     seen = {}
     for row in rows:
         fact = row["fact"]
         if fact["type"] == "object" and row["verdict"] is not None:
             present = row["verdict"] != bool(fact["negated"])
-            seen.setdefault((row["response_id"], fact["subject"]), set()).add(present)
+            seen.setdefault((row["response_id"], gate_name(fact["subject"], synthetic)), set()).add(present)
     for row in rows:
         row["counts_as"], row["gated_by"] = row["verdict"], None
         if row["fact"]["type"] == "object":
             continue
         for side in _fact_sides(row["fact"]):
-            if seen.get((row["response_id"], side)) == {False}:
+            if seen.get((row["response_id"], gate_name(side, synthetic))) == {False}:
                 row["counts_as"], row["gated_by"] = None, side
                 break
     return rows
@@ -360,7 +370,7 @@ def judge_responses(records, extractor, verifier, cache, load_image, feedback_pa
     rows = verify_facts(fact_rows(records, extraction, feedback_params.question_suffix), verifier, load_image, cache)
     check_failed_share(records, labelling_failures(records, rows, extraction), feedback_params.max_failed_fraction)
     if feedback_params.existence_gate:
-        rows = gate_on_existence(rows)
+        rows = gate_on_existence(rows, synthetic=scenes_by_id is not None)
     if scenes_by_id is not None:
         rows = add_ground_truth(rows, scenes_by_id)
     else:

@@ -141,13 +141,14 @@ def fact_agreement(facts):
 
 
 def label_distribution(records):
-    """Per fact type: {"ai": {-1: n, 0: n, 1: n}, "gt": same or None when no sub-sentence has gt_labels}."""
+    """Per fact type: {"ai": {-1: n, 0: n, 1: n}, "gt": same or None when no sub-sentence has gt_labels}, both over
+    the sub-sentences with an AI label (a failed call leaves none; its truth is still known, and left out too)."""
     subs = list(_subsentences(records))
     with_truth = [sub for sub in subs if sub.get("gt_labels") is not None]
     dist = {}
     for i, fact_type in enumerate(FACT_TYPES):
         ai = Counter(sub["labels"][i] for sub in subs)
-        gt = Counter(sub["gt_labels"][i] for sub in with_truth)
+        gt = Counter(sub["gt_labels"][i] for sub in with_truth if sub["labels"][i] is not None)
         dist[fact_type] = {"ai": {label: ai[label] for label in LABELS},
                            "gt": {label: gt[label] for label in LABELS} if with_truth else None}
     return dist
@@ -247,8 +248,9 @@ def _verdict_wrong(fact):
 
 
 def _label_mismatch(sub):
+    """An AI label that differs from the truth (a failed call's missing label is no disagreement)."""
     gt = sub.get("gt_labels")
-    return gt is not None and list(gt) != list(sub["labels"])
+    return gt is not None and any(label is not None and label != truth for label, truth in zip(sub["labels"], gt))
 
 
 def _record_facts(record, facts_by_id):
@@ -333,7 +335,7 @@ def _badges(sub):
         label = sub["labels"][i]
         text = f"{TYPE_LETTERS[fact_type]} {LABEL_NAMES[label]}"
         classes = f"badge l{label}"
-        if gt is not None and gt[i] != label:
+        if gt is not None and label is not None and gt[i] != label:
             text += f" ✗ truth: {LABEL_NAMES[gt[i]]}"
             classes += " mismatch"
         badges.append(f'<span class="{classes}" title="{fact_type}">{html.escape(text)}</span>')

@@ -214,19 +214,32 @@ def test_existence_gate_counts_facts_about_absent_shapes_only_as_object_errors()
     rows = [_row("a", 0, ring, False, False), _row("b", 0, red_ring, False, None),   # absent ring, "red ring"
             _row("c", 0, heart, True, True), _row("d", 0, red_heart, False, False),  # heart there, not red
             _row("e", 1, heart_left_of_ring, False, None),                            # one side judged absent
-            _row("f", 1, heart_above_star, False, False)]                             # star never asked about
+            _row("f", 1, heart_above_star, True, True)]                               # star never asked about
     ungated = [s["labels"] for s in feedback.label_records([record], [dict(r) for r in rows])[0]["subsentences"]]
     assert ungated == [[1, 1, -1], [-1, -1, 1]]
     gated_rows = feedback.gate_on_existence([dict(r) for r in rows])
     assert [r["gated_by"] for r in gated_rows] == [None, "ring", None, None, "ring", None]
-    assert [r["counts_as"] for r in gated_rows] == [False, None, True, False, None, False]
+    assert [r["counts_as"] for r in gated_rows] == [False, None, True, False, None, True]
     assert [r["verdict"] for r in gated_rows] == [r["verdict"] for r in rows]       # the verifier's answer is kept
     labelled = feedback.label_records([record], gated_rows)[0]["subsentences"]
-    # sub-sentence 0: the red heart is still an attribute error; sub-sentence 1: only the heart-star relation counts
-    assert [s["labels"] for s in labelled] == [[1, 1, -1], [-1, -1, 1]]
+    # sub-sentence 0: the red heart is still an attribute error; sub-sentence 1: only the heart-star relation counts,
+    # and it holds (ungated, the relation to the absent ring made it hallucinated)
+    assert [s["labels"] for s in labelled] == [[1, 1, -1], [-1, -1, 0]]
     only_ring = [gated_rows[i] for i in (0, 1, 4)]
     assert [s["labels"] for s in feedback.label_records([record], only_ring)[0]["subsentences"]] == \
         [[1, -1, -1], [-1, -1, -1]]
+
+
+def test_existence_gate_matches_a_shape_by_its_world_name_whatever_the_extractor_wrote():
+    # an LLM extractor writes "the donut" for the object and "ring" for its colour: one shape in the world
+    donut = {"type": "object", "subject": "the donut", "negated": False}
+    red_ring = {"type": "attribute", "subject": "ring", "kind": "colour", "value": "red"}
+    rows = [_row("a", 0, donut, False, False), _row("b", 0, red_ring, False, None)]
+    assert [r["gated_by"] for r in feedback.gate_on_existence([dict(r) for r in rows], synthetic=True)] == \
+        [None, "ring"]
+    # elsewhere (COCO) only case and articles are read: "the Dog" and "dog" are one object, "donut" and "ring" two
+    assert feedback.gate_name("the Dog") == feedback.gate_name("dog") == "dog"
+    assert [r["gated_by"] for r in feedback.gate_on_existence([dict(r) for r in rows])] == [None, None]
 
 
 def test_existence_gate_reads_negated_existence_and_mixed_answers():

@@ -267,17 +267,21 @@ def test_small_images_embed_as_lossless_png_and_large_ones_as_jpeg_thumbnails():
 
 def test_unlabelled_sub_sentences_are_shown_and_left_out_of_the_agreement():
     """A failure leaves a sub-sentence with labels [None] * 3 (feedback.label_records): the report shows it as
-    "no label", the agreement and the distribution leave it out, the reward models' page does not mark it wrong."""
+    "no label" and never as a disagreement, the agreement and the distribution leave it out (its truth too), and the
+    reward models' page measures the reward model against the truth there."""
     from fgaif_utils import reward_viz
-    failed = dict(subsentence(None, [None, None, None]), label_error="fact extraction failed: bad JSON")
+    # stage 03 still writes the truth of a failed sub-sentence (the scene is known): n/a here
+    failed = dict(subsentence([-1, -1, -1], [None, None, None]), label_error="fact extraction failed: bad JSON")
     records = [record("7-0", [subsentence([1, -1, -1], [1, -1, -1]), failed])]
     assert label_agreement(records)["object"]["n_truth"] == 1
-    assert label_distribution(records)["object"]["ai"] == {-1: 0, 0: 0, 1: 1}
+    assert label_distribution(records)["object"] == {"ai": {-1: 0, 0: 0, 1: 1}, "gt": {-1: 0, 0: 0, 1: 1}}
     page = labels_report_html(records, [])
     assert "no label" in page
+    assert " mismatch\"" not in page and "response disagrees" not in page   # a missing label is no disagreement
     scores = [{"labels": np.array([[1, -1, -1], [1, -1, -1]]), "probs": np.full((2, 3, 3), 1 / 3)}]
     scored = reward_viz.scored_examples_html(records, scores, ["object", "attribute", "relation"])
-    assert "AI no label" in scored and scored.count(" wrong") == 0
+    # against the truth the reward model's object "hallucinated" on the failed one (truth n/a) is the one miss
+    assert "AI no label" in scored and scored.count(" wrong") == 1
 
 
 def test_reward_models_that_do_not_beat_a_constant_guess_are_named():
