@@ -254,7 +254,8 @@ def note_out_of_date(params, shown_path, run, between, notebooks):
             continue
     if stale:
         print(f"note: not selected, and made with other params or code than these: {', '.join(stale)}; the selected "
-              f"stages read its outputs as they are (--stages {stale[0][:2]}- remakes everything from there)", flush=True)
+              f"stages read its outputs as they are (--stages {stale[0][:2]}- remakes everything from there)",
+              flush=True)
 
 
 def run_pipeline(params_path, run=None, stages=None, force=False, notebooks_dir=None, prune=False):

@@ -277,8 +277,9 @@ def checkpoint_parts(parts):
     (markdown cells, DISPLAY_ONLY params, VIEW_MODULES), so that editing a notebook's prose, a report size or a plot
     re-runs the stage from its last checkpoint; without the compare runs' policies (stage 06 keeps each policy's
     records under a hash of its own adapter, evaluate.policy_cache_name: a new ablation run leaves the others'
-    records kept); with the versions of the packages that compute, which the fingerprint leaves out (a checkpoint is resumed only by the
-    numerics that made it, and `--force` after an upgrade trains again instead of reloading the finished result)."""
+    records kept); with the versions of the packages that compute, which the fingerprint leaves out (a checkpoint
+    is resumed only by the numerics that made it, and `--force` after an upgrade trains again instead of reloading
+    the finished result)."""
     sections = {name: {key: value for key, value in values.items() if key not in DISPLAY_ONLY.get(name, ())}
                 if isinstance(values, dict) else values for name, values in parts["params"].items()}
     kept = {name: value for name, value in parts.items() if name != "compare"}
