@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/tiny.yaml
 STAGES ?=
 
-.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds oracle-seeds long-seeds long-oracle-seeds policyqa-seeds test smoke lab clean-outputs
+.PHONY: setup run ablations seeds grounded-seeds batch-seeds words-seeds oracle-seeds long-seeds long-oracle-seeds policyqa-seeds test smoke lab
 
 # $(call pooled,RUN,SPLITS,GROUPS AND PAIRS): the seed-pooled comparison of RUN's stage 06 records on each split
 # (evaluate.seed_pooled_tests; images and seeds resampled). A comma inside an argument is written $(comma).

@@ -20,6 +20,8 @@ from typing import Annotated, Literal, Optional
 
 import yaml
 
+from fgaif_utils import language
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,6 +62,7 @@ NonNegativeFloat = Annotated[float, Bounds(ge=0)]
 Probability = Annotated[float, Bounds(ge=0, le=1)]
 OpenFraction = Annotated[float, Bounds(gt=0, lt=1)]     # a share that must leave something on both sides
 NucleusP = Annotated[float, Bounds(gt=0, le=1)]         # top-p: 1.0 = off, 0 would keep no token
+ObjectCount = Annotated[int, Bounds(ge=1, le=len(language.SHAPES))]   # each shape appears at most once in a scene
 
 
 @dataclass
@@ -78,13 +81,13 @@ class NoiseParams:
 class WorldParams:
     image_size: PositiveInt = 64
     """Side of the square synthetic images in pixels."""
-    min_objects: PositiveInt = 1
+    min_objects: ObjectCount = 1
     """Fewest objects in a scene (all splits but eval_long)."""
-    max_objects: PositiveInt = 4
+    max_objects: ObjectCount = 4
     """Most objects in a scene (all splits but eval_long); each shape appears at most once."""
-    long_min_objects: PositiveInt = 4
+    long_min_objects: ObjectCount = 4
     """Fewest objects in an eval_long scene."""
-    long_max_objects: PositiveInt = 5
+    long_max_objects: ObjectCount = 5
     """Most objects in an eval_long scene."""
     long_splits: list[Literal[WORLD_SPLITS]] = field(default_factory=lambda: ["eval_long"])
     """Splits drawn like eval_long: long_min_objects..long_max_objects objects, descriptions (clean and, for sft, noisy) with up to twice max_relations relations. eval_long always; adding ppo and validation trains PPO on crowded scenes and long descriptions (params/long/)."""
@@ -189,8 +192,8 @@ class ModelParams:
     """Base policy: "tiny" (trained in stage 01), a hub id such as llava-hf/llava-1.5-7b-hf, or a local llava-hf folder."""
     verifier: str = "tiny"
     """Verifier LVLM for yes/no questions: "tiny", a hub id (llava-hf/llava-1.5-13b-hf) or a local llava-hf folder."""
-    train_lvlm_verifier: bool = True
-    """Tiny world only: also train the tiny LVLM verifier (about 13 minutes on 2 cores; the detector is the default judge)."""
+    train_lvlm_verifier: bool = False
+    """Tiny world only: also train the tiny LVLM verifier (about 13 minutes on 2 cores), which `feedback.verifier: hf` with `models.verifier: tiny` and `reward.backbone: verifier_lvlm` need; the detector is the default judge."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype when loading real models."""
     device: str = "auto"
@@ -409,7 +412,7 @@ class PpoParams:
     kl_budget: NonNegativeFloat = 0.0
     """Stop when the mean per-token KL to the reference of an iteration's rollout exceeds this (nats; the k3 estimate, never negative, logged as kl_k3_per_token); 0 = no budget."""
     value_init: Literal["object_reward", "fresh"] = "object_reward"
-    """Value model start (a fourth adapter on the reward models' backbone + a scalar head): the object reward model's LoRA weights (paper), or a fresh adapter. A value model from the policy: `reward.backbone: policy` with "fresh"."""
+    """Value model start (a fourth adapter on the reward models' backbone + a scalar head): the object reward model's LoRA weights (paper), or a fresh adapter. A value model from the policy: `reward.backbone: policy` (tiny world; on COCO the policy's hub id or folder) with "fresh"."""
     validate_every: PositiveInt = 10
     """Iterations between ground-truth/reward checks on the validation split (checkpoint choice, never the eval split)."""
     validation_images: PositiveInt = 200
@@ -721,7 +724,8 @@ def _check_models_exist(params, source):
     needs = [("models.policy", models_.policy == "tiny", "data.world 'synthetic'", params.data.world == "synthetic"),
              ("feedback.verifier", feedback.verifier == "detector", "data.world 'synthetic'",
               params.data.world == "synthetic"),
-             ("reward.backbone", params.reward.backbone in ("pretrained", "verifier_lvlm"), "data.world 'synthetic'",
+             ("reward.backbone", params.reward.backbone in ("pretrained", "policy", "verifier_lvlm"),
+              "data.world 'synthetic' (on COCO, name the model: a hub id or a local llava-hf folder)",
               params.data.world == "synthetic"),
              ("reward.backbone", params.reward.backbone == "verifier_lvlm", "models.train_lvlm_verifier: true",
               models_.train_lvlm_verifier),

@@ -78,7 +78,7 @@ NOT_HASHED = ("__init__", "stage", "pipeline", "params")
 # Params that change what a stage shows, how often it checkpoints or where a key comes from, never what it trains or
 # evaluates: left out of the checkpoint key (a resumed run repeats an unbroken one whatever the checkpoint schedule;
 # tests say so), so that renaming a key's variable does not evaluate every kept policy again.
-DISPLAY_ONLY = {"feedback": ("llm_api_key_env", "vision_api_key_env"),
+DISPLAY_ONLY = {"feedback": ("llm_api_key_env", "vision_api_key_env", "report_records"),
                 "reward": ("checkpoint_every", "report_records"), "ppo": ("checkpoint_every", "report_images"),
                 "evaluate": ("report_images", "judge_api_key_env")}
 
