@@ -124,4 +124,5 @@ IRREGULAR_PLURALS = {
 NOT_OBJECTS = ["bus stop", "bus station", "train station", "train track", "train tracks", "railroad track",
                "railroad tracks", "tennis court", "baseball field", "baseball diamond", "baseball game",
                "dog food", "cat food", "bird feeder", "car park", "toilet paper", "phone booth", "baseball cap",
-               "baseball hat", "baseball uniform", "football field", "soccer field", "dog bed"]
+               "baseball hat", "baseball uniform", "football field", "soccer field", "dog bed", "jet ski", "ski slope",
+               "ski lift", "ski resort", "ski pole", "ski lodge"]

@@ -428,6 +428,9 @@ METRICS = {
     "words": ({"n_words": 1}, {"images": 1}),
     # Sentences per description: rewarded policies write "a X. a Y." for "a X and a Y" (benchmarks/MEASUREMENTS.md "Split sentences").
     "sentences": ({"n_sentences": 1}, {"images": 1}),
+    # Share of sentences that repeat an earlier one of the description word for word: every mention is a claim of the
+    # rates above, so a policy that says a correct sentence again lowers its rates without saying anything new.
+    "repeated_sentences": ({"n_duplicate_sentences": 1}, {"n_sentences": 1}),
     # Per description, not per claim: a policy that states fewer sizes changes the attribute rate's mix of
     # colour and size claims; its wrong attributes per description do not depend on that mix.
     "attribute_errors": ({"n_attribute_false": 1}, {"images": 1}),
@@ -446,7 +449,8 @@ HIGHER_IS_BETTER = {"coverage", "chair_recall", "mmhal_score", "llava_bench_rela
                       for key in ("accuracy", "precision", "recall", "f1"))}
 SCORER_COUNT_KEYS = ("n_object_judged", "n_object_false", "n_attribute_judged", "n_attribute_false",
                      "n_colour_judged", "n_colour_false", "n_size_judged", "n_size_false", "n_relation_judged",
-                     "n_relation_false", "n_covered", "n_scene_objects", "n_words", "n_sentences")
+                     "n_relation_false", "n_covered", "n_scene_objects", "n_words", "n_sentences",
+                     "n_duplicate_sentences")
 
 
 def _count_matrix(records, keys):
@@ -813,8 +817,10 @@ def description_record(text, scene, vocabulary, synthetic):
         counts.update({key: score[key] for key in SCORER_COUNT_KEYS})
         record["facts"] = score["facts"]
     else:
+        sentences = [" ".join(text[start:end].lower().split()) for start, end in segment.split_sentences(text)]
         counts["n_words"] = len(text.split())
-        counts["n_sentences"] = len(segment.split_sentences(text))
+        counts["n_sentences"] = len(sentences)
+        counts["n_duplicate_sentences"] = len(sentences) - len(set(sentences))
     record["counts"] = counts
     return record
 

@@ -184,14 +184,16 @@ def _clause_facts(clause):
         i += 1
     facts += [fact for mention in mentions.values() for fact in mention["facts"]]
     # Pass 2: predicates. A copula after a mention opens a predicate about the last mention before it.
-    subject, predicate_negated, last_mention = None, False, None
+    # after_relation: adjectives after "left of the" with no noun of their own ("the heart is left of the large red",
+    # a cut-off sentence) describe nothing said, not the subject.
+    subject, predicate_negated, last_mention, after_relation = None, False, None, False
     i = 0
     while i < len(clause):
         word = clause[i][0]
         if i in mentions:
             last_mention = mentions[i]
         elif word in COPULAS and last_mention is not None:
-            subject, predicate_negated = last_mention, False
+            subject, predicate_negated, after_relation = last_mention, False, False
         elif word in NEGATORS and _negates_predicate(clause, i, mentions):
             predicate_negated = True
         elif i in phrases:
@@ -201,9 +203,9 @@ def _clause_facts(clause):
             if first and second and not (first["negated"] or second["negated"] or (subject and predicate_negated)):
                 facts.append({"type": "relation", "subject": first["shape"], "relation": relation,
                               "object": second["shape"], "span": [clause[i][1], clause[after - 1][2]]})
-            i = after
+            i, after_relation = after, True
             continue
-        elif _attribute_of(word) and i not in prenominal and subject is not None:
+        elif _attribute_of(word) and i not in prenominal and subject is not None and not after_relation:
             if not (predicate_negated or subject["negated"]):
                 facts.append(_attribute_fact(subject["shape"], _attribute_of(word), clause[i]))
         i += 1

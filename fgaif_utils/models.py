@@ -6,6 +6,7 @@ trains and saves in the same format in the embedded default.
 """
 import math
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +215,7 @@ def load_lvlm(name_or_path, dtype="float32", device="auto", load_in_4bit=False, 
 
     Returns (model, processor) with the model in eval mode on `device`. 4-bit NF4 with double quantisation
     needs CUDA and bitsandbytes; anywhere else it fails with a clear message and never falls back silently.
+    In bfloat16 / float16 the lm_head returns float32 logits (`float32_logits`).
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -226,7 +228,7 @@ def load_lvlm(name_or_path, dtype="float32", device="auto", load_in_4bit=False, 
     kwargs = dict(dtype=torch_dtype, local_files_only=local_files_only, use_safetensors=True)   # never a pickle
     if load_in_4bit:
         kwargs["quantization_config"] = _four_bit_config(target, torch_dtype)
-        kwargs["device_map"] = {"": target.index or 0}
+        kwargs["device_map"] = {"": target.index if target.index is not None else torch.cuda.current_device()}
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
         model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
@@ -242,8 +244,26 @@ def load_lvlm(name_or_path, dtype="float32", device="auto", load_in_4bit=False, 
         _check_quantised(model)
     else:
         model.to(target)
+    if torch_dtype != torch.float32:
+        float32_logits(model)
     model.eval()
     return model, processor
+
+
+def _float32_linear(head, hidden_states):
+    bias = None if head.bias is None else head.bias.float()
+    return torch.nn.functional.linear(hidden_states.float(), head.weight.float(), bias)
+
+
+def float32_logits(model):
+    """Make the model's lm_head compute in float32 from its (bfloat16 / float16) weights and hidden states.
+    A bfloat16 logit of about 20 is stored in steps of 0.125, so PPO's ratio new/old and the per-token KL to the
+    reference moved in steps of that size, whatever the update. Upcasting the weights inside the forward (not the
+    module) leaves the checkpoint's dtype alone and works where DeepSpeed ZeRO-3 gathers the weights for the call;
+    the float32 copy lives for one call."""
+    head = model.get_output_embeddings()
+    head.forward = types.MethodType(_float32_linear, head)
+    return model
 
 
 def _four_bit_config(target, compute_dtype):

@@ -155,6 +155,8 @@ def examples_from_records(records, prompt, eos_id, vocab_size=None, n_types=3, c
         subs = record["subsentences"]
         if not subs:
             continue
+        if not record["token_ids"]:
+            raise ValueError(f"{where}: {len(subs)} sub-sentence(s) but no token ids")
         if vocab_size is not None and max(record["token_ids"]) >= vocab_size:
             raise ValueError(f"{where}: token id {max(record['token_ids'])} is outside the backbone's vocabulary "
                              f"({vocab_size}); the reward backbone must share the policy's tokenizer")
@@ -280,14 +282,15 @@ def token_loss(logits, labels, class_weights=None):
                                              ignore_index=IGNORE)
 
 
-def three_class_logits(logits, claims=None):
+def three_class_logits(logits, claims=None, n_words=None):
     """(..., 3) logits of n/a / correct / hallucinated from a head's outputs (..., C). C = 3: the outputs. C > 3
     (claim words): outputs [n/a, correct, hallucinated, word_0 .. word_{C-4}]; where `claims` (...) names a stated
     word c >= 0, [n/a, word_c, logsumexp of the other words] (softmax: p(correct) is the stated word's share of the
-    softmax over n/a and the words), elsewhere the first three outputs."""
+    softmax over n/a and the words), elsewhere the first three outputs. `n_words`: the type's own words, when the
+    heads are wider (another type has more); the outputs past them are no word of this type."""
     if logits.shape[-1] == 3 or claims is None:
         return logits[..., :3]
-    words = logits[..., 3:]
+    words = logits[..., 3:] if n_words is None else logits[..., 3:3 + n_words]
     stated = claims.clamp(min=0).to(logits.device)[..., None]
     others = words.scatter(-1, stated, float("-inf")).logsumexp(-1, keepdim=True)
     compare = torch.cat([logits[..., :1], words.gather(-1, stated), others], -1)
@@ -486,7 +489,10 @@ class RewardModels:
     def type_logits(self, head_logits, fact_type, batch):
         """(..., 3) class logits of `fact_type` from its head's outputs over a collated batch (three_class_logits)."""
         claims = batch.get("claims")
-        return three_class_logits(head_logits, None if claims is None else claims[..., self.types.index(fact_type)])
+        if claims is None:
+            return three_class_logits(head_logits)
+        n_words = len((self.claim_words or {}).get(fact_type) or []) or None
+        return three_class_logits(head_logits, claims[..., self.types.index(fact_type)], n_words)
 
     def logits(self, fact_type, input_ids, images):
         """(B, L, C) head outputs of one type's reward model (C = head_width); images as `image_inputs` takes them."""
@@ -597,32 +603,6 @@ class ScorerRecipe:
         return rm, backbone_bytes
 
 
-# ---------------------------------------------------------------------------------------------- value model
-
-def value_model(lvlm, object_dir, seed=0, adapter_name="value"):
-    """The PPO value model as the paper starts it: the backbone + the object reward model's LoRA weights (as a
-    trainable adapter) + a fresh scalar head (seeded). Returns the peft model; its forward gives (B, L, 1)."""
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file
-    object_dir = Path(object_dir)
-    config = LoraConfig.from_pretrained(str(object_dir))
-    config.inference_mode = False
-    torch.manual_seed(seed)
-    model = get_peft_model(TokenRewardModel(lvlm, num_labels=1), config, adapter_name=adapter_name)
-    saved = load_file(str(object_dir / "adapter_model.safetensors"))
-    lora = {k: v for k, v in saved.items() if ".lora_" in k}
-    if not lora:
-        raise ValueError(f"{object_dir}: no LoRA weights in adapter_model.safetensors")
-    own = {name: p for name, p in model.named_parameters() if ".lora_" in name}
-    with torch.no_grad():
-        for key, value in lora.items():
-            name = key.replace(".weight", f".{adapter_name}.weight")
-            if name not in own:
-                raise ValueError(f"{object_dir}: LoRA weight {key} has no place in the value model")
-            own[name].copy_(value)
-    return model
-
-
 # ---------------------------------------------------------------------------------------------- data split
 
 def split_by_image(records, dev_fraction, test_fraction, seed):
@@ -691,7 +671,8 @@ def constant_baselines(reference):
 def ai_labels(examples):
     """(N, labels per sub-sentence) AI labels in {-1, 0, 1} of all sub-sentences of `examples` in order, IGNORE
     where stage 03 gave none."""
-    classes = np.array([c for e in examples for c in e["classes"]])
+    classes = np.array([c for e in examples for c in e["classes"]], dtype=np.int64)
+    classes = classes.reshape(len(classes), -1) if len(classes) else np.empty((0, len(FACT_TYPES)), np.int64)
     return np.where(classes == IGNORE, IGNORE, classes - 1)
 
 
@@ -984,6 +965,12 @@ def train_all(rm, examples, pixels, settings, seed, checkpoint_dir, recipe=None,
     process loads what they trained from their checkpoints; on a GPU, or with pixels per step, one after another.
     With a FeatureCache every image's features are computed first, in one order, so both ways read the same
     numbers. Returns ({type: history}, {type: seconds})."""
+    dev_labels = ai_labels(examples["dev"])
+    for fact_type in rm.types:
+        if not (dev_labels[:, label_index(fact_type)] != IGNORE).any():
+            raise ValueError(f"reward models: no sub-sentence of the dev split ({len(examples['dev'])} responses) has an "
+                             f"AI {fact_type} label, so early stopping would keep epoch 1 blindly; more feedback "
+                             f"images (data.n_feedback) or a larger reward.dev_fraction")
     jobs = []
     for index, fact_type in enumerate(rm.types):
         weights = None

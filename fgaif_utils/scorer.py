@@ -54,8 +54,9 @@ def judge_fact(fact, scene, objects=None):
 @functools.cache
 def _world_words():
     """(shape forms -> (shape, plural), size forms -> size, relation words and phrases -> relation), built once."""
-    relations = {phrase: relation for relation, phrases in language.RELATION_PHRASES.items()
-                 for phrase in [relation, *phrases]}
+    relations = {phrase: relation
+                 for table in (language.RELATION_PHRASES, facts_lib.EXTRA_RELATION_PHRASES)
+                 for relation, phrases in table.items() for phrase in [relation, *phrases]}
     return language.shape_lookup(), language.size_lookup(), relations
 
 

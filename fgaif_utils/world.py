@@ -251,10 +251,11 @@ def _word(forms, rng):
     return forms[0]
 
 
-def writing_style(world_params):
-    """The keyword arguments describe() and noisy_describe() take from WorldParams."""
-    return {"max_relations": world_params.max_relations, "size_word_p": world_params.size_word_p,
-            "colour_word_p": world_params.colour_word_p}
+def writing_style(world_params, split):
+    """The keyword arguments describe() and noisy_describe() take from WorldParams for a split's descriptions:
+    long ones (up to twice max_relations relations) in the splits drawn like eval_long."""
+    return {"long": split in world_params.long_splits, "max_relations": world_params.max_relations,
+            "size_word_p": world_params.size_word_p, "colour_word_p": world_params.colour_word_p}
 
 
 def _states(p, rng):
@@ -448,7 +449,7 @@ def make_split(data_params, seed, split, n):
     for index in range(n):
         scene = sample_scene(scene_rng, world_params, long=long, image_id=offset + index, split=split)
         scene["fog"] = split == "eval_ood"
-        scene["captions"] = [describe(scene, caption_rng, long=long, **writing_style(world_params))
+        scene["captions"] = [describe(scene, caption_rng, **writing_style(world_params, split))
                              for _ in range(data_params.captions_per_image)]
         scenes.append(scene)
     return scenes
@@ -461,8 +462,7 @@ def make_noisy_captions(data_params, seed, scenes):
     for scene in scenes:
         for _ in range(data_params.noisy_captions_per_image):
             text, injections = noisy_describe(scene, rng, data_params.noise,
-                                              long="sft" in data_params.world_params.long_splits,
-                                              **writing_style(data_params.world_params))
+                                              **writing_style(data_params.world_params, "sft"))
             records.append({"image_id": scene["image_id"], "caption": text, "injections": injections})
     return records
 

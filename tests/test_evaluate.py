@@ -259,6 +259,9 @@ def test_chair_phrases_that_name_one_object_or_none():
     assert cats("A boy in a baseball cap on a football field eats a chicken sandwich.") == ["person", "sandwich"]
     assert cats("A skier wearing gloves; a pizza with sausage.") == ["person", "pizza"]
     assert cats("She holds a carry-on bag and a carry-on.") == ["suitcase", "suitcase"]
+    # a jet ski is neither an airplane nor skis; the slope, lift and poles of skiing are not skis
+    assert cats("A man on a jet ski; jet skis beside a ski lift.") == ["person"]
+    assert cats("Skiers on ski slopes with ski poles and skis.") == ["person", "skis"]
 
 
 def test_chair_synonyms_plurals_and_negation():
@@ -461,7 +464,7 @@ def test_a_metric_needs_its_numerator_counts_too():
     records = [_record("base", i, chair_caption_hallucinated=0, chair_hallucinated=0, chair_mentioned=2,
                        n_words=10, n_sentences=1) for i in range(3)]
     names = set(E.summarise(records, n_resamples=20)["base"]["eval"])
-    assert names == {"chair_s", "chair_i", "words", "sentences"}
+    assert names == {"chair_s", "chair_i", "words", "sentences"}          # no n_duplicate_sentences: no repeats
 
 
 def test_each_split_draws_its_own_bootstrap_resamples():
@@ -520,6 +523,26 @@ def test_sentences_per_description_in_both_worlds():
     summary = E.summarise(records, n_resamples=20)
     assert summary["base"]["eval"]["sentences"]["value"] == 1 and summary["split"]["eval"]["sentences"]["value"] == 2
     assert summary["base"]["eval"]["coverage"]["value"] == summary["split"]["eval"]["coverage"]["value"] == 1
+
+
+def test_repeated_sentences_in_both_worlds():
+    """Repeating a correct sentence lowers the per-claim rates (every mention is a claim); the share of repeated
+    sentences shows it, from the scorer's count (synthetic) and from the text (COCO) alike."""
+    scene = {"objects": [{"shape": "heart", "colour": "red", "size": "large", "cx": 20, "cy": 20, "radius": 14},
+                         {"shape": "star", "colour": "yellow", "size": "small", "cx": 45, "cy": 45, "radius": 9}]}
+    scene["relations"] = world.scene_relations(scene["objects"])
+    once = "there is a large red heart . there is a small blue star ."
+    thrice = "there is a large red heart . there is a small blue star . there is a large red heart . " \
+             "There is a large  red heart ."
+    for synthetic in (True, False):
+        counts = [E.description_record(text, scene, E.world_vocabulary(), synthetic)["counts"] for text in (once, thrice)]
+        assert [(c["n_sentences"], c["n_duplicate_sentences"]) for c in counts] == [(2, 0), (4, 2)]
+    records = [{"policy": policy, "split": "eval", "image_id": 0,
+                **E.description_record(text, scene, E.world_vocabulary(), True)}
+               for policy, text in (("once", once), ("thrice", thrice))]
+    summary = E.summarise(records, n_resamples=20)
+    assert [summary[p]["eval"]["repeated_sentences"]["value"] for p in ("once", "thrice")] == [0, 0.5]
+    assert [summary[p]["eval"]["colour_halluc"]["value"] for p in ("once", "thrice")] == [0.5, 0.25]
 
 
 def test_tables_figure_and_headline():

@@ -190,6 +190,11 @@ def test_predicate_subject_is_the_copulas_subject():
                                                                        rel("heart", "above", "ring", None)])
     text = "the heart is left of the star which is blue"
     assert keys(facts_of_type(parse_facts(text), "attribute")) == keys([attr("star", "colour", "blue", None)])
+    # adjectives after a relation phrase with no noun of their own (a cut-off sentence) describe nothing: before,
+    # "large red" were claims about the heart
+    assert facts_of_type(parse_facts("the heart is left of the large red"), "attribute") == []
+    assert keys(facts_of_type(parse_facts("the heart is left of the large red star"), "attribute")) == \
+        keys([attr("star", "size", "large", None), attr("star", "colour", "red", None)])
 
 
 def test_unknown_words_are_ignored():

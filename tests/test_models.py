@@ -137,6 +137,27 @@ def test_loader_round_trip_gives_identical_logits(tiny):
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
 
 
+def test_a_half_precision_load_gives_float32_logits_from_its_own_weights(tiny):
+    """In bfloat16 the lm_head used to round every logit to bfloat16 (steps of 0.125 at 20): PPO's log-probs, ratio
+    and KL moved in those steps. Now the head multiplies the upcast hidden states by the upcast weights."""
+    _, processor, folder = tiny
+    half, _ = models.load_lvlm(str(folder), dtype="bfloat16", device="cpu")
+    assert half.lm_head.weight.dtype == torch.bfloat16            # the weights stay as loaded
+    prompt = models.chat_prompt(processor, "Describe this image in detail.")
+    batch = processor(images=list(_images(2)), text=[prompt] * 2, return_tensors="pt")
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        logits = half(**batch).logits
+        hidden = half.model(**batch).last_hidden_state
+    assert logits.dtype == torch.float32
+    by_hand = hidden.float() @ half.lm_head.weight.float().T
+    torch.testing.assert_close(logits, by_hand, rtol=1e-6, atol=1e-6)
+    rounded = torch.nn.functional.linear(hidden, half.lm_head.weight).float()       # what the plain head returns
+    assert not torch.equal(rounded, logits)
+    full, _ = models.load_lvlm(str(folder), device="cpu")
+    assert "forward" not in vars(full.lm_head)                   # float32 loads keep the module's own forward
+
+
 def test_a_checkpoint_in_pickle_format_is_refused(tiny, tmp_path):
     """Weights load from safetensors only: a folder holding pytorch_model.bin (a pickle) is not loaded."""
     import shutil

@@ -294,6 +294,8 @@ def test_models_only_the_synthetic_world_trains_are_refused_elsewhere(tmp_path, 
      "key 'data.world_params.long_min_objects' (6) must be at most 'data.world_params.long_max_objects' (5)"),
     ("data:\n  world_params:\n    long_max_objects: 7\n",     # six shapes, each at most once: stage 00 failed
      "key 'data.world_params.long_max_objects' must be >= 1 and <= 6, got 7"),
+    ("data:\n  captions_per_image: 11\n",            # caption ids image id x 10 + k would collide
+     "key 'data.captions_per_image' must be >= 1 and <= 10, got 11"),
     ("data:\n  world_params:\n    radius_small: 14\n",
      "key 'data.world_params.radius_small' (14.0) must be below 'data.world_params.radius_large' (14.0)"),
     ("data:\n  world_params:\n    long_splits: [ppo]\n",

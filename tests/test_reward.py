@@ -1,5 +1,7 @@
 """The reward models: where the end markers and labels land, what the loss reads, three adapters on one base
-against three separate models, save / load / resume, the scoring API, the value-model start, split and metrics."""
+against three separate models, save / load / resume, the scoring API, split and metrics."""
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,9 @@ def test_marker_positions_are_checked():
                                        "subsentences": [{"last_token": 3, "labels": [0, 0, 0]}]}], [1, 2], 3)
     with pytest.raises(ValueError, match="increasing"):
         reward.marked_sequence([1], [7, 8, 9], [2, 1], 3)
+    with pytest.raises(ValueError, match=r"record 'empty': 1 sub-sentence\(s\) but no token ids"):  # was max()'s
+        reward.examples_from_records([{"response_id": "empty", "image_id": 0, "token_ids": [],
+                                       "subsentences": [{"last_token": 0, "labels": [0, 0, 0]}]}], [1, 2], 3, 50)
 
 
 def test_ignored_positions_never_contribute_to_the_loss():
@@ -287,6 +292,29 @@ def test_the_dev_history_holds_what_the_kept_weights_score_and_the_plot_draws_it
     curves = [line for line in right.get_lines() if not line.get_label().startswith("_")]   # not the best-epoch marker
     assert [line.get_label() for line in curves] == ["dev macro-F1", "dev hallucination F1"]
     assert list(curves[1].get_ydata()) == pytest.approx([expected["f1"]])
+
+
+def test_early_stopping_ends_after_patience_epochs_and_keeps_the_best_epoch_s_weights(tiny, tmp_path, monkeypatch):
+    """Dev macro-F1 0.5, 0.7, 0.6, 0.6 with patience 2: training stops after epoch 4 of 6 and ends with epoch 2's
+    weights, not the last ones (every other test ran out of epochs before its patience)."""
+    processor, folder = tiny
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4, types=["relation"])
+    records = _records(processor, 8)
+    train, dev = rm.examples(records[:6]), rm.examples(records[6:])
+    images = _images(4)
+    pixels = lambda ids: reward.pixel_values(processor, [images[i] for i in ids])
+    scripted = iter([0.5, 0.7, 0.6, 0.6, 0.9, 0.9])
+    monkeypatch.setattr(reward, "label_metrics", lambda *_: {"macro_f1": next(scripted), "accuracy": 0.0, "f1": 0.0})
+    snapshots = []
+    keep = lambda entry: snapshots.append({n: p.detach().clone()   # noqa: E731
+                                           for n, p in reward._adapter_params(rm.model, "relation").items()})
+    history = reward.train_type(rm, "relation", train, dev, pixels, lr=1e-2, batch_size=2, epochs=6, patience=2,
+                                seed=0, checkpoint_dir=tmp_path / "ck", after_epoch=keep, show_bar=False)
+    assert [e["epoch"] for e in history["dev"]] == [1, 2, 3, 4] and len(snapshots) == 4
+    assert history["best_epoch"] == 2 and history["stopped_early"] and history["done"]
+    final = reward._adapter_params(rm.model, "relation")
+    assert all(torch.equal(final[n], snapshots[1][n]) for n in final)
+    assert not all(torch.equal(final[n], snapshots[3][n]) for n in final)
 
 
 def test_a_resumed_training_run_continues_the_same_trajectory(tiny, tmp_path):
@@ -647,25 +675,6 @@ def test_stage_04_loads_the_backbone_as_stage_05_applies_the_adapters():
                          for load in loads)
 
 
-def test_value_model_starts_from_the_object_adapter(tiny, tmp_path):
-    processor, folder = tiny
-    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=4, alpha=8)
-    _randomise(rm, seed=3)
-    rm.save(tmp_path / "rm")
-    value = reward.value_model(_backbone(folder)[0], tmp_path / "rm" / "object", seed=0)
-    objects = {n.replace(".object.", "."): p for n, p in rm.model.named_parameters() if ".object." in n and "lora_" in n}
-    values = {n.replace(".value.", "."): p for n, p in value.named_parameters() if ".value." in n and "lora_" in n}
-    assert objects.keys() == values.keys() and objects
-    assert all(torch.equal(objects[n], values[n]) for n in objects)
-    head = value.base_model.model.score.modules_to_save["value"]
-    assert head.weight.shape == (1, 32)
-    trainable = [n for n, p in value.named_parameters() if p.requires_grad]
-    assert trainable and all(".value." in n for n in trainable) and any("score" in n for n in trainable)
-    batch = reward.collate(rm.examples(_records(processor, 2)), rm.pad)
-    out = value(input_ids=batch["input_ids"], pixel_values=reward.pixel_values(processor, _images(2)))
-    assert out.shape == (*batch["input_ids"].shape, 1)
-
-
 def test_split_by_image_is_disjoint_complete_and_seeded():
     records = [{"image_id": i // 3, "response_id": f"{i}"} for i in range(60)]
     splits = reward.split_by_image(records, 0.1, 0.2, seed=0)
@@ -838,6 +847,31 @@ def test_claim_word_logits_by_hand():
     assert np.allclose(logits[0].softmax(-1).numpy(), [1 / z, np.exp(2.0) / z, (np.e + 1 + np.exp(-1.0)) / z])
     assert torch.equal(logits[1], head[1, :3])   # no stated word: the plain three outputs
     assert torch.equal(reward.three_class_logits(head[:, :3], torch.tensor([1, -1])), head[:, :3])
+
+
+def test_claim_word_logits_leave_out_the_slots_of_another_type_s_words():
+    """Two words for attribute, four for relation: the heads are 3 + 4 wide, and an attribute claim's
+    "hallucinated" is the other attribute word only (before: the logsumexp of three slots, two of them no word)."""
+    head = torch.tensor([[0.0, 5.0, -5.0, 1.0, 2.0, 3.0, 4.0]])
+    scorer = types.SimpleNamespace(types=list(reward.FACT_TYPES), claim_words={
+        "attribute": [["small"], ["large"]], "relation": [["left"], ["right"], ["above"], ["below"]]})
+    batch = {"claims": torch.tensor([[-1, 1, 1]])}
+    attribute = reward.RewardModels.type_logits(scorer, head, "attribute", batch)
+    assert torch.equal(attribute, torch.tensor([[0.0, 2.0, 1.0]]))          # n/a, "large", "small"
+    relation = reward.RewardModels.type_logits(scorer, head, "relation", batch)
+    assert torch.allclose(relation, torch.tensor([[0.0, 2.0, float(np.log(np.exp([1.0, 3.0, 4.0]).sum()))]]))
+    assert torch.equal(reward.RewardModels.type_logits(scorer, head, "object", batch), head[:, :3])
+
+
+def test_a_dev_split_without_labels_of_a_type_is_an_error_before_training():
+    """It gave a macro-F1 of None (read as 0) at every epoch: epoch 1 kept, training stopped, no word said."""
+    assert reward.ai_labels([]).shape == (0, 3)
+    labelled = {"classes": [[1, 2, reward.IGNORE]], "image_id": 1}          # no AI relation label
+    rm = types.SimpleNamespace(types=list(reward.FACT_TYPES))
+    with pytest.raises(ValueError, match=r"no sub-sentence of the dev split \(1 responses\) has an AI relation label"):
+        reward.train_all(rm, {"train": [labelled], "dev": [labelled]}, None, None, 0, "unused")
+    with pytest.raises(ValueError, match=r"dev split \(0 responses\) has an AI object label"):
+        reward.train_all(rm, {"train": [labelled], "dev": []}, None, None, 0, "unused")
 
 
 def test_claim_indices_name_the_stated_word_of_each_sub_sentence(tiny):

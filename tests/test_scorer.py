@@ -368,6 +368,9 @@ def test_facts_an_llm_writes_are_read_in_the_world_s_words_or_left_unjudged():
                  {"type": "relation", "subject": "square", "relation": "under", "object": "heart"},
                  {"type": "attribute", "subject": "heart", "kind": "other", "value": "striped"},  # no such word
                  {"type": "relation", "subject": "heart", "relation": "next to", "object": "star"},
-                 {"type": "object", "subject": "dog", "negated": False}]
+                 {"type": "object", "subject": "dog", "negated": False},
+                 # the parser's other relation phrases (facts.EXTRA_RELATION_PHRASES) are the world's words too
+                 {"type": "relation", "subject": "heart", "relation": "on top of", "object": "square"},
+                 {"type": "relation", "subject": "heart", "relation": "beneath", "object": "square"}]
     rows = feedback.add_ground_truth([{"image_id": 1, "fact": f} for f in llm_facts], {1: SCENE_A})
-    assert [row["truth"] for row in rows] == [True, True, True, True, True, None, None, None]
+    assert [row["truth"] for row in rows] == [True, True, True, True, True, None, None, None, True, False]

@@ -483,5 +483,9 @@ def test_optional_size_and_colour_words():
     before = random.Random(9)
     after = random.Random(9)
     assert world._states(1.0, after) and before.getstate() == after.getstate()
-    assert world.writing_style(WorldParams(size_word_p=0.5)) == {"max_relations": 2, "size_word_p": 0.5,
-                                                                 "colour_word_p": 1.0}
+    assert world.writing_style(WorldParams(size_word_p=0.5), "sft") == {"long": False, "max_relations": 2,
+                                                                        "size_word_p": 0.5, "colour_word_p": 1.0}
+    # sft drawn like eval_long: stage 01's clean pre-training captions are long too, as the noisy ones were
+    # (they were written short while the noisy ones were long)
+    crowded = WorldParams(long_splits=["eval_long", "sft"])
+    assert world.writing_style(crowded, "sft")["long"] and world.writing_style(crowded, "eval")["long"] is False
