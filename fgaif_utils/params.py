@@ -14,6 +14,7 @@ import json
 import os
 import re
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -656,6 +657,14 @@ def read_yaml_chain(path, _seen=()):
     return mapping, files
 
 
+def _url_holds_a_secret(url):
+    """Whether an endpoint URL carries credentials: user:password@ or a query parameter named like a key."""
+    parts = urllib.parse.urlsplit(url)
+    names = [name.lower() for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    return bool(parts.username or parts.password) or any(
+        word in name for name in names for word in ("key", "token", "secret", "password", "sig"))
+
+
 def _check_across_keys(params, source):
     """What no single field's bounds can say: keys that must agree with each other."""
     for key in ("feedback.llm_api_key_env", "feedback.vision_api_key_env", "evaluate.judge_api_key_env"):
@@ -664,6 +673,12 @@ def _check_across_keys(params, source):
         if variable and not ENV_VARIABLE.fullmatch(variable):   # e.g. a key pasted where its variable's name goes
             raise ParamsError(f"{source}: key '{key}' must name an environment variable (upper-case letters, digits "
                               "and '_', like VLLM_API_KEY), not hold a key: secrets come from the environment only")
+    for key in ("feedback.llm_base_url", "feedback.vision_base_url", "evaluate.judge_base_url"):
+        section, name = key.split(".")
+        if _url_holds_a_secret(getattr(getattr(params, section), name)):   # the message must not repeat it
+            raise ParamsError(f"{source}: key '{key}' holds a user name, password or key in the URL; params are written "
+                              f"into every manifest: put the key in an environment variable and name it in "
+                              f"'{section}.{name.replace('base_url', 'api_key_env')}'")
     for fact_type, values in dataclasses.asdict(params.reward.claim_words).items():
         if len(values) == 1:   # one value: no other word to be hallucinated, whose logit is -inf (infinite loss)
             raise ParamsError(f"{source}: key 'reward.claim_words.{fact_type}' names one value; a naming head needs "

@@ -31,11 +31,21 @@ TYPE_LETTERS = {"object": "O", "attribute": "A", "relation": "R"}
 
 # ---------------------------------------------------------------------------------------------- checks
 
+# Markdown's own syntax in untrusted text: a pipe splits a table cell, "![x](url)" fetches an image when the cell
+# renders, "[x](javascript:...)" is a live link, "$x$" goes to MathJax. Backslash-escaped, each is a plain character.
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_\[\](){}!$#~|])")
+
+
 def markdown_cell(text):
-    """Untrusted text (model output, user data) as one cell of a Markdown table: runs of whitespace, line breaks
-    too, become one space (a newline would end the row), HTML is escaped, and backslashes and pipes are escaped (a
-    pipe would split the cell)."""
-    return html.escape(" ".join(str(text).split())).replace("\\", "\\\\").replace("|", "\\|")
+    """Untrusted text (model output, user data, paths from params) as one cell of a Markdown table or a line of
+    Markdown: runs of whitespace, line breaks too, become one space (a newline would end the row), Markdown's
+    syntax characters are backslash-escaped and HTML is escaped."""
+    return html.escape(_MARKDOWN_SYNTAX.sub(r"\\\1", " ".join(str(text).split())))
+
+
+def markdown_code(text):
+    """Untrusted text in monospace inside Markdown: a backtick code span would end at a backtick of the text."""
+    return f"<code>{markdown_cell(text)}</code>"
 
 
 def _check_labels(labels, where, allowed=LABELS):

@@ -44,8 +44,9 @@ def scene_grid(data_dir, scenes, n=12, cols=4):
         ax.set_title(f"{scene['split']} {scene['image_id']}" + (" (fog)" if scene.get("fog") else ""), fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
+        # parse_math off: a COCO caption's "$" would be read as mathtext ("$\\foo$" raised, "$1 and $2" garbled)
         ax.text(0.0, -0.03, _scene_text(scene), transform=ax.transAxes, va="top", ha="left", fontsize=6.5,
-                family="monospace")
+                family="monospace", parse_math=False)
     fig.subplots_adjust(hspace=1.2, wspace=0.15, top=0.97, bottom=0.15)
     return fig
 

@@ -69,6 +69,7 @@ class StubServer:
         self.script = deque()
         self.requests = []
         self.answered = []               # {"status", "content", "usage"} sent back, in order
+        self.in_flight = self.peak_in_flight = 0   # requests being answered now / at most at once
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
@@ -90,8 +91,12 @@ class StubServer:
         with self._lock:
             self.requests.append({"path": path, "headers": headers, "body": body})
             step = self.script.popleft() if self.script else self.default
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         reply = step(body) if callable(step) else step
         time.sleep(self.latency + reply.delay)
+        with self._lock:
+            self.in_flight -= 1
         if reply.status == 200 and reply.content is None:
             reply = self.default(body)
         return reply

@@ -360,6 +360,22 @@ def test_an_api_key_env_names_a_variable_and_never_holds_a_key(tmp_path, key):
             P.load(pasted)
 
 
+@pytest.mark.parametrize("key", ["feedback.llm_base_url", "feedback.vision_base_url", "evaluate.judge_base_url"])
+def test_an_endpoint_url_never_carries_a_key(tmp_path, key):
+    """A base URL goes into every manifest with its section: credentials in it are refused, without repeating them."""
+    section, name = key.split(".")
+    for fine in ("http://localhost:8000/v1", "https://host.example/v1?api-version=2024-06-01"):
+        ok = write(tmp_path, "ok.yaml", f"{section}:\n  {name}: '{fine}'\n")
+        assert getattr(getattr(P.load(ok), section), name) == fine
+    for secret in ("https://me:SECRET-42@host.example/v1", "https://host.example/v1?api-key=SECRET-42",
+                   "https://host.example/v1?access_token=SECRET-42"):
+        leaky = write(tmp_path, "leaky.yaml", f"{section}:\n  {name}: '{secret}'\n")
+        with pytest.raises(P.ParamsError) as err:
+            P.load(leaky)
+        assert f"key '{key}' holds a user name, password or key in the URL" in str(err.value)
+        assert "SECRET-42" not in str(err.value) and name.replace("base_url", "api_key_env") in str(err.value)
+
+
 def test_a_naming_head_needs_two_claim_words(tmp_path):
     one = write(tmp_path, "one.yaml", "reward:\n  claim_words:\n    relation: [[left]]\n")
     with pytest.raises(P.ParamsError, match=r"one\.yaml: key 'reward.claim_words.relation' names one value"):

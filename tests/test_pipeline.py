@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,9 +108,11 @@ def test_runs_skips_and_reruns_what_changed(ws):
     assert f"params_path = {str(ws.params)!r}" in injected[0].source and ".partial" not in injected[0].source
     assert m00["params_path"] == str(ws.params)                       # outside the repository: as it is
 
-    start = time.monotonic()
-    assert ws.run() == ["skip", "skip", "missing"]
-    assert time.monotonic() - start < 5
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a stage that is up to date started a notebook")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "execute", no_kernel)
+        assert ws.run() == ["skip", "skip", "missing"]
 
     ws.params.write_text(PARAMS_TEXT.replace("n_eval: 3", "n_eval: 5"))   # 00's section and its artifact change
     assert ws.run(stages="00-01") == ["run", "run"]
@@ -553,13 +554,11 @@ def test_run_name_must_be_a_plain_folder_name(ws):
     assert S.check_run_name("tiny-2.b_c") == "tiny-2.b_c"
 
 
-def test_hashing_many_small_files_is_fast(tmp_path):
-    for i in range(3000):
+def test_hashing_a_folder_of_many_small_files(tmp_path):
+    for i in range(300):
         (tmp_path / f"{i:05d}.png").write_bytes(os.urandom(600))
-    start = time.monotonic()
     hashes = S.artifact_hashes(tmp_path)
-    assert len(hashes) == 3000 and time.monotonic() - start < 3
-    assert hashes["00042.png"] == sha256(tmp_path / "00042.png")
+    assert len(hashes) == 300 and all(hashes[p.name] == sha256(p) for p in tmp_path.iterdir())
 
 
 def _reuse_chain(ws, tmp_path, last_reuses):

@@ -188,10 +188,13 @@ def _trainer(root, settings, dtype="float32"):
 
 def test_value_adapter_starts_from_the_object_reward_model(tiny):
     trainer = _trainer(tiny, _settings())
-    for module in trainer.rm.model.modules():
-        if hasattr(module, "lora_A") and "value" in module.lora_A:
-            assert torch.equal(module.lora_A["value"].weight, module.lora_A["object"].weight)
-            assert torch.equal(module.lora_B["value"].weight, module.lora_B["object"].weight)
+    pairs = [(module.lora_A, module.lora_B) for module in trainer.rm.model.modules()
+             if hasattr(module, "lora_A") and "value" in module.lora_A]
+    assert pairs                                # a value adapter exists (else the loop below checks nothing)
+    for lora_a, lora_b in pairs:
+        assert torch.equal(lora_a["value"].weight, lora_a["object"].weight)
+        assert torch.equal(lora_b["value"].weight, lora_b["object"].weight)
+    assert any(torch.count_nonzero(lora_b["object"].weight) for _, lora_b in pairs)   # not two untrained zeros
     assert set(trainer.value_params) and all("value" in n or n.startswith("head.") for n in trainer.value_params)
 
 
@@ -742,10 +745,11 @@ def test_launch_picks_a_free_port_unless_told_one():
 
 def test_launch_commands():
     argv = launch.command("torchrun", 4, "p.yaml", "r", "d", "m", "w", "o", "c", master_port=1234)
-    assert argv[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port"]
+    assert argv[1:7] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "1234"]
     assert argv[argv.index("-m", 2):][:2] == ["-m", "fgaif_utils.launch"] and "--run-name" in argv
-    accel = launch.command("accelerate", 2, "p.yaml", "r", "d", "m", "w", "o", "c")
+    accel = launch.command("accelerate", 2, "p.yaml", "r", "d", "m", "w", "o", "c", master_port=4321)
     assert accel[1:4] == ["launch", "--num_processes", "2"] and "--multi_gpu" in accel
+    assert accel[accel.index("--main_process_port") + 1] == "4321"
     with pytest.raises(ValueError, match="launcher"):
         launch.command("mpirun", 2, "p.yaml", "r", "d", "m", "w", "o", "c")
 

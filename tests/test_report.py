@@ -52,6 +52,12 @@ HEART_LEFT_OF_STAR = {"type": "relation", "subject": "heart", "relation": "left"
 def test_untrusted_text_stays_in_its_markdown_cell():
     assert report.markdown_cell("is there a dog\nin the image? a|b c\\d <b>") == \
         "is there a dog in the image? a\\|b c\\\\d &lt;b&gt;"
+    # Markdown's own syntax stays text: no remote image fetched on render, no live link, no MathJax
+    assert report.markdown_cell("![t](https://x.example/p.png) [x](javascript:alert(1)) $x^2$ `c` *e* #") == \
+        "\\!\\[t\\]\\(https://x.example/p.png\\) \\[x\\]\\(javascript:alert\\(1\\)\\) \\$x^2\\$ " \
+        "\\`c\\` \\*e\\* \\#"
+    assert report.markdown_code("a`b<img src=x onerror=alert(1)>") == \
+        "<code>a\\`b&lt;img src=x onerror=alert\\(1\\)&gt;</code>"
 
 
 def test_label_agreement_by_hand():

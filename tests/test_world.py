@@ -453,6 +453,11 @@ def test_data_figures_draw(built):
         fig.savefig(buffer, format="png", dpi=40)
         assert buffer.getvalue().startswith(b"\x89PNG")
     assert len(viz.scene_grid(out, scenes, n=4).axes) == 4
+    # a caption is drawn as text, never as mathtext: "$\\foo$" raised ValueError when the figure was drawn
+    priced = [dict(scenes[0], captions=["a sign says $\\foo$ here"])]
+    buffer = io.BytesIO()
+    viz.scene_grid(out, priced, n=1).savefig(buffer, format="png", dpi=40)
+    assert buffer.getvalue().startswith(b"\x89PNG")
 
 
 def test_optional_size_and_colour_words():
