@@ -248,5 +248,5 @@ def test_stage_05_of_the_13b_zero3_profile_with_the_shipped_deepspeed_config(coc
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations"] == 2
     assert summary["policy_base"].startswith(_snapshot(tmp, "llava-hf/llava-1.5-13b-hf"))
-    assert "DeepSpeed config params/deepspeed/zero3.json" in (out / "05_ppo.ipynb").read_text()
+    assert "DeepSpeed config <code>params/deepspeed/zero3.json</code>" in (out / "05_ppo.ipynb").read_text()
     assert (out / "policy_adapter" / "adapter_model.safetensors").is_file()
