@@ -494,6 +494,22 @@ class RewardModels:
         n_words = len((self.claim_words or {}).get(fact_type) or []) or None
         return three_class_logits(head_logits, claims[..., self.types.index(fact_type)], n_words)
 
+    @contextlib.contextmanager
+    def adapter_kept(self):
+        """Inside, adapters may be switched; after, the active adapter and which parameters train are as before.
+        peft's set_adapter also makes the adapter it switches to the trainable one: scoring one type after another
+        left the last type active and trainable and froze the rest (PPO's value adapter among them)."""
+        active = self.model.active_adapter
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        try:
+            yield
+        finally:
+            self.model.set_adapter(active)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for p in trainable:
+                p.requires_grad_(True)
+
     def logits(self, fact_type, input_ids, images):
         """(B, L, C) head outputs of one type's reward model (C = head_width); images as `image_inputs` takes them."""
         self.model.set_adapter(fact_type)
@@ -528,7 +544,8 @@ class RewardModels:
                                 adapter_names=names)
             per_type = logits.view(len(types), n, *logits.shape[1:])
         else:
-            per_type = torch.stack([self.logits(name, input_ids, images) for name in types])
+            with self.adapter_kept():
+                per_type = torch.stack([self.logits(name, input_ids, images) for name in types])
         per_type = torch.stack([self.type_logits(logits, name, batch) for logits, name in zip(per_type, types)])
         index = positions[None, :, :, None].expand(len(types), -1, -1, 3)
         picked = per_type.gather(2, index)                      # (T, B, K, 3)

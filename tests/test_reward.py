@@ -849,6 +849,23 @@ def test_claim_word_logits_by_hand():
     assert torch.equal(reward.three_class_logits(head[:, :3], torch.tensor([1, -1])), head[:, :3])
 
 
+def test_scoring_one_type_after_another_leaves_the_active_adapter_and_what_trains(tiny):
+    """peft's set_adapter makes the adapter it switches to the trainable one: per-type scoring (mixed=False: under
+    DeepSpeed, or one type) left the last type active and trainable and the training adapter frozen."""
+    processor, folder = tiny
+    rm = reward.RewardModels.create(_backbone(folder)[0], processor, PROMPT, r=2, alpha=4)
+    rm.model.set_adapter("object")                 # as train_type leaves it: object's adapter and head train
+    trains = reward._adapter_params(rm.model, "object")
+    for name, param in rm.model.named_parameters():
+        param.requires_grad_(name in trains)
+    batch = reward.collate(rm.examples(_records(processor, 2)), rm.pad)
+    pixels = reward.pixel_values(processor, _images(2))
+    probs = rm.class_probs(batch, pixels, mixed=False, types=["relation", "attribute"])
+    assert probs.shape[:3] == (2, batch["positions"].shape[1], 2)
+    assert rm.model.active_adapter == "object"
+    assert {n for n, p in rm.model.named_parameters() if p.requires_grad} == set(trains)
+
+
 def test_claim_word_logits_leave_out_the_slots_of_another_type_s_words():
     """Two words for attribute, four for relation: the heads are 3 + 4 wide, and an attribute claim's
     "hallucinated" is the other attribute word only (before: the logsumexp of three slots, two of them no word)."""
