@@ -213,11 +213,8 @@ def _fact_sides(fact):
 def gate_name(subject, synthetic=False):
     """The name the existence gate matches a shape by: lower case without an article and, in the synthetic world,
     the shape the world's words name, as the ground truth reads them ("the donut" and "ring" are one shape)."""
-    text = " ".join(str(subject).lower().split())
-    for article in ("a ", "an ", "the "):
-        text = text.removeprefix(article)
-    canonical = scorer.in_world_words({"type": "object", "subject": text, "negated": False}) if synthetic else None
-    return canonical["subject"] if canonical else text
+    canonical = scorer.in_world_words({"type": "object", "subject": subject, "negated": False}) if synthetic else None
+    return canonical["subject"] if canonical else scorer.plain_name(subject)
 
 
 def gate_on_existence(rows, synthetic=False):

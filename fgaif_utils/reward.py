@@ -689,7 +689,8 @@ def ai_labels(examples):
     """(N, labels per sub-sentence) AI labels in {-1, 0, 1} of all sub-sentences of `examples` in order, IGNORE
     where stage 03 gave none."""
     classes = np.array([c for e in examples for c in e["classes"]], dtype=np.int64)
-    classes = classes.reshape(len(classes), -1) if len(classes) else np.empty((0, len(FACT_TYPES)), np.int64)
+    if not len(classes):
+        classes = np.empty((0, len(FACT_TYPES)), np.int64)
     return np.where(classes == IGNORE, IGNORE, classes - 1)
 
 

@@ -60,32 +60,34 @@ def _world_words():
     return language.shape_lookup(), language.size_lookup(), relations
 
 
+def plain_name(value):
+    """A name as the world's words are looked up: lower case, single spaces, no leading article
+    ("The  Box" -> "box")."""
+    text = " ".join(str(value).lower().split())
+    for article in ("a ", "an ", "the "):
+        text = text.removeprefix(article)
+    return text
+
+
 def in_world_words(fact):
     """The fact in the synthetic world's canonical words, or None when it names something the world has no word for.
     The rules extractor writes canonical facts; an LLM extractor may write "the box", "big", "to the left of" or
     kind "other" ("striped"): those are mapped where the world has the word, else the fact is not judgeable."""
     shapes, sizes, relations = _world_words()
-
-    def word(value):
-        text = " ".join(str(value).lower().split())
-        for article in ("a ", "an ", "the "):
-            text = text.removeprefix(article)
-        return text
-
-    subject = shapes.get(word(fact.get("subject", "")), (None,))[0]
+    subject = shapes.get(plain_name(fact.get("subject", "")), (None,))[0]
     if subject is None or fact.get("type") not in facts_lib.FACT_TYPES:
         return None
     if fact["type"] == "object":
         return {**fact, "subject": subject, "negated": bool(fact.get("negated"))}
     if fact["type"] == "attribute":
-        value = word(fact.get("value", ""))
+        value = plain_name(fact.get("value", ""))
         if fact.get("kind") == "colour" and value in language.COLOURS:
             return {**fact, "subject": subject, "value": value}
         if fact.get("kind") == "size" and value in sizes:
             return {**fact, "subject": subject, "value": sizes[value]}
         return None
-    relation = relations.get(word(fact.get("relation", "")))
-    other = shapes.get(word(fact.get("object", "")), (None,))[0]
+    relation = relations.get(plain_name(fact.get("relation", "")))
+    other = shapes.get(plain_name(fact.get("object", "")), (None,))[0]
     return None if relation is None or other is None else {**fact, "subject": subject, "relation": relation,
                                                             "object": other}
 
